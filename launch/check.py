@@ -1,0 +1,85 @@
+"""Check that the layouts compute the same function as the single layout.
+
+  torchrun --nproc_per_node=2 launch/check.py     # split: one process per stream (gloo on CPU, NCCL on GPUs)
+  python launch/check.py                          # streams: every stream in this process
+"""
+import argparse
+import os
+import time
+
+import torch
+
+from split_alexnet.check import ATOL, RTOL, format_table, run_check
+from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
+from split_alexnet.spec import Spec
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layout", choices=["split", "streams"], default=None,
+                   help="default: split under torchrun, streams otherwise")
+    p.add_argument("--streams", type=int, default=2, help="streams for the streams layout "
+                   "(the split layout has one per process)")
+    p.add_argument("--devices", default=None, help="streams layout: comma-separated devices, one per "
+                   "stream (default: all on --device)")
+    p.add_argument("--image-size", type=int, default=227)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3, help="SGD steps before the parameters are compared")
+    p.add_argument("--modes", default="eval,train", help="eval, train (dropout on), or both")
+    p.add_argument("--init", choices=["d2l", "paper"], default="d2l",
+                   help="weights the layouts are compared at (see docs/equivalence.md)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with NCCL, else cpu")
+    p.add_argument("--backend", choices=["nccl", "gloo"], default=None)
+    p.add_argument("--timeout", type=float, default=120, help="seconds a collective may wait for a peer")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    layout = args.layout or ("split" if "RANK" in os.environ else "streams")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or set(modes) - {"eval", "train"}:
+        raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
+    if args.batch_size < 1 or args.steps < 1:
+        raise UsageError("--batch-size and --steps must be at least 1")
+    if layout == "streams" and "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
+    ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
+    try:
+        streams = ctx.world if layout == "split" else args.streams
+        try:
+            spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
+                        num_classes=args.num_classes)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        device = ctx.device if ctx else torch.device(args.device or "cpu")
+        devices = args.devices.split(",") if args.devices else [device] * streams
+        if len(devices) != streams:
+            raise UsageError(f"--devices names {len(devices)} devices for {streams} streams: give one per stream")
+        where = (f"{ctx.world} processes, {ctx.backend}, {device}" if ctx
+                 else f"1 process, devices {', '.join(map(str, devices))}")
+        log(f"check: {layout} vs single, {streams} streams ({where}), {spec.image_size} px, "
+            f"{spec.in_channels} channels, {spec.num_classes} classes, batch {args.batch_size}, "
+            f"{args.steps} SGD steps (lr 0.01, momentum 0.9, wd 5e-4), modes {','.join(modes)}, init {args.init}")
+        log(f"tolerance: max|a-b| <= {RTOL:g} * max|single| + {ATOL:g} per tensor (fp32: the layouts "
+            f"differ only in summation order; see split_alexnet/check.py)")
+        t0 = time.perf_counter()
+        rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
+                         rank=ctx.rank if ctx else 0, init=args.init)
+        log(format_table(rows))
+        bad = [r for r in rows if not r[-1]]
+        worst = max(rows, key=lambda r: r[3])
+        verdict = "PASS" if not bad else "FAIL"
+        log(f"{verdict}: {len(rows) - len(bad)}/{len(rows)} tensors agree ({layout}, {streams} streams, "
+            f"{spec.image_size} px); largest relative difference {worst[3]:.2e} ({worst[0]} {worst[1]}), "
+            f"tolerance {RTOL:g}; {time.perf_counter() - t0:.1f} s")
+        return 0 if not bad else 1
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    run_main(main)

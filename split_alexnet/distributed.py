@@ -1,0 +1,78 @@
+"""Process-group set-up for the split layout: one process per stream, NCCL on GPUs, gloo on CPU."""
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .spec import allowed_streams
+
+
+class UsageError(Exception):
+    """Bad input: the launchers print its one-line message and exit with status 2."""
+
+
+@dataclass
+class Context:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str  # "nccl", "gloo", or "none" for one process without torchrun
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def log(*args, **kwargs):
+    """Print from rank 0 only (the one place the launchers log through)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def setup(backend=None, device=None, timeout_s=120):
+    """Join the torchrun job (or run alone): refuse bad world sizes and device plans before any work."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world not in allowed_streams():
+        raise UsageError(f"{world} processes cannot hold the streams: the widths (96, 256, 384, 4096) "
+                         f"divide into {', '.join(map(str, allowed_streams()))} streams; "
+                         f"use torchrun --nproc_per_node=2 (the paper's split) or another of those")
+    backend = backend or ("nccl" if torch.cuda.is_available() and not (device or "").startswith("cpu")
+                          else "gloo")
+    if backend == "nccl":
+        gpus = torch.cuda.device_count()
+        if gpus < local_world:
+            raise UsageError(f"NCCL needs one GPU per process: {local_world} processes on this node but "
+                             f"{gpus} GPU(s); use --nproc_per_node={gpus} or --backend gloo --device cpu")
+        if device not in (None, f"cuda:{local_rank}"):
+            raise UsageError(f"with NCCL rank {rank} runs on cuda:{local_rank}, not {device}: "
+                             f"drop --device (each process takes the GPU of its LOCAL_RANK)")
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    device = torch.device(device or "cpu")
+    if "RANK" in os.environ:  # launched by torchrun (even with one process)
+        kwargs = dict(device_id=device) if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    else:
+        backend = "none"
+    return Context(rank, world, local_rank, device, backend)
+
+
+def teardown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_main(main):
+    """Run a launcher's main(): a UsageError becomes one line on stderr and exit status 2."""
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,234 @@
+"""AlexNet (2012) in three layouts that compute the same function.
+
+- `AlexNet`        one module on one device: conv2/4/5 are grouped convolutions (groups=streams),
+                   LRN runs within each group; its state_dict matches Caffe's bvlc_alexnet by name.
+- `StreamsAlexNet` one process, stream s on devices[s]; exchanges are copies and concatenations.
+- `SplitAlexNet`   one process per stream (torchrun); exchanges are the collectives in comm.py.
+
+All three run the same loop over the spec (`forward_plan`): before every layer that reads all
+streams, exchange; then the layer. Shapes below are for the paper's 227 px input and 2 streams.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import comm
+from .spec import LRN, POOL, Spec
+
+
+def forward_plan(spec, x, layer_fn, exchange):
+    """The network: layer after layer, exchanging before each layer that reads every stream."""
+    for layer in spec.layers:
+        if layer.reads == "all":
+            x = exchange(layer.name, x)
+        x = layer_fn(layer, x)
+    return exchange("logits", x)
+
+
+class DropoutMasks:
+    """Dropout masks drawn over a layer's FULL width from one seeded generator per stream.
+
+    Every stream draws the same full-width mask and keeps its own slice, so all layouts drop the
+    same neurons given the same seed: train mode can be compared exactly, not only eval mode.
+    """
+
+    def __init__(self, seed=0):
+        self.seed, self.gen = seed, None
+
+    def generator(self, device):
+        if self.gen is None or self.gen.device != torch.device(device):
+            state = None if self.gen is None else self.gen.get_state()
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(self.seed)
+            if state is not None and self.gen.device.type == "cpu":
+                self.gen.set_state(state)
+        return self.gen
+
+    def apply(self, x, p, full_width, offset):
+        keep = 1.0 - p
+        mask = torch.empty(x.shape[0], full_width, device=x.device)
+        mask.bernoulli_(keep, generator=self.generator(x.device))
+        return x * mask[:, offset:offset + x.shape[1]].to(x.dtype) / keep
+
+    def state(self):
+        return None if self.gen is None else (self.gen.device.type, self.gen.get_state())
+
+    def load_state(self, state):
+        if state is not None:
+            device, st = state
+            self.gen = torch.Generator(device=device if device == "cpu" else torch.device(device))
+            self.gen.set_state(st)
+
+
+class _Layers(nn.Module):
+    """conv1..fc8 as plain nn.Conv2d / nn.Linear, for the whole net (stream=None) or one stream."""
+
+    def __init__(self, spec, stream=None, dropout_seed=0, init="paper"):
+        super().__init__()
+        self.spec, self.stream = spec, stream
+        self.dropout = DropoutMasks(dropout_seed)
+        for shape in spec.shapes:
+            layer = shape.layer
+            if stream is None:  # the whole layer: reading only its own stream becomes groups
+                out = spec.width(layer)
+                groups = spec.streams if layer.reads == "own" else 1
+            else:
+                out, groups = spec.out_sizes(layer)[stream], 1
+            fan_in = shape.in_channels * groups
+            if layer.kind == "conv":
+                mod = nn.Conv2d(fan_in, out, layer.kernel, layer.stride, layer.pad, groups=groups)
+            else:
+                mod = nn.Linear(fan_in, out)
+            self.add_module(layer.name, mod)
+        init_weights(self, init)
+
+    def offset(self, layer):
+        """Where this module's neurons start in the layer's full width."""
+        return 0 if self.stream is None else sum(self.spec.out_sizes(layer)[:self.stream])
+
+    def layer_fn(self, layer, x):
+        if layer.kind == "fc":
+            x = x.flatten(1)                      # (B, 128*6*6) per stream at fc6
+        x = getattr(self, layer.name)(x)
+        if layer.relu:
+            x = F.relu(x)
+        if layer.lrn:                             # within each stream, never across streams
+            groups = self.spec.streams if self.stream is None else 1
+            b, c, h, w = x.shape
+            x = F.local_response_norm(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
+        if layer.pool:
+            x = F.max_pool2d(x, **POOL)
+        if layer.dropout and self.training:
+            x = self.dropout.apply(x, layer.dropout, self.spec.width(layer), self.offset(layer))
+        return x
+
+
+def _spec(spec, kwargs):
+    return spec if spec is not None else Spec(**kwargs)
+
+
+class AlexNet(_Layers):
+    """The single layout: the whole two-stream net on one device, as grouped convolutions."""
+
+    def __init__(self, num_classes=1000, in_channels=3, streams=2, image_size=227, *,
+                 dropout_seed=0, init="paper", spec=None):
+        spec = _spec(spec, dict(num_classes=num_classes, in_channels=in_channels,
+                                streams=streams, image_size=image_size))
+        super().__init__(spec, None, dropout_seed, init)
+
+    def forward(self, x):                         # (B, 3, 227, 227)
+        _check_input(self.spec, x)
+        return forward_plan(self.spec, x, self.layer_fn, lambda name, t: t)  # (B, num_classes)
+
+
+class Stream(_Layers):
+    """One stream's share of every layer: width / streams kernels (fc8: its part of the classes)."""
+
+
+class StreamsAlexNet(nn.Module):
+    """The streams layout: every stream in this process, stream s on devices[s] (may repeat, or CPU)."""
+
+    def __init__(self, spec=None, devices=None, *, dropout_seed=0, init="paper", **kwargs):
+        super().__init__()
+        self.spec = spec = _spec(spec, kwargs)
+        self.devices = [torch.device(d) for d in (devices or ["cpu"] * spec.streams)]
+        if len(self.devices) != spec.streams:
+            raise ValueError(f"{len(self.devices)} devices for {spec.streams} streams: give one per stream")
+        self.streams = nn.ModuleList(
+            Stream(spec, s, dropout_seed, init).to(d) for s, d in enumerate(self.devices))
+
+    def forward(self, x):                         # (B, 3, 227, 227) on any device
+        _check_input(self.spec, x)
+        xs = [x.to(d) for d in self.devices]      # every stream sees the whole image
+
+        def layer_fn(layer, xs):
+            return [s.layer_fn(layer, t) for s, t in zip(self.streams, xs)]
+
+        def exchange(name, xs):                   # every stream receives every stream's part
+            if name == "logits":
+                return torch.cat([t.to(self.devices[0]) for t in xs], dim=1)
+            return [torch.cat([t.to(d) for t in xs], dim=1) for d in self.devices]
+
+        return forward_plan(self.spec, xs, layer_fn, exchange)  # (B, num_classes) on devices[0]
+
+
+class SplitAlexNet(nn.Module):
+    """The split layout: this process's stream of the net; the other streams are other ranks."""
+
+    def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", **kwargs):
+        super().__init__()
+        self.spec, self.rank, self.group = _spec(spec, kwargs), rank, group
+        self.stream = Stream(self.spec, rank, dropout_seed, init)
+
+    def forward(self, x):                         # (B, 3, 227, 227), the same batch on every rank
+        _check_input(self.spec, x)
+        fc8_sizes = self.spec.out_sizes(self.spec.layers[-1])
+
+        def exchange(name, t):
+            if name == "logits":                  # one loss on every rank: backward keeps own slice
+                return comm.gather_for_same_computation(t, fc8_sizes, self.group, name)
+            return comm.gather_for_distinct_kernels(t, self.group, name)  # backward sums
+
+        return forward_plan(self.spec, x, self.stream.layer_fn, exchange)  # (B, num_classes)
+
+
+def _check_input(spec, x):
+    want = (spec.in_channels, spec.image_size, spec.image_size)
+    if x.dim() != 4 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"input of shape {tuple(x.shape)} does not fit this AlexNet: it expects "
+                         f"(B, {want[0]}, {want[1]}, {want[2]}); resize the images or build the model "
+                         f"with in_channels={x.shape[1] if x.dim() == 4 else '?'}, "
+                         f"image_size={x.shape[-1] if x.dim() == 4 else '?'}")
+
+
+@torch.no_grad()
+def init_weights(model, recipe="paper"):
+    """paper: N(0, 0.01) weights, biases 1 in conv2/4/5, fc6, fc7 and 0 elsewhere (§5). d2l: Xavier."""
+    for name, mod in model.named_children():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        if recipe == "paper":
+            nn.init.normal_(mod.weight, 0.0, 0.01)
+            nn.init.constant_(mod.bias, 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
+        elif recipe == "d2l":
+            nn.init.xavier_uniform_(mod.weight)
+            nn.init.zeros_(mod.bias)
+        elif recipe != "torch":
+            raise ValueError(f"unknown init {recipe!r}: use paper, d2l or torch")
+
+
+# ---- weights between layouts: every parameter is cut along its output (dim 0) ----
+
+def shard_state_dict(state, spec):
+    """Cut a single-layout state_dict into one state_dict per stream."""
+    shards = [{} for _ in range(spec.streams)]
+    for layer in spec.layers:
+        sizes = spec.out_sizes(layer)
+        for kind in ("weight", "bias"):
+            key = f"{layer.name}.{kind}"
+            for s, part in enumerate(torch.split(state[key], sizes, dim=0)):
+                shards[s][key] = part.clone()
+    return shards
+
+
+def join_state_dicts(shards, spec):
+    """Join per-stream state_dicts back into one single-layout state_dict."""
+    if len(shards) != spec.streams:
+        raise ValueError(f"{len(shards)} shards for {spec.streams} streams")
+    return {f"{layer.name}.{kind}": torch.cat([sh[f"{layer.name}.{kind}"] for sh in shards], dim=0)
+            for layer in spec.layers for kind in ("weight", "bias")}
+
+
+def streams_from_single(model, devices=None):
+    """A StreamsAlexNet holding exactly the weights of a single-layout AlexNet."""
+    net = StreamsAlexNet(model.spec, devices, dropout_seed=model.dropout.seed)
+    for stream, shard in zip(net.streams, shard_state_dict(model.state_dict(), model.spec)):
+        stream.load_state_dict(shard)
+    return net
+
+
+def split_from_single(model, rank, group=None, device="cpu"):
+    """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet."""
+    net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed).to(device)
+    net.stream.load_state_dict(shard_state_dict(model.state_dict(), model.spec)[rank])
+    return net

@@ -1,0 +1,173 @@
+"""The 2012 two-GPU AlexNet as data: one spec from which models, tables, byte counts and docs derive.
+
+Facts and sources: ../shared/reference/alexnet-2012.md (Krizhevsky et al. 2012, §3; cuda-convnet2).
+"""
+from dataclasses import dataclass, field
+
+MIN_IMAGE_SIZE = 67  # smallest input for which pool5 is still 1x1 (67 -> 15 -> 7 -> 3 -> 3 -> 1)
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str          # the paper's name: conv1..conv5, fc6..fc8
+    kind: str          # "conv" or "fc"
+    width: int         # kernels (conv) or neurons (fc), all streams together
+    kernel: int = 0
+    stride: int = 1
+    pad: int = 0
+    reads: str = "own"  # "image": the input; "own": this stream's maps only; "all": every stream's
+    #                     ("all" is an exchange: the streams gather each other's maps first)
+    relu: bool = True
+    lrn: bool = False
+    pool: bool = False  # overlapping max-pool, window 3, stride 2 (§3.4)
+    dropout: float = 0.0
+
+
+# §3.5, Fig. 2. The widths are totals over both streams; each stream holds width / streams.
+LAYERS = (
+    Layer("conv1", "conv", 96, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True),
+    Layer("conv2", "conv", 256, kernel=5, pad=2, reads="own", lrn=True, pool=True),
+    Layer("conv3", "conv", 384, kernel=3, pad=1, reads="all"),
+    Layer("conv4", "conv", 384, kernel=3, pad=1, reads="own"),
+    Layer("conv5", "conv", 256, kernel=3, pad=1, reads="own", pool=True),
+    Layer("fc6", "fc", 4096, reads="all", dropout=0.5),
+    Layer("fc7", "fc", 4096, reads="all", dropout=0.5),
+    Layer("fc8", "fc", 1000, reads="all", relu=False),  # width replaced by num_classes
+)
+
+# Local response normalisation (§3.3) as cuda-convnet2 ran it: torch's LocalResponseNorm divides
+# alpha by size, and so did Krizhevsky's code (layer.py: scale /= size), so alpha=1e-4 here equals
+# what ran; the paper's formula read literally would be alpha=5e-4 in torch's terms. Applied within
+# each stream only: the window never crosses the stream boundary.
+LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+POOL = dict(kernel_size=3, stride=2)
+PAPER_NEURONS = (253_440, 186_624, 64_896, 64_896, 43_264, 4096, 4096, 1000)  # first is an erratum
+
+
+def _conv_out(size, kernel, stride, pad):
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def split_sizes(total, streams):
+    """Sizes of `streams` nearly equal parts of `total` (torch.tensor_split's rule)."""
+    return [total // streams + (1 if s < total % streams else 0) for s in range(streams)]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    layer: Layer
+    in_channels: int   # input channels (conv) or features (fc) one stream's kernels read
+    out_per_stream: int
+    out_hw: int        # spatial size after the layer's conv (before pooling); 1 for fc
+    post_hw: int       # spatial size after pooling; 1 for fc
+    weight_shape: tuple  # one stream's weight (the largest shard when fc8 does not divide)
+    params_total: int
+    neurons: int       # the paper's count: conv output before pooling, all streams
+
+
+@dataclass(frozen=True)
+class Spec:
+    """AlexNet for a given input and split: every derived number comes from here."""
+    streams: int = 2
+    image_size: int = 227
+    in_channels: int = 3
+    num_classes: int = 1000
+    dtype_bytes: int = 4
+    layers: tuple = field(default=LAYERS, repr=False)
+
+    def __post_init__(self):
+        check_streams(self.streams)
+        if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image size {self.image_size} is too small for AlexNet: "
+                             f"use --image-size {MIN_IMAGE_SIZE} or more (227 is the paper's)")
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
+        if self.num_classes < self.streams:
+            raise ValueError(f"num_classes {self.num_classes} is smaller than the {self.streams} "
+                             f"streams fc8 is split over: use at least {self.streams} classes")
+
+    def width(self, layer):
+        return self.num_classes if layer.name == "fc8" else layer.width
+
+    def out_sizes(self, layer):
+        """Output features of each stream for this layer (only fc8 may be uneven)."""
+        return split_sizes(self.width(layer), self.streams)
+
+    @property
+    def shapes(self):
+        rows, hw, chans = [], self.image_size, self.in_channels  # chans: total input maps
+        for layer in self.layers:
+            width = self.width(layer)
+            per = self.out_sizes(layer)
+            if layer.kind == "conv":
+                fan_in = chans // self.streams if layer.reads == "own" else chans  # image or all
+                out_hw = _conv_out(hw, layer.kernel, layer.stride, layer.pad)
+                post_hw = _conv_out(out_hw, POOL["kernel_size"], POOL["stride"], 0) if layer.pool else out_hw
+                weight = (per[0], fan_in, layer.kernel, layer.kernel)
+                params = width * (fan_in * layer.kernel ** 2 + 1)
+                neurons = width * out_hw * out_hw
+                hw, chans = post_hw, width
+            else:
+                fan_in = chans * hw * hw
+                out_hw = post_hw = 1
+                weight = (per[0], fan_in)
+                params = width * (fan_in + 1)
+                neurons = width
+                hw, chans = 1, width
+            rows.append(LayerShape(layer, fan_in, per[0], out_hw, post_hw, weight, params, neurons))
+        return rows
+
+    @property
+    def params_total(self):
+        return sum(r.params_total for r in self.shapes)
+
+    def params_per_stream(self, stream=0):
+        total = 0
+        for r in self.shapes:
+            out = self.out_sizes(r.layer)[stream]
+            k2 = r.layer.kernel ** 2 if r.layer.kind == "conv" else 1
+            total += out * (r.in_channels * k2 + 1)
+        return total
+
+    @property
+    def exchanges(self):
+        """Where the streams exchange, and what each stream sends per image (forward)."""
+        out, shapes = [], self.shapes
+        for prev, r in zip([None] + shapes[:-1], shapes):
+            if r.layer.reads == "all" and prev is not None:
+                elems = prev.out_per_stream * prev.post_hw ** 2
+                out.append(Exchange(r.layer.name, "reduce-scatter", elems, self._sent(elems)))
+        fc8 = shapes[-1]
+        elems = fc8.out_per_stream  # the largest part: uneven parts are padded to it
+        out.append(Exchange("logits", "split", elems, self._sent(elems)))
+        return out
+
+    def _sent(self, elements):
+        # each stream's part reaches the other S-1 streams: what one stream sends, in a ring or not
+        return (self.streams - 1) * elements * self.dtype_bytes
+
+    def bytes_per_image(self):
+        return sum(e.bytes for e in self.exchanges)
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str        # the layer whose input is gathered, or "logits"
+    backward: str    # "reduce-scatter" (feeds per-stream kernels) or "split" (feeds a replicated loss)
+    elements: int    # per image: one stream's part
+    bytes: int       # per image, sent by one stream in the forward pass: (streams - 1) * part
+
+
+def allowed_streams():
+    """Stream counts that divide every layer width except fc8 (which may split unevenly)."""
+    from math import gcd
+    g = 0
+    for layer in LAYERS[:-1]:
+        g = gcd(g, layer.width)
+    return tuple(s for s in range(1, 9) if g % s == 0)
+
+
+def check_streams(streams):
+    if streams not in allowed_streams():
+        raise ValueError(f"{streams} streams do not divide the layer widths "
+                         f"(96, 256, 384, 4096): use {', '.join(map(str, allowed_streams()))} streams")
