@@ -1,0 +1,329 @@
+"""Data for training: the built-in `shapes` set, MNIST / Fashion-MNIST, CIFAR-10, an image folder, random.
+
+Every data set yields (uint8 image tensor C x H x W or PIL image, label); the transforms (torchvision v2)
+bring it to the model's input. Random augmentation is seeded per (seed, epoch, index), so a batch is the
+same on every rank, with any number of loader workers, and after a resume.
+"""
+import gzip
+import hashlib
+import math
+import os
+
+import torch
+import torchvision
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+from .distributed import UsageError
+
+DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "imagefolder", "random")
+
+# ---- shapes: a procedural, offline data set -------------------------------------------------------
+
+SHAPES_CLASSES = ("disk", "ring", "square", "triangle", "plus", "star", "half-disk", "stripes",
+                  "checker", "frame")
+
+
+class Shapes(Dataset):
+    """10 classes of shapes and textures at random position, scale, rotation and colour on noisy
+    backgrounds, drawn on the fly. Image i of a split depends only on (seed, split, i)."""
+
+    classes = SHAPES_CLASSES
+
+    def __init__(self, size=20000, seed=0, split="train", native=112, transform=None):
+        self.size, self.seed, self.native, self.transform = size, seed, native, transform
+        self.split = split                         # train and val: disjoint streams of images
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(seed32("shapes", self.seed, self.split, i))
+        label = int(torch.randint(len(self.classes), (), generator=g))
+        img = render_shape(label, self.native, g)
+        return (self.transform(img) if self.transform else img), label
+
+
+def seed32(*key):
+    """A seed from a key, the same in every process (torch's CPU generator keeps 32 bits of a seed)."""
+    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
+
+
+def _u(g, lo=0.0, hi=1.0, n=()):
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def render_shape(label, n, g):
+    """One n x n RGB uint8 image of class `label`, drawn with generator g."""
+    t = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    y, x = torch.meshgrid(t, t, indexing="ij")                          # (n, n) in [0, 1]
+    radius = float(_u(g, 0.16, 0.4))                                    # of the image side
+    cx, cy = (float(_u(g, radius, 1 - radius)) for _ in range(2))
+    angle = float(_u(g, 0, 2 * math.pi))
+    dx, dy = (x - cx) / radius, (y - cy) / radius
+    u = dx * math.cos(angle) + dy * math.sin(angle)                     # shape's own frame, unit radius
+    v = -dx * math.sin(angle) + dy * math.cos(angle)
+    r, th = torch.sqrt(u * u + v * v), torch.atan2(v, u)
+    box = torch.maximum(u.abs(), v.abs())
+    name = SHAPES_CLASSES[label]
+    if name == "disk":
+        mask = r < 1
+    elif name == "ring":
+        mask = (r < 1) & (r > 0.6)
+    elif name == "square":
+        mask = box < 0.75
+    elif name == "triangle":
+        mask = torch.ones_like(u, dtype=torch.bool)
+        for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6):
+            mask &= u * math.cos(a) + v * math.sin(a) < 0.5
+    elif name == "plus":
+        mask = ((u.abs() < 0.28) & (v.abs() < 0.95)) | ((v.abs() < 0.28) & (u.abs() < 0.95))
+    elif name == "star":
+        mask = r < 0.6 + 0.38 * torch.cos(5 * th)
+    elif name == "half-disk":
+        mask = (r < 1) & (v > 0)
+    elif name == "stripes":
+        mask = (box < 0.85) & (torch.sin(u * 3 * math.pi) > 0)
+    elif name == "checker":
+        mask = (box < 0.85) & (torch.sin(u * 2.5 * math.pi) * torch.sin(v * 2.5 * math.pi) > 0)
+    else:  # frame
+        mask = (box < 0.85) & (box > 0.5)
+    bg = _u(g, n=3)
+    fg = (bg + _u(g, 0.3, 0.7, 3)) % 1.0                                # differs from bg in every channel
+    ramp_dir = float(_u(g, 0, 2 * math.pi))
+    ramp = (x * math.cos(ramp_dir) + y * math.sin(ramp_dir)) * float(_u(g, -0.3, 0.3))
+    img = torch.where(mask, fg[:, None, None], bg[:, None, None] + ramp)  # (3, n, n)
+    img = img + 0.12 * torch.randn(3, n, n, generator=g)
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ---- MNIST and Fashion-MNIST: the IDX files ----------------------------------------------------
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+TV_CLASS = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
+
+
+def _find(data_dir, name, tv_class):
+    for folder in (data_dir, os.path.join(data_dir, tv_class.__name__, "raw")):
+        for fname in (name, name + ".gz"):
+            path = os.path.join(folder, fname)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def read_idx(path):
+    """An IDX file (plain or .gz) as a uint8 tensor. torchvision's reader (datasets.mnist.read_image_file)
+    takes only uncompressed files under <root>/<Class>/raw; this reads the .gz files where they lie."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if data[2] != 0x08 or len(data) != 4 + 4 * ndim + math.prod(shape):
+        raise UsageError(f"{path} is not a complete uint8 IDX file ({len(data)} bytes for shape {shape}): "
+                         f"replace it with the original file")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
+
+
+def load_idx_split(dataset, data_dir, part, download):
+    """(images (N, 28, 28) uint8, labels (N,) int64) of the 'train' or 'test' files."""
+    tv_class = TV_CLASS[dataset]
+    names = IDX_FILES[part]
+    paths = [_find(data_dir, n, tv_class) for n in names]
+    if None in paths and download:
+        try:
+            tv_class(data_dir, train=(part == "train"), download=True)
+        except Exception:  # no network: fall through to the message below
+            pass
+        paths = [_find(data_dir, n, tv_class) for n in names]
+    if None in paths:
+        want = ", ".join(f"{n}.gz" for n in names)
+        raise UsageError(f"{dataset}: {want} not found in {os.path.abspath(data_dir)} (nor in its "
+                         f"{tv_class.__name__}/raw) and could not be downloaded: place those files there"
+                         + (", or use --split-test N if only the t10k files are at hand" if part == "train" else ""))
+    images, labels = (read_idx(p) for p in paths)
+    if len(images) != len(labels):
+        raise UsageError(f"{dataset}: {paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} "
+                         f"labels: replace them with the original files")
+    return images, labels.long()
+
+
+class TensorImages(Dataset):
+    """Grey images held in memory (N, H, W) uint8, yielded as (1, H, W) tensors."""
+
+    def __init__(self, images, labels, classes, transform=None):
+        self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = self.images[i][None]
+        return (self.transform(img) if self.transform else img), int(self.labels[i])
+
+
+# ---- transforms ------------------------------------------------------------------------------------
+
+# PCA of ImageNet RGB pixels in [0, 1] (fb.resnet.torch; reference sheet, "Training recipe").
+PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
+                           [-0.5808, -0.0045, -0.8140],
+                           [-0.5836, -0.6948, 0.4203]])  # columns are the eigenvectors
+
+
+class Lighting(v2.Transform):
+    """The paper's PCA colour augmentation (§4.1), the one transform torchvision lacks: add
+    eigvec @ (alpha * eigval) to every pixel of a float RGB image, alpha ~ N(0, sigma) per image."""
+
+    def __init__(self, sigma=0.1, eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC):
+        super().__init__()
+        self.sigma, self.eigval, self.eigvec = sigma, eigval, eigvec
+
+    def make_params(self, flat_inputs):
+        return dict(alpha=torch.randn(3) * self.sigma)
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point() or inpt.shape[-3] != 3:
+            return inpt
+        rgb = self.eigvec @ (params["alpha"] * self.eigval)             # (3,)
+        return inpt + rgb[:, None, None].to(inpt.dtype)
+
+
+def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, lighting, ten_crop=False):
+    """crop: resize to image_size * 256/224 and take a random (train) or centre crop, as the paper
+    does from 256 to 224; otherwise resize to image_size. ten_crop: evaluation on the 4 corners,
+    the centre and their mirrors (stacked: (10, C, H, W))."""
+    big = round(image_size * 256 / 224) if crop or ten_crop else image_size
+    t = [v2.ToImage(), v2.Resize((big, big), antialias=True)]
+    if train:
+        if crop:
+            t.append(v2.RandomCrop(image_size))
+        if flip:
+            t.append(v2.RandomHorizontalFlip())
+    elif crop and not ten_crop:
+        t.append(v2.CenterCrop(image_size))
+    t.append(v2.ToDtype(torch.float32, scale=True))
+    if train and lighting > 0 and in_channels == 3:
+        t.append(Lighting(lighting))
+    t.append(v2.Normalize(mean, std))
+    if ten_crop and not train:
+        return _Stack(v2.Compose(t + [v2.TenCrop(image_size)]))
+    return v2.Compose(t)
+
+
+class _Stack:
+    """Ten crops as one (10, C, H, W) tensor."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, img):
+        return torch.stack([torch.as_tensor(c) for c in self.transform(img)])
+
+
+# ---- the same batches on every rank ----------------------------------------------------------------
+
+class Seeded(Dataset):
+    """Wraps a data set so that item (epoch, i) is transformed under its own seed: random crops,
+    flips and lighting depend only on (seed, epoch, i), not on which process or worker draws them."""
+
+    def __init__(self, dataset, transform, seed):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, i = key if isinstance(key, tuple) else (0, key)
+        img, label = self.dataset[i]
+        gen = torch.default_generator              # the transforms draw from it: seed it, then restore
+        saved = gen.get_state()                    # (torch.random.fork_rng costs ~2 ms a call)
+        try:
+            gen.manual_seed(seed32("augment", self.seed, epoch, i))
+            return self.transform(img), label
+        finally:
+            gen.set_state(saved)
+
+
+class EpochSampler(Sampler):
+    """A permutation drawn from (seed, epoch) alone, starting at item `start`: every rank that uses
+    the same seed walks the same order, and a resumed run picks up where the saved one stopped."""
+
+    def __init__(self, n, seed, epoch, start=0, shuffle=True):
+        self.n, self.seed, self.epoch, self.start, self.shuffle = n, seed, epoch, start, shuffle
+
+    def order(self):
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(seed32("order", self.seed,
+                                                                                     self.epoch)))
+
+    def __iter__(self):
+        for i in self.order()[self.start:].tolist():
+            yield (self.epoch, i)
+
+    def __len__(self):
+        return self.n - self.start
+
+
+# ---- building the data sets ------------------------------------------------------------------------
+
+NORMS = {  # mean, std per channel of pixels in [0, 1]
+    "shapes": ((0.5, 0.5, 0.5), (0.3, 0.3, 0.3)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "random": ((0.5, 0.5, 0.5), (0.29, 0.29, 0.29)),
+}
+CHANNELS = {"shapes": 3, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "imagefolder": 3, "random": 3}
+
+
+def build_datasets(name, data_dir, *, seed, download=True, split_test=0, train_size=None, val_size=None):
+    """(train, val, classes) raw data sets: items are (image, label) before any transform."""
+    if name == "shapes":
+        train = Shapes(train_size or 12800, seed, "train")
+        val = Shapes(val_size or 1000, seed, "val")
+        return train, val, SHAPES_CLASSES
+    if name in ("mnist", "fashion-mnist"):
+        classes = TV_CLASS[name].classes
+        if split_test:
+            images, labels = load_idx_split(name, data_dir, "test", download)
+            if not 0 < split_test < len(labels):
+                raise UsageError(f"--split-test {split_test}: the test files hold {len(labels)} images; "
+                                 f"hold out between 1 and {len(labels) - 1}")
+            cut = len(labels) - split_test
+            return (TensorImages(images[:cut], labels[:cut], classes),
+                    TensorImages(images[cut:], labels[cut:], classes), classes)
+        tr, te = (load_idx_split(name, data_dir, p, download) for p in ("train", "test"))
+        return TensorImages(*tr, classes), TensorImages(*te, classes), classes
+    if name == "cifar10":
+        try:
+            train = torchvision.datasets.CIFAR10(data_dir, train=True, download=download)
+            val = torchvision.datasets.CIFAR10(data_dir, train=False, download=False)
+        except Exception:
+            raise UsageError(f"cifar10: cifar-10-batches-py/ not found in {os.path.abspath(data_dir)} and "
+                             f"could not be downloaded: place cifar-10-python.tar.gz (extracted) there") from None
+        return train, val, train.classes
+    if name == "imagefolder":
+        parts = [os.path.join(data_dir, p) for p in ("train", "val")]
+        for p in parts:
+            if not os.path.isdir(p):
+                raise UsageError(f"imagefolder: {os.path.abspath(p)} is not a directory: lay the images out "
+                                 f"as {os.path.abspath(data_dir)}/train/<class>/* and .../val/<class>/*")
+        try:
+            train, val = (torchvision.datasets.ImageFolder(p) for p in parts)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise UsageError(f"imagefolder: {str(e).splitlines()[0]}") from None
+        if train.classes != val.classes:
+            raise UsageError(f"imagefolder: train/ has classes {len(train.classes)} and val/ "
+                             f"{len(val.classes)} different ones: give both the same class folders")
+        return train, val, train.classes
+    if name == "random":
+        size = 227
+        train = torchvision.datasets.FakeData(train_size or 2560, (3, size, size), 10, random_offset=seed)
+        val = torchvision.datasets.FakeData(val_size or 256, (3, size, size), 10, random_offset=seed + 10**6)
+        return train, val, [str(i) for i in range(10)]
+    raise UsageError(f"unknown data set {name!r}: use one of {', '.join(DATASETS)}")
