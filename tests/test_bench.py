@@ -1,0 +1,176 @@
+"""The bench: byte accounting against the spec, overlap == plain split, the JSON schema, bad input.
+
+No timing thresholds: timings belong to the bench's output, not to tests. Multi-rank tests launch
+torchrun (2 gloo ranks on CPU) at 67 px, the smallest input AlexNet takes.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from split_alexnet.bench import Config, check_config, spec_bytes_per_step
+from split_alexnet.distributed import UsageError
+from split_alexnet.spec import Spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 240  # a dead peer ends the job long before this (the process-group timeout)
+
+
+def _torchrun(args, cwd=ROOT):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def test_spec_bytes_match_the_paper_arithmetic():
+    spec = Spec()  # 2 streams, 227 px, fp32
+    conv3 = spec.exchanges[0]
+    assert (conv3.name, conv3.bytes) == ("conv3", 86_528)  # 128 x 13 x 13 floats to the other stream
+    # per step at batch 64: forward everything, backward again except the logits (own slice, no comm)
+    assert spec_bytes_per_step(spec, "split", 64, 2) == 64 * (2 * 123_344 - 2_000)
+    assert spec_bytes_per_step(spec, "ddp", 64, 2) == 4 * spec.params_total  # ring: 2(W-1)/W x grads
+
+
+OVERLAP_SCRIPT = textwrap.dedent("""
+    import json, torch, torch.distributed as dist, torch.nn.functional as F
+    from split_alexnet import comm
+    from split_alexnet.bench import labelled_forward
+    from split_alexnet.check import ATOL, RTOL
+    from split_alexnet.model import SplitAlexNet
+    from split_alexnet.overlap import overlapped_forward
+    from split_alexnet.spec import Spec
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    spec = Spec(image_size=67, num_classes=10)
+    batch, micro = 8, 4
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 67, 67, generator=gen)
+    y = torch.randint(0, 10, (batch,), generator=gen)
+    rows, counted = [], {}
+    for mode in ("eval", "train"):
+        torch.manual_seed(0)
+        nets = [SplitAlexNet(spec, rank, dropout_seed=5, init="d2l") for _ in range(3)]
+        for net in nets[1:]:
+            net.load_state_dict(nets[0].state_dict())
+        outs = []
+        for name, net, fwd in (("plain", nets[0], lambda n: n(x)),
+                               ("labelled", nets[1], lambda n: labelled_forward(n, x)),
+                               ("overlap", nets[2], lambda n: overlapped_forward(n, x, micro))):
+            net.train(mode == "train")
+            meter = comm.Meter()
+            comm.set_meter(meter)
+            out = fwd(net)
+            F.cross_entropy(out, y).backward()
+            comm.set_meter(None)
+            counted[f"{mode}/{name}"] = dict(meter.bytes)
+            outs.append(out)
+        ref = nets[0]
+        for name, out, net in (("labelled", outs[1], nets[1]), ("overlap", outs[2], nets[2])):
+            pairs = [("logits", out, outs[0])] + [(n, p.grad, q.grad) for (n, p), (_, q) in
+                     zip(net.named_parameters(), ref.named_parameters())]
+            for tensor, a, b in pairs:
+                diff = (a - b).abs().max()
+                ref_max = b.abs().max()
+                for v in (diff, ref_max):
+                    dist.all_reduce(v, op=dist.ReduceOp.MAX)
+                rows.append([mode, name, tensor, diff.item(), ref_max.item(),
+                             bool(diff <= RTOL * ref_max + ATOL)])
+    if rank == 0:
+        print("RESULT " + json.dumps(dict(rows=rows, counted=counted, batch=batch)))
+    dist.destroy_process_group()
+""")
+
+
+def test_overlap_equals_plain_split_and_bytes_match_spec(tmp_path):
+    """split-overlap (4 micro-batches, async exchanges) computes the plain split's logits and gradients,
+    in eval and in train mode (dropout on), to the check's tolerance: max|a-b| <= 1e-4 max|b| + 1e-7.
+
+    Why a tolerance at all: the micro-batched weight gradient is a sum of 4 partial GEMMs instead of one,
+    and a kernel may block differently for a smaller batch: fp32 summation order only (see
+    split_alexnet/check.py for the bound). A wrong slice, a missed reduce-scatter or a mask drawn for the
+    wrong rows is off by O(1). The labelled forward the bench times must be SplitAlexNet.forward exactly.
+    """
+    script = tmp_path / "overlap_check.py"
+    script.write_text(OVERLAP_SCRIPT)
+    proc = _torchrun([str(script)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    rows = result["rows"]
+    assert len(rows) == 2 * 2 * 17  # modes x (labelled, overlap) x (logits + 16 parameter grads)
+    bad = [r for r in rows if not r[-1]]
+    assert not bad, f"differ beyond tolerance: {bad}"
+    assert all(r[3] == 0.0 for r in rows if r[1] == "labelled"), "labelled forward must be exact"
+    # every exchange sent exactly what the spec says, forward and backward, in both modes
+    spec, batch = Spec(image_size=67, num_classes=10), result["batch"]
+    want = {}
+    for e in spec.exchanges:
+        want[f"{e.name}/fwd"] = batch * e.bytes
+        if e.backward == "reduce-scatter":
+            want[f"{e.name}/bwd"] = batch * e.bytes
+    for key, got in result["counted"].items():
+        assert got == want, f"{key}: counted {got}, spec {want}"
+
+
+def test_quick_bench_writes_documented_json_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    proc = _torchrun(["launch/bench.py", "--image-size", "67", "--batch-size", "4", "--steps", "2",
+                      "--warmup", "1", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "split / single (one device)" in proc.stdout  # the table and the targets were printed
+    result = json.loads((out / "bench.json").read_text())
+    assert (out / "bench.png").stat().st_size > 0
+    for key in ("device", "backend", "batch_size", "image_size", "streams", "runs", "exchanges", "targets"):
+        assert key in result, key
+    assert (result["backend"], result["batch_size"], result["image_size"], result["streams"]) == \
+        ("gloo", 4, 67, 2)
+    layouts = [r["layout"] for r in result["runs"]]
+    assert layouts == ["single", "single", "split", "split-overlap", "ddp"]  # one device, whole machine
+    run_keys = ("layout", "devices", "threads", "images_per_s", "images_per_s_min", "images_per_s_max",
+                "step_s", "comm_s", "bytes_sent_per_step", "peak_mem_bytes", "breakdown")
+    for run in result["runs"]:
+        for key in run_keys:
+            assert key in run, (run["layout"], key)
+        assert run["images_per_s_min"] <= run["images_per_s"] <= run["images_per_s_max"]
+        assert run["bytes_sent_per_step"] == run["spec_bytes_sent_per_step"], run["layout"]
+        for key in ("fwd_compute_s", "bwd_compute_s", "comm_fwd_s", "comm_bwd_s", "optimizer_s"):
+            assert key in run["breakdown"], key
+    single, split = result["runs"][0], result["runs"][2]
+    assert split["memory"]["param_bytes"] * 2 == single["memory"]["param_bytes"]  # 1000 classes: even
+    names = [e["name"] for e in result["exchanges"]]
+    assert names == ["conv3", "fc6", "fc7", "fc8", "logits"]
+    for e in result["exchanges"]:
+        for key in ("bytes_per_image", "counted_bytes_per_image", "fwd_s", "bwd_s"):
+            assert key in e, (e["name"], key)
+        assert e["counted_bytes_per_image"] == e["bytes_per_image"], e["name"]
+        assert e["counted_bwd_bytes_per_image"] == e["bwd_bytes_per_image"], e["name"]
+
+
+@pytest.mark.parametrize("change, world, device, words", [
+    (dict(dtype="bf16"), 2, "cpu", "--dtype fp32"),
+    (dict(batch_sizes=[6], micro_batches=4), 2, "cpu", "micro-batches"),
+    (dict(batch_sizes=[5], layouts=("ddp",)), 2, "cpu", "multiple of 2"),
+    (dict(layouts=("split",)), 1, "cpu", "torchrun"),
+    (dict(layouts=("pipeline",)), 2, "cpu", "choose from"),
+    (dict(image_size=32), 2, "cpu", "--image-size 67"),
+])
+def test_bad_config_refused_with_the_fix(change, world, device, words):
+    cfg = Config(**{**dict(batch_sizes=[64]), **change})
+    with pytest.raises(UsageError) as e:
+        check_config(cfg, world, device)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_refuses_bf16_on_cpu_with_one_line_and_exit_2():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    for args in (["--dtype", "bf16"], ["--layouts", "single", "--sweep-batch", "16,x"]):
+        proc = subprocess.run([sys.executable, "launch/bench.py", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
