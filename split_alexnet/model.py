@@ -221,7 +221,8 @@ def join_state_dicts(shards, spec):
 
 def streams_from_single(model, devices=None):
     """A StreamsAlexNet holding exactly the weights of a single-layout AlexNet."""
-    net = StreamsAlexNet(model.spec, devices, dropout_seed=model.dropout.seed)
+    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the caller's RNG
+        net = StreamsAlexNet(model.spec, devices, dropout_seed=model.dropout.seed)
     for stream, shard in zip(net.streams, shard_state_dict(model.state_dict(), model.spec)):
         stream.load_state_dict(shard)
     return net
@@ -229,6 +230,7 @@ def streams_from_single(model, devices=None):
 
 def split_from_single(model, rank, group=None, device="cpu"):
     """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet."""
-    net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed).to(device)
+    with torch.random.fork_rng(devices=[]):  # shards differ in size: keep every rank's RNG in step
+        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed).to(device)
     net.stream.load_state_dict(shard_state_dict(model.state_dict(), model.spec)[rank])
     return net

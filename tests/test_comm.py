@@ -1,0 +1,79 @@
+"""Each comm Function on two (and four) gloo ranks: forward values, backward values, bytes counted."""
+import torch
+import torch.distributed as dist
+
+from split_alexnet import comm
+from conftest import spawn
+
+
+def _distinct_kernels(rank, world):
+    # each rank's part: (B=2, C=3) filled with rank-dependent values
+    x = (torch.arange(6.0).reshape(2, 3) + 10 * rank).requires_grad_()
+    meter = comm.Meter()
+    comm.set_meter(meter)
+    y = comm.gather_for_distinct_kernels(x, name="fc6")
+    expect = torch.cat([torch.arange(6.0).reshape(2, 3) + 10 * r for r in range(world)], dim=1)
+    assert torch.equal(y, expect)
+    # a different upstream gradient on every rank (each rank's own kernels read the whole y)
+    g = torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape) * (rank + 1)
+    y.backward(g)
+    # backward = reduce-scatter: sum over ranks of g_r, then this rank's slice
+    total = sum(torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape) * (r + 1) for r in range(world))
+    assert torch.equal(x.grad, total[:, 3 * rank:3 * rank + 3])
+    part_bytes = 6 * 4
+    assert meter.bytes["fc6/fwd"] == (world - 1) * part_bytes
+    assert meter.bytes["fc6/bwd"] == (world - 1) * part_bytes
+    assert meter.calls["fc6/fwd"] == meter.calls["fc6/bwd"] == 1
+    comm.set_meter(None)
+
+
+def _same_computation(rank, world):
+    sizes = [3, 3, 2, 2][:world] if world == 4 else [3, 2]
+    x = torch.full((2, sizes[rank]), float(rank + 1), requires_grad=True)
+    y = comm.gather_for_same_computation(x, sizes, name="logits")
+    expect = torch.cat([torch.full((2, n), float(r + 1)) for r, n in enumerate(sizes)], dim=1)
+    assert torch.equal(y, expect)
+    # every rank computes the same loss from y: the gradient is identical, only the own slice returns
+    weights = torch.arange(float(sum(sizes)))
+    (y * weights).sum().backward()
+    start = sum(sizes[:rank])
+    assert torch.equal(x.grad, weights[start:start + sizes[rank]].expand(2, -1))
+
+
+def _chain_matches_one_process(rank, world):
+    # conv-like composite: the gather feeds a per-rank linear map; compare with the unsplit computation
+    torch.manual_seed(0)
+    xs = [torch.randn(4, 5) for _ in range(world)]
+    ws = [torch.randn(5 * world, 3) for _ in range(world)]
+    x = xs[rank].clone().requires_grad_()
+    out_own = comm.gather_for_distinct_kernels(x, name="conv3") @ ws[rank]
+    logits = comm.gather_for_same_computation(out_own, [3] * world, name="logits")
+    logits.pow(2).sum().backward()
+    # the same function in one process, on the whole width
+    full = torch.cat(xs, dim=1).requires_grad_()
+    ref = torch.cat([full @ w for w in ws], dim=1)
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(logits, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, full.grad[:, 5 * rank:5 * rank + 5], rtol=1e-6, atol=1e-6)
+
+
+def _every_function(rank, world):
+    _distinct_kernels(rank, world)
+    _same_computation(rank, world)
+    _chain_matches_one_process(rank, world)
+
+
+# one spawn per world size (starting ranks is the slow part); each Function is checked on its own inside
+def test_comm_functions_two_ranks():
+    spawn(_every_function, 2)
+
+
+def test_comm_functions_four_ranks():
+    spawn(_every_function, 4)
+
+
+def test_one_stream_is_the_identity():
+    assert not dist.is_initialized()
+    x = torch.randn(2, 3)
+    assert comm.gather_for_distinct_kernels(x) is x
+    assert comm.gather_for_same_computation(x, [3]) is x

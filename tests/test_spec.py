@@ -1,0 +1,61 @@
+import pytest
+
+from split_alexnet.spec import MIN_IMAGE_SIZE, PAPER_NEURONS, Spec, allowed_streams
+from split_alexnet.summary import summary_table
+
+
+def test_paper_figures():
+    spec = Spec()
+    assert spec.params_total == 60_965_224
+    assert [spec.params_per_stream(s) for s in range(2)] == [30_482_612, 30_482_612]
+    assert [r.neurons for r in spec.shapes][1:] == list(PAPER_NEURONS[1:])
+    assert spec.shapes[0].neurons == 55 * 55 * 96  # the paper's 253,440 is an erratum
+    assert [r.post_hw for r in spec.shapes[:5]] == [27, 13, 13, 13, 6]
+    assert [r.params_total for r in spec.shapes][5:] == [37_752_832, 16_781_312, 4_097_000]
+
+
+def test_exchange_bytes_match_the_reference_sheet():
+    ex = {e.name: e for e in Spec().exchanges}
+    assert [e.name for e in Spec().exchanges] == ["conv3", "fc6", "fc7", "fc8", "logits"]
+    assert {n: e.bytes for n, e in ex.items()} == {
+        "conv3": 86_528, "fc6": 18_432, "fc7": 8_192, "fc8": 8_192, "logits": 2_000}
+    assert Spec().bytes_per_image() == 123_344
+    assert ex["logits"].backward == "split" and ex["conv3"].backward == "reduce-scatter"
+    assert Spec(streams=1).bytes_per_image() == 0
+
+
+@pytest.mark.parametrize("streams", [1, 2, 4, 8])
+def test_streams_together_hold_every_parameter(streams):
+    # conv2/4/5 read only their own stream, so the total shrinks as the streams multiply
+    spec = Spec(streams=streams)
+    assert sum(spec.params_per_stream(s) for s in range(streams)) == spec.params_total
+    assert spec.params_total == {1: 62_378_344, 2: 60_965_224, 4: 60_258_664, 8: 59_905_384}[streams]
+
+
+def test_derived_sizes_follow_the_input():
+    spec = Spec(image_size=224, in_channels=1, num_classes=10)
+    assert spec.shapes[0].out_hw == 54 and spec.shapes[5].in_channels == 256 * 5 * 5
+    assert Spec(image_size=MIN_IMAGE_SIZE).shapes[4].post_hw == 1
+    assert Spec(streams=4, num_classes=10).out_sizes(Spec().layers[-1]) == [3, 3, 2, 2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(image_size=66), "use --image-size 67 or more"),
+    (dict(streams=3), "use 1, 2, 4, 8 streams"),
+    (dict(streams=16), "use 1, 2, 4, 8 streams"),
+    (dict(streams=4, num_classes=3), "use at least 4 classes"),
+])
+def test_bad_specs_are_refused_with_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Spec(**kwargs)
+
+
+def test_allowed_streams_divide_every_width():
+    assert allowed_streams() == (1, 2, 4, 8)
+
+
+def test_summary_shows_the_figures():
+    text = summary_table(Spec())
+    for figure in ["60,965,224", "30,482,612", "186,624", "64,896", "43,264", "253,440", "86,528",
+                   "(1, 48, 27, 27)", "(1, 128, 6, 6)", "123,344"]:
+        assert figure in text
