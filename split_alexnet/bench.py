@@ -37,7 +37,7 @@ from .overlap import overlapped_forward
 from .spec import Spec
 
 LAYOUTS = ("single", "split", "split-overlap", "ddp")
-PHASES = ("step_s", "fwd_s", "bwd_s", "opt_s", "idle_cpu_s", "inflight_s", "act_bytes")
+PHASES = ("step_s", "fwd_s", "bwd_s", "opt_s", "idle_cpu_s", "inflight_s")
 
 
 @dataclass
@@ -304,11 +304,11 @@ def step(run, x, y, clock, track_memory=False):
     return rec
 
 
-def _max_over_ranks(rec, keys, device):
+def _max_over_ranks(rec, keys, device, op=None):
     vec = torch.tensor([float(rec.get(k, 0.0)) for k in keys], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         vec = vec.to(device) if device.type == "cuda" else vec
-        dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+        dist.all_reduce(vec, op=op or dist.ReduceOp.MAX)
     return dict(zip(keys, vec.cpu().tolist()))
 
 
@@ -340,14 +340,19 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
                     n = batch // ctx.world
                     xr, yr = x[ctx.rank * n:(ctx.rank + 1) * n], y[ctx.rank * n:(ctx.rank + 1) * n]
                 torch.set_num_threads(run.threads)
+                c1 = time.process_time()
                 rec = step(run, xr, yr, clock, track_memory=(i == 0))
+                cpu = time.process_time() - c1  # this process's CPU seconds (all its threads) in the step
                 torch.set_num_threads(per_rank)
             else:
-                rec = {}
+                rec, cpu = {}, 0.0
             _barrier(ctx)
             if ctx.rank not in run.ranks:  # CPU the waiting rank burned while the others computed
                 rec["idle_cpu_s"] = time.process_time() - c0
+            cpu = _max_over_ranks({"cpu_s": cpu}, ["cpu_s"],
+                                  ctx.device, op=dist.ReduceOp.SUM if ctx.world > 1 else None)
             rec = _max_over_ranks(rec, keys, ctx.device)
+            rec.update(cpu)  # CPU seconds summed over the computing ranks
             if i == 0:
                 run.memory[batch] = {k[4:]: v for k, v in rec.items() if k.startswith("mem:")}
             if i >= cfg.warmup:
@@ -421,6 +426,10 @@ def summarise(run, spec, batch, world):
             comm_per_exchange_s={k: statistics.median(r[f"comm:{k}"] for r in s) for k in keys
                                  if any(r[f"bytes:{k}"] for r in s)},
         ),
+        cpu_s_per_step=statistics.median(r["cpu_s"] for r in s),
+        # the share of its threads' time the layout got the CPU for: < 1 means it waited (for a peer, or
+        # for a core another process held); CPU seconds per step are the work, wall time is the speed
+        cpu_util=statistics.median(r["cpu_s"] / (r["step_s"] * run.threads * len(run.ranks)) for r in s),
         steps=len(s),
     )
     if run.layout == "single":
@@ -492,7 +501,7 @@ def _mb(b):
 
 def format_table(rows, exchanges, goals):
     lines = [f"{'layout':<18}{'batch':>6}{'img/s':>8}{'[min-max]':>15}{'step s':>8}{'fwd':>7}{'bwd':>7}"
-             f"{'comm':>7}{'opt':>6}{'comm%':>7}{'MB sent/step':>14}{'spec MB':>9}{'peak MB':>9}"]
+             f"{'comm':>7}{'opt':>6}{'comm%':>7}{'CPU s':>7}{'util':>6}{'MB sent/step':>14}{'spec MB':>9}{'peak MB':>9}"]
     for r in rows:
         b = r["breakdown"]
         lines.append(
@@ -500,6 +509,7 @@ def format_table(rows, exchanges, goals):
             f"{'[' + format(r['images_per_s_min'], '.2f') + '-' + format(r['images_per_s_max'], '.2f') + ']':>15}"
             f"{r['step_s']:>8.3f}{b['fwd_compute_s']:>7.3f}{b['bwd_compute_s']:>7.3f}{r['comm_s']:>7.3f}"
             f"{b['optimizer_s']:>6.3f}{100 * r['comm_s'] / r['step_s']:>6.2f}%"
+            f"{r['cpu_s_per_step']:>7.2f}{r['cpu_util']:>6.2f}"
             f"{_mb(r['bytes_sent_per_step']):>14}{_mb(r['spec_bytes_sent_per_step']):>9}"
             f"{_mb(r['peak_mem_bytes']):>9}")
     if exchanges:
