@@ -3,7 +3,7 @@
   torchrun --nproc_per_node=2 launch/bench.py                      # batch 64, 227 px, fp32: the table
   torchrun --nproc_per_node=2 launch/bench.py --sweep-batch 16,32,64,128 --out runs/sweep
   torchrun --nproc_per_node=2 launch/bench.py --profile runs/prof  # Perfetto / chrome://tracing traces
-  python launch/bench.py --layouts single                          # one process: single only
+  python launch/bench.py --layouts single,streams   # one process (e.g. one GPU): single and streams
 
 On CPU each rank uses cores/ranks threads (1 on a 2-core machine) so the ranks do not oversubscribe the
 cores; single runs once with that many threads (one "device") and once with every core. See
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from split_alexnet.bench import LAYOUTS, Config, check_config, format_table, run_bench, write_outputs
+from split_alexnet.bench import EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_table, run_bench, write_outputs
 from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
 
 
@@ -27,7 +27,10 @@ def parse_args(argv=None):
                    "e.g. 16,32,64,128 (throughput and memory against batch size)")
     p.add_argument("--image-size", type=int, default=227)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated: {','.join(LAYOUTS)} "
-                   "(one process without torchrun: single only)")
+                   f"(the default), or {','.join(EXTRA_LAYOUTS)} (every stream in one process, one device); "
+                   "one process without torchrun: single (default) and streams only")
+    p.add_argument("--streams", type=int, default=2, help="streams of single/streams when run without "
+                   "torchrun (under torchrun: one per process)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
     p.add_argument("--dtype", default="fp32", help="fp32, or bf16 (GPU only)")
@@ -61,7 +64,7 @@ def main(argv=None):
     gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
                  warmup=args.warmup, dtype=args.dtype, micro_batches=args.micro_batches,
-                 profile=args.profile, out=args.out, seed=args.seed,
+                 profile=args.profile, out=args.out, seed=args.seed, streams=args.streams,
                  command=" ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast
     ctx = setup(args.backend, args.device, args.timeout)

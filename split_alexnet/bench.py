@@ -7,6 +7,8 @@ Layouts (docs/benchmarks.md):
 - split          SplitAlexNet, one stream per rank, synchronous exchanges (comm.py).
 - split-overlap  the same, micro-batched, exchanges started async and waited on only when needed
                  (overlap.py); the communication time it reports is the time blocked in wait().
+- streams        (on request) StreamsAlexNet: every stream in rank 0's process on its device, one
+                 after the other: the in-process two-stream layout, e.g. on one GPU.
 - ddp            torch DDP of the single net over the same ranks: each rank takes batch/world images of
                  the same global batch, so every layout processes the same images per step.
 
@@ -32,11 +34,12 @@ from torch.profiler import record_function
 
 from . import comm
 from .distributed import UsageError, log
-from .model import AlexNet, SplitAlexNet, forward_plan
+from .model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
 from .overlap import overlapped_forward
 from .spec import Spec
 
 LAYOUTS = ("single", "split", "split-overlap", "ddp")
+EXTRA_LAYOUTS = ("streams",)  # on request: every stream in one process, on one device
 PHASES = ("step_s", "fwd_s", "bwd_s", "opt_s", "idle_cpu_s", "inflight_s")
 
 
@@ -53,6 +56,12 @@ class Config:
     out: str = None
     seed: int = 0
     command: str = ""
+    streams: int = 2               # one process (no torchrun): the streams of single/streams layouts
+
+
+def streams_of(cfg, world):
+    """Under torchrun one stream per rank; alone, the configured number (the paper's 2)."""
+    return world if world > 1 else cfg.streams
 
 
 def cores():
@@ -66,10 +75,10 @@ def check_config(cfg, world, device_type):
     if cfg.dtype == "bf16" and device_type != "cuda":
         raise UsageError("--dtype bf16 is for GPUs (CPU bf16 kernels would measure emulation, not the "
                          "layouts): use --dtype fp32 on CPU")
-    bad = [l for l in cfg.layouts if l not in LAYOUTS]
+    bad = [l for l in cfg.layouts if l not in LAYOUTS + EXTRA_LAYOUTS]
     if bad or not cfg.layouts:
-        raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(LAYOUTS)}")
-    multi = [l for l in cfg.layouts if l != "single"]
+        raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(LAYOUTS + EXTRA_LAYOUTS)}")
+    multi = [l for l in cfg.layouts if l not in ("single", "streams")]
     if multi and world < 2:
         raise UsageError(f"{','.join(multi)} need one process per stream: run under torchrun "
                          f"--nproc_per_node=2, or use --layouts single")
@@ -84,7 +93,7 @@ def check_config(cfg, world, device_type):
             raise UsageError(f"batch {b} does not divide into {cfg.micro_batches} micro-batches: use a "
                              f"multiple of {cfg.micro_batches} or change --micro-batches")
     try:
-        Spec(streams=max(world, 1), image_size=cfg.image_size)
+        Spec(streams=streams_of(cfg, world), image_size=cfg.image_size)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -187,6 +196,10 @@ def build_runs(cfg, spec, ctx):
                                     runs[-1].net, runs[-1].opt, labelled_forward))
             else:
                 make("single", "single", per_rank, 1, (0,), one, labelled_forward)
+        elif layout == "streams":
+            net = StreamsAlexNet(spec, [ctx.device] * spec.streams, dropout_seed=cfg.seed) \
+                if ctx.rank == 0 else None
+            make("streams", "streams (1 dev)", per_rank, 1, (0,), net, lambda n, x: n(x))
         elif layout in ("split", "split-overlap"):
             net = SplitAlexNet(spec, ctx.rank, dropout_seed=cfg.seed)
             fwd = (labelled_forward if layout == "split"
@@ -581,7 +594,7 @@ def _rss_peak_bytes():
 def run_bench(cfg, ctx):
     """The whole benchmark on this rank; returns the result dict (complete on every rank)."""
     dtype_bytes = 2 if cfg.dtype == "bf16" else 4
-    spec = Spec(streams=ctx.world, image_size=cfg.image_size, dtype_bytes=dtype_bytes)
+    spec = Spec(streams=streams_of(cfg, ctx.world), image_size=cfg.image_size, dtype_bytes=dtype_bytes)
     per_rank = max(1, cores() // max(ctx.world, 1))
     torch.set_num_threads(per_rank)
     load_before = os.getloadavg()
