@@ -36,12 +36,9 @@ class DropoutMasks:
         self.seed, self.gen = seed, None
 
     def generator(self, device):
-        if self.gen is None or self.gen.device != torch.device(device):
-            state = None if self.gen is None else self.gen.get_state()
+        if self.gen is None or self.gen.device != torch.device(device):  # first use, or a new device
             self.gen = torch.Generator(device=device)
             self.gen.manual_seed(self.seed)
-            if state is not None and self.gen.device.type == "cpu":
-                self.gen.set_state(state)
         return self.gen
 
     def apply(self, x, p, full_width, offset):
@@ -51,12 +48,13 @@ class DropoutMasks:
         return x * mask[:, offset:offset + x.shape[1]].to(x.dtype) / keep
 
     def state(self):
-        return None if self.gen is None else (self.gen.device.type, self.gen.get_state())
+        """The generator's device and state (for checkpoints), or None before the first mask."""
+        return None if self.gen is None else (str(self.gen.device), self.gen.get_state())
 
     def load_state(self, state):
         if state is not None:
             device, st = state
-            self.gen = torch.Generator(device=device if device == "cpu" else torch.device(device))
+            self.gen = torch.Generator(device=device)
             self.gen.set_state(st)
 
 
