@@ -400,6 +400,28 @@ def _stop_profiler(prof, out_dir, rank):
     prof.export_chrome_trace(os.path.join(out_dir, f"trace_rank{rank}.json"))
     with open(os.path.join(out_dir, f"ops_rank{rank}.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+    with open(os.path.join(out_dir, f"steps_rank{rank}.txt"), "w") as f:
+        f.write(summarise_trace(os.path.join(out_dir, f"trace_rank{rank}.json")))
+
+
+def summarise_trace(path, top=20):
+    """Per profiled step: seconds in each forward layer, exchange, and backward operator (by name)."""
+    events = [e for e in json.load(open(path))["traceEvents"] if e.get("ph") == "X"]
+    layers = {l.name for l in Spec().layers}
+    lines = []
+    for st in (e for e in events if e["name"].startswith("step:")):
+        t0, t1 = st["ts"], st["ts"] + st["dur"]
+        total = {}
+        for e in events:
+            if e.get("tid") != st.get("tid") or e["ts"] < t0 or e["ts"] + e["dur"] > t1:
+                continue
+            name = e["name"].replace("autograd::engine::evaluate_function: ", "backward: ")
+            if name in layers or name.startswith(("exchange:", "backward: ")):
+                total[name] = total.get(name, 0.0) + e["dur"] / 1e6
+        lines.append(f"{st['name']}  {st['dur'] / 1e6:.3f} s")
+        for name, sec in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"  {name:<56}{sec:>8.3f}")
+    return "\n".join(lines) + "\n"
 
 
 # ---- summaries ----
