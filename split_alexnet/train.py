@@ -32,6 +32,10 @@ RECIPES = {
     # weights with biases 1 in conv2/4/5, fc6, fc7, random crops + flips + PCA lighting.
     "paper": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="paper", batch_size=128, epochs=90,
                   schedule="plateau", crop=True, flip=True, lighting=0.1),
+    # the default: the paper's recipe with He initialisation. The paper's N(0, 0.01) with biases 1 gave a
+    # flat loss here (as Caffe's readme says it did there), and so did Xavier: see docs/training.md.
+    "paper-he": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="kaiming", batch_size=128, epochs=90,
+                     schedule="plateau", crop=True, flip=True, lighting=0.1),
     # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized, 3 epochs.
     "d2l": dict(lr=0.01, momentum=0.0, weight_decay=0.0, init="d2l", batch_size=128, epochs=3,
                 schedule="none", crop=False, flip=False, lighting=0.0),
@@ -43,7 +47,7 @@ DATASET_DEFAULTS = {
     "mnist": dict(image_size=227), "fashion-mnist": dict(image_size=227), "cifar10": dict(image_size=227),
     "imagefolder": dict(image_size=227), "random": dict(image_size=227),
 }
-INITS = ("paper", "caffe", "d2l", "torch")
+INITS = ("paper", "caffe", "kaiming", "d2l", "torch")
 
 
 @dataclass
@@ -55,7 +59,7 @@ class Config:
     split_test: int = 0
     train_size: int = 0
     val_size: int = 0
-    recipe: str = "d2l"
+    recipe: str = "paper-he"
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
@@ -106,12 +110,14 @@ def parse_config(argv=None):
                    "the test files but their last N images, validate on those N (when only t10k-* exist)")
     p.add_argument("--train-size", type=int, default=0, help="shapes/random: images per epoch")
     p.add_argument("--val-size", type=int, default=0, help="shapes/random: validation images")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper-he",
+                   help="paper-he (default): the paper's with He init; paper: as published; d2l: the seed's")
     p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--init", choices=INITS, help="paper: N(0,0.01), biases 1; caffe: bvlc_alexnet's "
-                   "(N(0,0.01), fc6/fc7 N(0,0.005), biases 0.1); d2l: Xavier; torch: PyTorch's default")
+                   "(N(0,0.01), fc6/fc7 N(0,0.005), biases 0.1); kaiming: He normal, biases 0; d2l: Xavier; "
+                   "torch: PyTorch's default")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
@@ -212,6 +218,16 @@ def init_caffe(model):
         nn.init.constant_(getattr(model, name).bias, 0.1)
 
 
+@torch.no_grad()
+def init_kaiming(model):
+    """He et al. 2015: N(0, 2 / fan_in) weights, zero biases: keeps the activations' scale through the
+    eight ReLU layers, where N(0, 0.01) and Xavier shrink it layer by layer."""
+    for mod in model.children():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+            nn.init.zeros_(mod.bias)
+
+
 def build_model(cfg, spec, ctx_rank, device):
     """The full AlexNet from cfg.seed on CPU, then this layout's part of it: split and single with the
     same seed start from the same weights."""
@@ -219,6 +235,8 @@ def build_model(cfg, spec, ctx_rank, device):
     full = AlexNet(spec=spec, dropout_seed=cfg.dropout_seed, init="torch")
     if cfg.init == "caffe":
         init_caffe(full)
+    elif cfg.init == "kaiming":
+        init_kaiming(full)
     else:
         init_weights(full, cfg.init)
     if cfg.layout == "single":
@@ -283,7 +301,13 @@ def build(cfg, ctx=None):
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.lr_factor,
                                                             patience=cfg.lr_patience)
                  if cfg.schedule == "plateau" else None)
-    out = cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.layout}-{cfg.dataset}")
+    out = [cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.layout}-{cfg.dataset}")]
+    if world > 1:                                  # rank 0's clock names the run for every rank
+        dist.broadcast_object_list(out, src=0)
+    out = out[0]
+    if os.path.exists(os.path.join(out, "metrics.jsonl")):   # checked by every rank: all stop together
+        raise UsageError(f"--out {out} already holds metrics.jsonl: give another --out (runs are "
+                         f"never overwritten)")
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
                rank, world, out)
 
@@ -391,9 +415,6 @@ def run(job):
         resumed_from, state = resume(job, cfg.resume)
     if main:
         os.makedirs(job.out, exist_ok=True)
-        if os.path.exists(os.path.join(job.out, "metrics.jsonl")):
-            raise UsageError(f"--out {job.out} already holds metrics.jsonl: give another --out (runs are "
-                             f"never overwritten)")
         with open(os.path.join(job.out, "config.json"), "w") as f:
             json.dump(dict(asdict(cfg), out=job.out, spec=ckpt.spec_dict(job.spec),
                            torch=torch.__version__), f, indent=1)
@@ -405,8 +426,10 @@ def run(job):
             bar.write(line) if not bar.disable else log(line)
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=state["step"], disable=quiet or not sys.stderr.isatty(),
-               dynamic_ncols=True, desc="train")
+    tty = sys.stderr.isatty()
+    sized = tty and os.get_terminal_size(sys.stderr.fileno()).columns > 0   # a pty may report 0 columns
+    bar = tqdm(total=total, initial=state["step"], disable=quiet or not tty, desc="train",
+               dynamic_ncols=sized, ncols=None if sized else 100)
     say(f"train: {cfg.layout} layout, {job.spec.streams} streams"
         f"{f' ({job.world} processes)' if cfg.layout == 'split' else ''} on {job.device}; {cfg.dataset} "
         f"({len(job.train_set)} train / {len(job.val_set)} val images, {len(job.classes)} classes) at "

@@ -2,6 +2,7 @@
 shard <-> single conversion that round-trips bit for bit and gives the same logits."""
 import importlib.util
 import os
+import shutil
 
 import pytest
 import torch
@@ -43,10 +44,24 @@ def _save_single(path, model, opt, step=2):
                               batch=step, lr=0.01, scheduler=None, torch_rng=torch.get_rng_state(), config={}))
 
 
-def test_cut_join_round_trip_bit_exact_and_same_logits(tmp_path):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(model, its single-layout checkpoint directory), built once for the module."""
     model, opt = _trained_single()
-    single, shards, back = (str(tmp_path / n) for n in ("single", "shards", "back"))
-    _save_single(single, model, opt)
+    path = str(tmp_path_factory.mktemp("ckpt") / "single")
+    _save_single(path, model, opt)
+    return model, path
+
+
+def _copy(trained, tmp_path):
+    dst = str(tmp_path / "c")
+    shutil.copytree(trained[1], dst)
+    return dst
+
+
+def test_cut_join_round_trip_bit_exact_and_same_logits(trained, tmp_path):
+    model, single = trained
+    shards, back = (str(tmp_path / n) for n in ("shards", "back"))
     convert = _load_launcher("convert")
     assert convert.main([single, shards, "--to", "shards"]) == 0
     assert convert.main([shards, back, "--to", "single"]) == 0
@@ -70,11 +85,9 @@ def test_cut_join_round_trip_bit_exact_and_same_logits(tmp_path):
         assert (out - ref).abs().max() <= RTOL * ref.abs().max() + ATOL
 
 
-def test_refuses_existing_destination(tmp_path):
-    model, opt = _trained_single()
-    _save_single(str(tmp_path / "a"), model, opt)
+def test_refuses_existing_destination(trained):
     with pytest.raises(UsageError, match="already holds a checkpoint"):
-        _load_launcher("convert").main([str(tmp_path / "a"), str(tmp_path / "a"), "--to", "shards"])
+        _load_launcher("convert").main([trained[1], trained[1], "--to", "shards"])
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path):
@@ -86,10 +99,8 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert os.listdir(tmp_path) == ["x.pt"]
 
 
-def test_truncated_or_incomplete_checkpoint_refused(tmp_path):
-    model, opt = _trained_single()
-    path = str(tmp_path / "c")
-    _save_single(path, model, opt)
+def test_truncated_or_incomplete_checkpoint_refused(trained, tmp_path):
+    path = _copy(trained, tmp_path)
     f = os.path.join(path, "single.pt")
     with open(f, "r+b") as fh:
         fh.truncate(os.path.getsize(f) // 2)
@@ -100,10 +111,8 @@ def test_truncated_or_incomplete_checkpoint_refused(tmp_path):
         ckpt.read_meta(path)
 
 
-def test_mismatched_checkpoint_refused_before_loading(tmp_path):
-    model, opt = _trained_single()
-    path = str(tmp_path / "c")
-    _save_single(path, model, opt)
+def test_mismatched_checkpoint_refused_before_loading(trained):
+    path = trained[1]
     meta = ckpt.read_meta(path)
     with pytest.raises(UsageError, match="another net: image_size 67 \\(this run: 99\\)"):
         ckpt.check_matches(meta, Spec(image_size=99, num_classes=10), "single", path)
