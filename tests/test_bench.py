@@ -119,12 +119,18 @@ def test_overlap_equals_plain_split_and_bytes_match_spec(tmp_path):
 
 def test_quick_bench_writes_documented_json_and_plot(tmp_path):
     out = tmp_path / "bench"
+    prof = tmp_path / "prof"
     proc = _torchrun(["launch/bench.py", "--image-size", "67", "--batch-size", "4", "--steps", "2",
-                      "--warmup", "1", "--out", str(out)])
+                      "--warmup", "1", "--out", str(out), "--profile", str(prof)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "split / single (one device)" in proc.stdout  # the table and the targets were printed
     result = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0
+    for rank in (0, 1):  # a trace per rank, with the per-layer and per-exchange labels
+        trace = (prof / f"trace_rank{rank}.json").read_text()
+        assert '"step:split"' in trace and '"conv3"' in trace and '"exchange:conv3"' in trace
+        assert "exchange:conv3/wait" in trace
+        assert "step:split-overlap" in (prof / f"steps_rank{rank}.txt").read_text()
     for key in ("device", "backend", "batch_size", "image_size", "streams", "runs", "exchanges", "targets"):
         assert key in result, key
     assert (result["backend"], result["batch_size"], result["image_size"], result["streams"]) == \
