@@ -65,7 +65,7 @@ def main(argv=None):
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
                  warmup=args.warmup, dtype=args.dtype, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, streams=args.streams,
-                 command=" ".join(shlex.quote(a) for a in [os.path.basename(sys.argv[0])] + sys.argv[1:]))
+                 command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast
     ctx = setup(args.backend, args.device, args.timeout)
     try:
