@@ -181,7 +181,8 @@ def build_runs(cfg, spec, ctx):
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:
             net, opt = None, None
-        runs.append(Run(layout, label, threads, devices, ranks, net, opt, forward))
+        sync = torch.cuda.synchronize if ctx.device.type == "cuda" else None  # a collective's own time
+        runs.append(Run(layout, label, threads, devices, ranks, net, opt, forward, comm.Meter(sync)))
         return runs[-1]
 
     for layout in cfg.layouts:
@@ -193,7 +194,7 @@ def build_runs(cfg, spec, ctx):
                 make("single", f"single ({per_rank} thr)", per_rank, 1, (0,), one, labelled_forward)
                 if cores() != per_rank:  # the whole machine: the same model, every core
                     runs.append(Run("single", f"single ({cores()} thr)", cores(), 1, (0,),
-                                    runs[-1].net, runs[-1].opt, labelled_forward))
+                                    runs[-1].net, runs[-1].opt, labelled_forward, comm.Meter()))
             else:
                 make("single", "single", per_rank, 1, (0,), one, labelled_forward)
         elif layout == "streams":
