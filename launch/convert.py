@@ -24,7 +24,7 @@ def main(argv=None):
     p.add_argument("dst", help="new checkpoint directory")
     p.add_argument("--to", choices=["single", "shards"], required=True)
     args = p.parse_args(argv)
-    src = ckpt.find_checkpoint(args.src)
+    src = ckpt.find_checkpoint(args.src, "convert")
     if os.path.exists(os.path.join(args.dst, "meta.pt")):
         raise UsageError(f"{args.dst} already holds a checkpoint: give a new directory (nothing is overwritten)")
     meta = (ckpt.join if args.to == "single" else ckpt.cut)(src, args.dst)

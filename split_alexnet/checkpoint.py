@@ -78,16 +78,16 @@ def save_meta(ckpt_dir, meta):
 
 # ---- reading ------------------------------------------------------------------------------------
 
-def find_checkpoint(path):
+def find_checkpoint(path, what="--resume"):
     """PATH is a checkpoint directory, or a run directory whose newest checkpoints/step* is taken."""
     if not os.path.exists(path):
-        raise UsageError(f"--resume {path}: no such file or directory: give a checkpoint directory "
+        raise UsageError(f"{what} {path}: no such file or directory: give a checkpoint directory "
                          f"(runs/<run>/checkpoints/step*) or a run directory")
     sub = os.path.join(path, "checkpoints")
     if not os.path.isfile(os.path.join(path, "meta.pt")) and os.path.isdir(sub):
         done = sorted(d for d in os.listdir(sub) if os.path.isfile(os.path.join(sub, d, "meta.pt")))
         if not done:
-            raise UsageError(f"--resume {path}: {sub} holds no complete checkpoint (none has meta.pt)")
+            raise UsageError(f"{what} {path}: {sub} holds no complete checkpoint (none has meta.pt)")
         path = os.path.join(sub, done[-1])
     return path
 

@@ -57,7 +57,7 @@ def render_shape(label, n, g):
     """One n x n RGB uint8 image of class `label`, drawn with generator g."""
     t = (torch.arange(n, dtype=torch.float32) + 0.5) / n
     y, x = torch.meshgrid(t, t, indexing="ij")                          # (n, n) in [0, 1]
-    radius = float(_u(g, 0.16, 0.4))                                    # of the image side
+    radius = float(_u(g, 0.2, 0.42))                                    # of the image side
     cx, cy = (float(_u(g, radius, 1 - radius)) for _ in range(2))
     angle = float(_u(g, 0, 2 * math.pi))
     dx, dy = (x - cx) / radius, (y - cy) / radius
@@ -93,7 +93,7 @@ def render_shape(label, n, g):
     ramp_dir = float(_u(g, 0, 2 * math.pi))
     ramp = (x * math.cos(ramp_dir) + y * math.sin(ramp_dir)) * float(_u(g, -0.3, 0.3))
     img = torch.where(mask, fg[:, None, None], bg[:, None, None] + ramp)  # (3, n, n)
-    img = img + 0.12 * torch.randn(3, n, n, generator=g)
+    img = img + 0.08 * torch.randn(3, n, n, generator=g)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
