@@ -178,3 +178,23 @@ def test_cli_bad_input_exit_status():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr == "error: --momentum 1.5: use 0 <= momentum < 1\n"
     assert proc.stdout == ""
+
+
+def test_split_resume_and_bad_shard(tmp_path):
+    """Under torchrun: the split layout's per-rank shards resume exactly; a truncated shard of one rank
+    stops both ranks at once with one message (no rank left waiting in a collective)."""
+    full, part, resumed, bad = (str(tmp_path / n) for n in ("full", "part", "resumed", "bad"))
+    for args in (["--max-steps", "6", "--out", full],
+                 ["--max-steps", "3", "--save-every", "3", "--out", part],
+                 ["--max-steps", "6", "--out", resumed, "--resume", part]):
+        proc = _torchrun(TINY + args, timeout=200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = [(r["step"], r["loss"]) for r in _metrics(full) if r["split"] == "train"]
+    got = [(r["step"], r["loss"]) for r in _metrics(resumed) if r["split"] == "train"]
+    assert got == ref[3:]
+    shard = os.path.join(part, "checkpoints", "step0000003", "stream1.pt")
+    with open(shard, "r+b") as fh:
+        fh.truncate(os.path.getsize(shard) // 2)
+    proc = _torchrun(TINY + ["--max-steps", "6", "--out", bad, "--resume", part, "--timeout", "60"], timeout=120)
+    assert proc.returncode != 0
+    assert f"error: checkpoint file {shard} is" in proc.stderr and "truncated" in proc.stderr
