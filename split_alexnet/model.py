@@ -181,18 +181,31 @@ def _check_input(spec, x):
 
 @torch.no_grad()
 def init_weights(model, recipe="paper"):
-    """paper: N(0, 0.01) weights, biases 1 in conv2/4/5, fc6, fc7 and 0 elsewhere (§5). d2l: Xavier."""
+    """Initialise conv1..fc8 in place.
+
+    paper:   N(0, 0.01) weights; biases 1 in conv2/4/5, fc6, fc7, 0 elsewhere (§5).
+    caffe:   bvlc_alexnet's fix for the paper's ("gave flat loss"): fc6/fc7 N(0, 0.005), biases 0.1.
+    kaiming: He et al. 2015, N(0, 2 / fan_in), biases 0: keeps the activations' scale through the
+             eight ReLU layers, where N(0, 0.01) and Xavier shrink it layer by layer.
+    d2l:     Xavier uniform, biases 0 (the seed chapter's).
+    torch:   leave PyTorch's default initialisation.
+    """
+    if recipe not in ("paper", "caffe", "kaiming", "d2l", "torch"):
+        raise ValueError(f"unknown init {recipe!r}: use paper, caffe, kaiming, d2l or torch")
     for name, mod in model.named_children():
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)) or recipe == "torch":
             continue
-        if recipe == "paper":
-            nn.init.normal_(mod.weight, 0.0, 0.01)
-            nn.init.constant_(mod.bias, 1.0 if name in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0)
-        elif recipe == "d2l":
+        if recipe in ("paper", "caffe"):
+            ones = name in ("conv2", "conv4", "conv5", "fc6", "fc7")
+            std = 0.005 if recipe == "caffe" and name in ("fc6", "fc7") else 0.01
+            nn.init.normal_(mod.weight, 0.0, std)
+            nn.init.constant_(mod.bias, (1.0 if recipe == "paper" else 0.1) if ones else 0.0)
+        elif recipe == "kaiming":
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+            nn.init.zeros_(mod.bias)
+        else:
             nn.init.xavier_uniform_(mod.weight)
             nn.init.zeros_(mod.bias)
-        elif recipe != "torch":
-            raise ValueError(f"unknown init {recipe!r}: use paper, d2l or torch")
 
 
 # ---- weights between layouts: every parameter is cut along its output (dim 0) ----

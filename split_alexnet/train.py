@@ -209,38 +209,12 @@ class Job:
     out: str = ""
 
 
-@torch.no_grad()
-def init_caffe(model):
-    """Caffe bvlc_alexnet's fix for the paper's init ("gave flat loss"): N(0, 0.01) weights, N(0, 0.005)
-    in fc6/fc7, biases 0.1 where the paper has 1."""
-    init_weights(model, "paper")
-    for name in ("fc6", "fc7"):
-        nn.init.normal_(getattr(model, name).weight, 0.0, 0.005)
-    for name in ("conv2", "conv4", "conv5", "fc6", "fc7"):
-        nn.init.constant_(getattr(model, name).bias, 0.1)
-
-
-@torch.no_grad()
-def init_kaiming(model):
-    """He et al. 2015: N(0, 2 / fan_in) weights, zero biases: keeps the activations' scale through the
-    eight ReLU layers, where N(0, 0.01) and Xavier shrink it layer by layer."""
-    for mod in model.children():
-        if isinstance(mod, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-            nn.init.zeros_(mod.bias)
-
-
 def build_model(cfg, spec, ctx_rank, device):
     """The full AlexNet from cfg.seed on CPU, then this layout's part of it: split and single with the
     same seed start from the same weights."""
     torch.manual_seed(cfg.seed)
     full = AlexNet(spec=spec, dropout_seed=cfg.dropout_seed, init="torch")
-    if cfg.init == "caffe":
-        init_caffe(full)
-    elif cfg.init == "kaiming":
-        init_kaiming(full)
-    else:
-        init_weights(full, cfg.init)
+    init_weights(full, cfg.init)
     if cfg.layout == "single":
         model = full.to(device)
         return model, {"single.pt": model}

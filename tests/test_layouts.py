@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from split_alexnet import (AlexNet, Spec, SplitAlexNet, StreamsAlexNet, join_state_dicts,
+from split_alexnet import (AlexNet, Spec, join_state_dicts,
                            shard_state_dict, split_from_single, streams_from_single)
 from split_alexnet.check import TOLERANCES
 from conftest import spawn
