@@ -41,10 +41,14 @@ class DropoutMasks:
             self.gen.manual_seed(self.seed)
         return self.gen
 
+    def draw(self, batch, full_width, keep, device):
+        """The next (batch, full_width) mask of ones (kept) and zeros (dropped)."""
+        mask = torch.empty(batch, full_width, device=device)
+        return mask.bernoulli_(keep, generator=self.generator(device))
+
     def apply(self, x, p, full_width, offset):
         keep = 1.0 - p
-        mask = torch.empty(x.shape[0], full_width, device=x.device)
-        mask.bernoulli_(keep, generator=self.generator(x.device))
+        mask = self.draw(x.shape[0], full_width, keep, x.device)
         return x * mask[:, offset:offset + x.shape[1]].to(x.dtype) / keep
 
     def state(self):

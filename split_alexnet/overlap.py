@@ -44,8 +44,7 @@ class _MicroBatchMasks(DropoutMasks):
     def apply(self, x, p, full_width, offset):
         keep = 1.0 - p
         if self.row == 0:  # a new layer: the same draw as DropoutMasks.apply on the whole batch
-            self.mask = torch.empty(self.batch, full_width, device=x.device)
-            self.mask.bernoulli_(keep, generator=self.base.generator(x.device))
+            self.mask = self.base.draw(self.batch, full_width, keep, x.device)
         rows = self.mask[self.row:self.row + x.shape[0]]
         self.row = (self.row + x.shape[0]) % self.batch
         return x * rows[:, offset:offset + x.shape[1]].to(x.dtype) / keep
