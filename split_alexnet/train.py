@@ -27,15 +27,15 @@ from .model import AlexNet, init_weights, split_from_single, streams_from_single
 from .spec import Spec
 
 # Every value here can be overridden by its flag (--lr, --momentum, ...).
+# §4-5 of the paper: SGD with momentum and weight decay, lr / 10 on a validation plateau, N(0, 0.01)
+# weights with biases 1 in conv2/4/5, fc6, fc7, random crops + flips + PCA lighting.
+_PAPER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="paper", batch_size=128, epochs=90,
+              schedule="plateau", crop=True, flip=True, lighting=0.1)
 RECIPES = {
-    # §4-5 of the paper: SGD with momentum and weight decay, lr / 10 on a validation plateau, N(0, 0.01)
-    # weights with biases 1 in conv2/4/5, fc6, fc7, random crops + flips + PCA lighting.
-    "paper": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="paper", batch_size=128, epochs=90,
-                  schedule="plateau", crop=True, flip=True, lighting=0.1),
+    "paper": _PAPER,
     # the default: the paper's recipe with He initialisation. The paper's N(0, 0.01) with biases 1 gave a
     # flat loss here (as Caffe's readme says it did there), and so did Xavier: see docs/training.md.
-    "paper-he": dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="kaiming", batch_size=128, epochs=90,
-                     schedule="plateau", crop=True, flip=True, lighting=0.1),
+    "paper-he": {**_PAPER, "init": "kaiming"},
     # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized, 3 epochs.
     "d2l": dict(lr=0.01, momentum=0.0, weight_decay=0.0, init="d2l", batch_size=128, epochs=3,
                 schedule="none", crop=False, flip=False, lighting=0.0),
