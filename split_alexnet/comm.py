@@ -56,24 +56,34 @@ def _world(group):
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def _all_gather(x, sizes, group, name):
-    """Concatenate every stream's x along dim 1; parts may differ in size by padding to the largest."""
+def _gather_buffers(x, sizes):
+    """x padded to the largest part (parts differ only for fc8's 2-D logits), receive buffers, bytes sent."""
     big = max(sizes)
     x = x.contiguous()
-    if x.shape[1] < big:  # uneven parts (fc8's logits only, which are 2-D): pad, gather, trim
+    if x.shape[1] < big:
         x = torch.nn.functional.pad(x, (0, big - x.shape[1]))
-    parts = [torch.empty_like(x) for _ in sizes]
-    sent = (len(sizes) - 1) * x.numel() * x.element_size()  # a ring: each part travels to S-1 peers
+    sent = (len(sizes) - 1) * x.numel() * x.element_size()  # each part reaches the S-1 other streams
+    return x, [torch.empty_like(x) for _ in sizes], sent
+
+
+def _scatter_buffers(grad, sizes, group):
+    """grad cut into the streams' parts, this stream's receive buffer, bytes sent."""
+    chunks = [c.contiguous() for c in grad.split(sizes, dim=1)]
+    out = torch.empty_like(chunks[dist.get_rank(group)])
+    return chunks, out, grad.numel() * grad.element_size() - out.numel() * out.element_size()
+
+
+def _all_gather(x, sizes, group, name):
+    """Concatenate every stream's x along dim 1 (padded to the largest part, trimmed on arrival)."""
+    x, parts, sent = _gather_buffers(x, sizes)
     _metered(name, sent, lambda: dist.all_gather(parts, x, group=group))
     return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
 
 def _reduce_scatter(grad, sizes, group, name):
     """Sum grad over streams and keep this stream's slice of dim 1."""
-    chunks = [c.contiguous() for c in grad.split(sizes, dim=1)]
-    out = torch.empty_like(chunks[dist.get_rank(group)])
-    _metered(name, grad.numel() * grad.element_size() - out.numel() * out.element_size(),
-             lambda: dist.reduce_scatter(out, chunks, group=group))
+    chunks, out, sent = _scatter_buffers(grad, sizes, group)
+    _metered(name, sent, lambda: dist.reduce_scatter(out, chunks, group=group))
     return out
 
 
@@ -163,12 +173,8 @@ def _count(key, nbytes):
 
 
 def _start_all_gather(pending, x):
-    big = max(pending.sizes)
-    x = x.contiguous()
-    if x.shape[1] < big:  # uneven parts (fc8's logits, 2-D): pad to the largest, trimmed on arrival
-        x = torch.nn.functional.pad(x, (0, big - x.shape[1]))
-    parts = [torch.empty_like(x) for _ in pending.sizes]
-    _count(f"{pending.name}/fwd", (len(pending.sizes) - 1) * x.numel() * x.element_size())
+    x, parts, sent = _gather_buffers(x, pending.sizes)
+    _count(f"{pending.name}/fwd", sent)
     pending.work = dist.all_gather(parts, x, group=pending.group, async_op=True)
     return tuple(parts)
 
@@ -201,9 +207,8 @@ class _WaitGatherStartReduceScatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         p = ctx.pending
-        p.chunks = [c.contiguous() for c in grad.split(p.sizes, dim=1)]
-        p.reduced = torch.empty_like(p.chunks[dist.get_rank(p.group)])
-        _count(f"{p.name}/bwd", grad.numel() * grad.element_size() - p.reduced.numel() * p.reduced.element_size())
+        p.chunks, p.reduced, sent = _scatter_buffers(grad, p.sizes, p.group)
+        _count(f"{p.name}/bwd", sent)
         p.work = dist.reduce_scatter(p.reduced, p.chunks, group=p.group, async_op=True)
         return (None, *p.chunks)
 
