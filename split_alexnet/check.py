@@ -20,29 +20,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .model import AlexNet, SplitAlexNet, StreamsAlexNet, shard_state_dict
+from .model import AlexNet, shard_state_dict, split_from_single, streams_from_single
 
 RTOL, ATOL = 1e-4, 1e-7
 TOLERANCES = {torch.float32: (RTOL, ATOL), torch.float64: (1e-10, 1e-14)}
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
 
-def _build(layout, spec, state, seed, device, devices, rank, dtype):
-    ref = AlexNet(spec=spec, dropout_seed=seed).to(device, dtype)
+def _build(layout, spec, state, seed, device, devices, rank):
+    ref = AlexNet(spec=spec, dropout_seed=seed).to(device, state["conv1.weight"].dtype)
     ref.load_state_dict(state)
-    shards = shard_state_dict(state, spec)
     if layout == "streams":
-        net = StreamsAlexNet(spec, devices, dropout_seed=seed).to(dtype)
-        for stream, shard in zip(net.streams, shards):
-            stream.load_state_dict(shard)
-        streams = list(enumerate(net.streams))
-    elif layout == "split":
-        net = SplitAlexNet(spec, rank, dropout_seed=seed).to(device, dtype)
-        net.stream.load_state_dict(shards[rank])
-        streams = [(rank, net.stream)]
-    else:
-        raise ValueError(f"unknown layout {layout!r}: use streams or split")
-    return ref, net, streams
+        net = streams_from_single(ref, devices)
+        return ref, net, list(enumerate(net.streams))
+    if layout == "split":
+        net = split_from_single(ref, rank, device=device)
+        return ref, net, [(rank, net.stream)]
+    raise ValueError(f"unknown layout {layout!r}: use streams or split")
 
 
 def _diff(a, b):
@@ -66,7 +60,7 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     state = {k: v.to(dtype) for k, v in state.items()}
     results = []  # (mode, name, abs diff, reference max)
     for mode in modes:
-        ref, net, streams = _build(layout, spec, state, seed, device, devices, rank, dtype)
+        ref, net, streams = _build(layout, spec, state, seed, device, devices, rank)
         for m in (ref, net):
             m.train(mode == "train")
         opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)

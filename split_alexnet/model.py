@@ -238,6 +238,7 @@ def streams_from_single(model, devices=None):
     """A StreamsAlexNet holding exactly the weights of a single-layout AlexNet."""
     with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the caller's RNG
         net = StreamsAlexNet(model.spec, devices, dropout_seed=model.dropout.seed)
+    net.to(model.conv1.weight.dtype)  # so that float64 weights load as float64
     for stream, shard in zip(net.streams, shard_state_dict(model.state_dict(), model.spec)):
         stream.load_state_dict(shard)
     return net
@@ -246,6 +247,7 @@ def streams_from_single(model, devices=None):
 def split_from_single(model, rank, group=None, device="cpu"):
     """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet."""
     with torch.random.fork_rng(devices=[]):  # shards differ in size: keep every rank's RNG in step
-        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed).to(device)
+        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed)
+    net.to(device, model.conv1.weight.dtype)
     net.stream.load_state_dict(shard_state_dict(model.state_dict(), model.spec)[rank])
     return net
