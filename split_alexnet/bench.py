@@ -102,17 +102,7 @@ def check_config(cfg, world, device_type):
 
 def labelled_forward(net, x):
     """AlexNet.forward or SplitAlexNet.forward (the same plan and comm Functions), labelled per layer."""
-    spec = net.spec
-    if isinstance(net, SplitAlexNet):
-        layer_fn = net.stream.layer_fn
-        fc8_sizes = spec.out_sizes(spec.layers[-1])
-
-        def exchange(name, t):  # as SplitAlexNet.forward
-            if name == "logits":
-                return comm.gather_for_same_computation(t, fc8_sizes, net.group, name)
-            return comm.gather_for_distinct_kernels(t, net.group, name)
-    else:
-        layer_fn, exchange = net.layer_fn, (lambda name, t: t)
+    spec, layer_fn, exchange = net.spec, net.layer_fn, net.exchange
 
     def labelled_layer(layer, t):
         with record_function(layer.name):

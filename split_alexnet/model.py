@@ -118,9 +118,12 @@ class AlexNet(_Layers):
                                 streams=streams, image_size=image_size))
         super().__init__(spec, None, dropout_seed, init)
 
+    def exchange(self, name, x):                  # one device: every stream's maps are already here
+        return x
+
     def forward(self, x):                         # (B, 3, 227, 227)
         _check_input(self.spec, x)
-        return forward_plan(self.spec, x, self.layer_fn, lambda name, t: t)  # (B, num_classes)
+        return forward_plan(self.spec, x, self.layer_fn, self.exchange)  # (B, num_classes)
 
 
 class Stream(_Layers):
@@ -162,16 +165,18 @@ class SplitAlexNet(nn.Module):
         self.spec, self.rank, self.group = _spec(spec, kwargs), rank, group
         self.stream = Stream(self.spec, rank, dropout_seed, init)
 
+    def layer_fn(self, layer, x):
+        return self.stream.layer_fn(layer, x)
+
+    def exchange(self, name, x):
+        if name == "logits":                      # one loss on every rank: backward keeps own slice
+            return comm.gather_for_same_computation(x, self.spec.out_sizes(self.spec.layers[-1]),
+                                                    self.group, name)
+        return comm.gather_for_distinct_kernels(x, self.group, name)  # backward sums
+
     def forward(self, x):                         # (B, 3, 227, 227), the same batch on every rank
         _check_input(self.spec, x)
-        fc8_sizes = self.spec.out_sizes(self.spec.layers[-1])
-
-        def exchange(name, t):
-            if name == "logits":                  # one loss on every rank: backward keeps own slice
-                return comm.gather_for_same_computation(t, fc8_sizes, self.group, name)
-            return comm.gather_for_distinct_kernels(t, self.group, name)  # backward sums
-
-        return forward_plan(self.spec, x, self.stream.layer_fn, exchange)  # (B, num_classes)
+        return forward_plan(self.spec, x, self.layer_fn, self.exchange)  # (B, num_classes)
 
 
 def _check_input(spec, x):
