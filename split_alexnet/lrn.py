@@ -20,6 +20,7 @@ included, so the window's sum is s itself. beta = 0.75 (AlexNet's) takes s^-0.75
 about 3x cheaper than pow on CPU. Every op is an ordinary tensor op: it runs on any device.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["LRNFunction", "local_response_norm"]
 
@@ -80,6 +81,7 @@ class LRNFunction(torch.autograd.Function):
         return x * p
 
     @staticmethod
+    @once_differentiable                              # s, p were saved without history
     def backward(ctx, g):
         x, s, p = ctx.saved_tensors
         size, alpha, beta = ctx.lrn
