@@ -62,7 +62,8 @@ def tower_labels(spec: Spec):
             if layer.kind == "conv":
                 title = f"{layer.name}  {_dims(n, r.out_hw, r.out_hw)}"
                 stride = f"/{layer.stride}" if layer.stride > 1 else ""
-                ops = [f"{layer.kernel}×{layer.kernel}{stride}"] + ["ReLU"] * layer.relu + ["LRN"] * layer.lrn
+                ops = [f"{layer.kernel}×{layer.kernel}{stride}"]
+                ops += ["ReLU"] * layer.relu + ["LRN"] * layer.lrn
                 if layer.pool:
                     ops.append(f"pool → {_dims(n, r.post_hw, r.post_hw)}")
             else:
@@ -177,10 +178,10 @@ def draw_towers(spec: Spec):
             box(col_x[s], ys[i], col_w, b, COLOURS[s])
 
     total = spec.bytes_per_image()
-    ax.text(0.35, height - 0.45, "Straight arrows: the layer reads only its own stream's maps (reads=\"own\"); "
-            "crossing arrows: it reads every stream's (reads=\"all\").\nThe backward pass sends as much "
-            f"again at each reduce-scatter, nothing at the logits. Total sent per stream, forward: {total:,} B "
-            "per image.", fontsize=10.5, va="center", color=GREY, linespacing=1.4)
+    ax.text(0.35, height - 0.45, "Straight arrows: the layer reads only its own stream's maps "
+            "(reads=\"own\"); crossing arrows: it reads every stream's (reads=\"all\").\nThe backward pass "
+            "sends as much again at each reduce-scatter, nothing at the logits. Total sent per stream, "
+            f"forward: {total:,} B per image.", fontsize=10.5, va="center", color=GREY, linespacing=1.4)
     return fig
 
 
