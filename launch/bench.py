@@ -3,10 +3,12 @@
   torchrun --nproc_per_node=2 launch/bench.py                      # batch 64, 227 px, fp32: the table
   torchrun --nproc_per_node=2 launch/bench.py --sweep-batch 16,32,64,128 --out runs/sweep
   torchrun --nproc_per_node=2 launch/bench.py --profile runs/prof  # Perfetto / chrome://tracing traces
-  python launch/bench.py --layouts single,streams   # one process (e.g. one GPU): single and streams
+  python launch/bench.py --layouts single,streams,torchvision  # one process (e.g. one GPU)
+  python launch/bench.py --layouts single,torchvision --precision bf16   # autocast bf16
 
 On CPU each rank uses cores/ranks threads (1 on a 2-core machine) so the ranks do not oversubscribe the
-cores; single runs once with that many threads (one "device") and once with every core. See
+cores; single and torchvision's AlexNet (the peer) run once with that many threads (one "device") and
+once with every core (torchvision-all); the ratios block divides every layout's images/s by the peer's. See
 docs/benchmarks.md for what is measured and the JSON schema.
 """
 import argparse
@@ -16,7 +18,8 @@ import sys
 
 import torch
 
-from split_alexnet.bench import EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_table, run_bench, write_outputs
+from split_alexnet.bench import (EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_ratios, format_table,
+                                 run_bench, write_outputs)
 from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
 
 
@@ -33,7 +36,9 @@ def parse_args(argv=None):
                    "torchrun (under torchrun: one per process)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
-    p.add_argument("--dtype", default="fp32", help="fp32, or bf16 (GPU only)")
+    p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
+                   help="fp32, bf16 or fp16: bf16/fp16 run forward + loss under torch.autocast (weights and "
+                   "gradients stay fp32); the exchanges then carry 2-byte activations")
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches of split-overlap")
     p.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler trace per rank "
                    "of the measured steps (first batch size) to DIR")
@@ -60,10 +65,10 @@ def main(argv=None):
                                    if b != args.batch_size]
     layouts = tuple(l for l in args.layouts.split(",") if l)
     if world == 1 and args.layouts == ",".join(LAYOUTS):
-        layouts = ("single",)  # the default without torchrun
+        layouts = ("single", "torchvision")  # the default without torchrun
     gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
-                 warmup=args.warmup, dtype=args.dtype, micro_batches=args.micro_batches,
+                 warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, streams=args.streams,
                  command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast
@@ -71,6 +76,7 @@ def main(argv=None):
     try:
         result = run_bench(cfg, ctx)
         log(format_table(result["runs"], result["exchanges"]))
+        log(format_ratios(result["ratios"], result["runs"]))
         if ctx.rank == 0:
             write_outputs(result, args.out)
         log(f"wrote {os.path.join(args.out, 'bench.json')} and bench.png ({result['wall_s']:.0f} s; load "
