@@ -5,11 +5,12 @@ from .measure import exchange_keys
 
 
 def spec_bytes_per_step(spec, layout, batch, world):
-    """What each rank sends per step, from the spec (split: activations; ddp: a ring all-reduce)."""
+    """What each rank sends per step, from the spec (split: activations in spec.dtype_bytes; ddp: a ring
+    all-reduce of the fp32 gradients)."""
     if layout in ("split", "split-overlap"):
         return batch * sum(e.bytes * (2 if e.backward == "reduce-scatter" else 1) for e in spec.exchanges)
-    if layout == "ddp":
-        return 2 * (world - 1) * spec.params_total * spec.dtype_bytes // world
+    if layout == "ddp":  # the gradients: fp32 whatever the precision (autocast keeps fp32 weights)
+        return 2 * (world - 1) * spec.params_total * 4 // world
     return 0
 
 
