@@ -133,12 +133,13 @@ def link_main(args, world):
 
 def loopback_check(result, loop, lm, Spec):
     """The measured split (and split-overlap) step of bench.json against the model fed the loopback fit
-    and the split's own compute (step - exposed communication: the split row's for both)."""
+    and the split's own compute (step - its transfer time, the min-rank communication; the split row's
+    compute for both)."""
     batch = result["batch_size"]
     spec = Spec(streams=result["streams"], image_size=result["image_size"],
                 dtype_bytes=2 if result.get("precision", result.get("dtype")) in ("bf16", "fp16") else 4)
     rows = {r["layout"]: r for r in result["runs"] if r["batch_size"] == batch}
-    compute = (rows["split"]["step_s"] - rows["split"]["comm_s"]) / batch
+    compute, _ = lm.compute_from_bench(result)  # split: step - transfer (min-rank communication)
     out = []
     for layout, m in (("split", 1), ("split-overlap", result.get("micro_batches", 2))):
         if layout in rows:

@@ -110,15 +110,17 @@ def link_bound_below_us(spec, link):
 def compute_from_bench(result):
     """(per-stream compute seconds per image, where it came from) from a bench.json's main batch.
 
-    split: (step - communication) / batch; else streams: step / streams / batch (the streams one after
+    split: (step - communication) / batch, communication being the min-rank figure (the transfer the
+    last rank to arrive waits for: comm_min_rank_s); the rest of the split's communication time is one
+    rank waiting for a slower peer, which is imbalance and stays in the compute; else streams: step / streams / batch (the streams one after
     the other on one device); else single: step / streams / batch (each stream half the work)."""
     batch = result["batch_size"]
     rows = {r["layout"]: r for r in result["runs"] if r["batch_size"] == batch}
     streams = result.get("streams", 2)
     if "split" in rows:
         r = rows["split"]
-        return (r["step_s"] - r["comm_s"]) / batch, f"split, (step {r['step_s']:.4f} s - comm " \
-            f"{r['comm_s']:.4f} s) / {batch} images"
+        return (r["step_s"] - r["comm_min_rank_s"]) / batch, f"split, (step {r['step_s']:.4f} s - comm " \
+            f"{r['comm_min_rank_s']:.4f} s) / {batch} images"
     for layout in ("streams", "single"):
         if layout in rows:
             r = rows[layout]
@@ -128,12 +130,17 @@ def compute_from_bench(result):
 
 
 def fit_link(sizes, seconds):
-    """Least-squares latency + bytes / bandwidth through (bytes, seconds) points: (latency s, bytes/s)."""
-    n = len(sizes)
-    mx, my = sum(sizes) / n, sum(seconds) / n
-    sxx = sum((x - mx) ** 2 for x in sizes)
-    slope = sum((x - mx) * (y - my) for x, y in zip(sizes, seconds)) / sxx
-    return my - slope * mx, 1.0 / slope
+    """latency + bytes / bandwidth through (bytes, seconds) points, least squares in RELATIVE error
+    (weights 1 / seconds^2), so that the small sizes set the latency and the large ones the bandwidth
+    (plain least squares lets the largest sizes pull the latency negative). Returns (latency s, bytes/s)."""
+    w = [1.0 / y ** 2 for y in seconds]
+    sw = sum(w)
+    sx = sum(wi * x for wi, x in zip(w, sizes))
+    sy = sum(wi * y for wi, y in zip(w, seconds))
+    sxx = sum(wi * x * x for wi, x in zip(w, sizes))
+    sxy = sum(wi * x * y for wi, x, y in zip(w, sizes, seconds))
+    slope = (sw * sxy - sx * sy) / (sw * sxx - sx * sx)
+    return (sy - slope * sx) / sw, 1.0 / slope
 
 
 def measure_loopback(device, sizes=(1 << 10, 1 << 14, 1 << 17, 1 << 19, 1 << 21, 1 << 23), repeats=7):
