@@ -103,16 +103,18 @@ def link_main(args, world):
                              f"none; run torchrun --nproc_per_node=2 launch/bench.py first")
         ctx = setup("gloo", "cpu", args.timeout)
         try:
-            sent, secs, loop = lm.measure_loopback(ctx.device)
+            sweep, loop = lm.measure_loopback(ctx.device)
         finally:
             teardown()
         links.append(loop)
         check = loopback_check(result, loop, lm, Spec)
-        check.update(all_gather_bytes=sent, all_gather_s=secs)
+        check.update(sweep={k: dict(bytes_sent=v[0], seconds=v[1]) for k, v in sweep.items()})
     log(lm.format_link_tables(spec, compute, source, links, args.micro_batches, args.batch_size))
     if check:
         log("")
-        log(f"loopback fit (all_gather, 2 gloo ranks, sizes {sent[0]:,}-{sent[-1]:,} B): latency "
+        for kind, (sent, secs) in sweep.items():
+            log(f"loopback {kind:<15}" + "  ".join(f"{b:,} B {t * 1e3:.3f} ms" for b, t in zip(sent, secs)))
+        log(f"loopback fit (both collectives, 2 gloo ranks, relative least squares): latency "
             f"{loop.latency_us:.1f} us, bandwidth {loop.bandwidth_gbs:.2f} GB/s")
         for row in check["rows"]:
             log(f"{row['layout']:<14} batch {row['batch']}: predicted {row['predicted_step_s']:.4f} s (compute "

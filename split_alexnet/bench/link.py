@@ -144,28 +144,42 @@ def fit_link(sizes, seconds):
 
 
 def measure_loopback(device, sizes=(1 << 10, 1 << 14, 1 << 17, 1 << 19, 1 << 21, 1 << 23), repeats=7):
-    """all_gather of `sizes` bytes per rank (fp32) on the current process group; median seconds each,
-    max over ranks. Returns (sizes, seconds, Link fitted to them)."""
+    """The split's two collectives on the current process group: all_gather and reduce_scatter, each
+    rank sending `sizes` bytes (fp32); median seconds of `repeats`, max over ranks, after a barrier.
+    Returns {"all_gather": (sent, seconds), "reduce_scatter": (sent, seconds)} and a Link fitted to
+    both together (the model has one link figure for both)."""
     world = dist.get_world_size()
-    times = []
-    for nbytes in sizes:
-        x = torch.ones(nbytes // 4, device=device)
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x)  # warm-up
-        ts = []
-        for _ in range(repeats):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_gather(parts, x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t0)
-        t = torch.tensor(sorted(ts)[len(ts) // 2], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times.append(t.item())
-    sent = [(world - 1) * s for s in sizes]  # what one rank sends
-    latency, bandwidth = fit_link(sent, times)
-    return sent, times, Link("loopback (gloo, measured)", bandwidth / 1e9, latency * 1e6, "fitted")
+    rank = dist.get_rank()
+    data = {}
+    for kind in ("all_gather", "reduce_scatter"):
+        times = []
+        for nbytes in sizes:
+            n = nbytes // 4
+            if kind == "all_gather":
+                x = torch.ones(n, device=device)
+                parts = [torch.empty_like(x) for _ in range(world)]
+                op = lambda: dist.all_gather(parts, x)  # noqa: E731
+            else:  # each rank sends the world-1 parts it does not keep
+                chunks = [torch.ones(n, device=device) for _ in range(world)]
+                out = torch.empty_like(chunks[rank])
+                op = lambda: dist.reduce_scatter(out, chunks)  # noqa: E731
+            op()  # warm-up
+            ts = []
+            for _ in range(repeats):
+                dist.barrier()
+                t0 = time.perf_counter()
+                op()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            t = torch.tensor(sorted(ts)[len(ts) // 2], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            times.append(t.item())
+        data[kind] = ([(world - 1) * s for s in sizes], times)  # what one rank sends
+    sent = data["all_gather"][0] + data["reduce_scatter"][0]
+    secs = data["all_gather"][1] + data["reduce_scatter"][1]
+    latency, bandwidth = fit_link(sent, secs)
+    return data, Link("loopback (gloo, measured)", bandwidth / 1e9, latency * 1e6, "fitted")
 
 
 def _fmt_batch(b):
