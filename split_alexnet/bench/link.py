@@ -49,7 +49,8 @@ class Link:
 # Per-direction bandwidths. PCIe: 2.0 runs 5 GT/s per lane with 8b/10b coding = 500 MB/s per lane per
 # direction, 8 GB/s at x16 (PCI-SIG, PCIe 2.0 base specification); 4.0 runs 16 GT/s with 128b/130b,
 # 31.5 GB/s at x16. Effective figures are what a device-to-device copy reaches after packet overhead:
-# about 70-80 % of theoretical (NVIDIA's bandwidthTest on such slots; an estimate, not measured here).
+# NVIDIA's CUDA FAQ: "On PCI-Express 2.0 systems we have measured up to 6.0 GB/sec" (bandwidthTest,
+# page-locked host memory); 5.5 is used, and PCIe 4.0 taken at the same ~80 % of theoretical (an estimate).
 # NVLink 4 (H100 SXM): 18 links, 900 GB/s total, 450 GB/s per direction (NVIDIA H100 datasheet);
 # no effective figure is assumed, so that row is the best case.
 LINKS = (
