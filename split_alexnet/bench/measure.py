@@ -215,5 +215,6 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
         for run in runs:  # max over ranks, like every multi-rank figure (0 on a rank that did not compute)
             mine = shares.get(run.label, [])
             n = max(over_ranks([len(mine)], ctx.device, dist.ReduceOp.MAX)[0], 0)
-            vals = over_ranks(mine + [0.0] * (int(n) - len(mine)), ctx.device, dist.ReduceOp.MAX) if n else []
-            run.lrn_share[batch] = vals
+            pad = [profile.NO_LRN] * (int(n) - len(mine))  # a rank that did not compute this layout
+            vals = over_ranks(mine + pad, ctx.device, dist.ReduceOp.MAX) if n else []
+            run.lrn_share[batch] = [v for v in vals if v >= 0]  # NO_LRN: no "lrn" range on any rank

@@ -22,6 +22,7 @@ from ..spec import Spec
 
 BACKWARD = "autograd::engine::evaluate_function: "
 LRN_LABEL = "lrn"
+NO_LRN = -1.0  # the share of a step without any "lrn" range (reported as null, printed "n/a")
 
 
 def start(device):
@@ -67,7 +68,8 @@ def _lrn_forward(step_event):
 
 
 def lrn_shares(events):
-    """{step label: [LRN forward + backward seconds / step seconds, per profiled step]}.
+    """{step label: [LRN forward + backward seconds / step seconds, per profiled step]}, NO_LRN for a
+    step without any "lrn" range (torchvision's AlexNet; a model LRN the wrapper cannot see).
 
     Backward nodes are matched by (forward thread, sequence number) to the ops inside the step's "lrn"
     ranges, among the autograd nodes that ran while the step ran (on any thread: on GPU autograd runs
@@ -77,6 +79,9 @@ def lrn_shares(events):
     out = {}
     for st in (e for e in cpu if e.name.startswith("step:")):
         fwd_s, seqs = _lrn_forward(st)
+        if not seqs and fwd_s == 0.0:  # no "lrn" range in this step: no LRN, or one the bench cannot see
+            out.setdefault(st.name[len("step:"):], []).append(NO_LRN)
+            continue
         t0, t1 = st.time_range.start, st.time_range.end
         bwd_s = sum(e.cpu_time_total for e in backward if t0 <= e.time_range.start <= t1
                     and (e.fwd_thread, e.sequence_nr) in seqs) / 1e6
@@ -106,7 +111,8 @@ def steps_table(events, shares=None, top=20):
         label = st.name[len("step:"):]
         i = seen[label] = seen.get(label, -1) + 1
         lrn = (shares or {}).get(label, [])
-        lrn = f"  (LRN {100 * lrn[i]:.1f} % of it, forward + backward)" if i < len(lrn) else ""
+        lrn = (f"  (LRN {100 * lrn[i]:.1f} % of it, forward + backward)" if i < len(lrn) and lrn[i] >= 0
+               else "  (no lrn range)" if i < len(lrn) else "")
         lines.append(f"{st.name}  {st.cpu_time_total / 1e6:.3f} s{lrn}")
         for a in sorted(totals, key=lambda a: -a.cpu_time_total)[:top]:
             name = a.key.replace(BACKWARD, "backward: ")

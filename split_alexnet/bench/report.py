@@ -48,11 +48,11 @@ def format_ratios(ratios, rows):
                 return "-" if v is None else f"{v:.3f}"
             lines.append(f"{r['label']:<24}{r['batch_size']:>6}{f(r['vs_torchvision']):>15}"
                          f"{f(r['vs_torchvision_all']):>19}")
-    profiled = [r for r in rows if r.get("lrn_share") is not None]
-    if profiled:
+    if any(r.get("lrn_share") is not None for r in rows):
         lines += ["", "LRN share of the step (profiled, forward + backward, median over steps, max over ranks)"]
-        for r in profiled:
-            lines.append(f"{r['label']:<24}{r['batch_size']:>6}{100 * r['lrn_share']:>8.1f} %")
+        for r in rows:
+            share = "     n/a (no lrn range)" if r["lrn_share"] is None else f"{100 * r['lrn_share']:>8.1f} %"
+            lines.append(f"{r['label']:<24}{r['batch_size']:>6}{share}")
     return "\n".join(lines)
 
 

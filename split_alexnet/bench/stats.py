@@ -47,7 +47,7 @@ def summarise(run, spec, batch, world):
         steps=len(steps),
         image_size=run.image_size or spec.image_size,
         # LRN's share of the step, forward + backward, median over the profiled steps (max over ranks);
-        # None without --profile (profile.lrn_shares)
+        # None without --profile, or where no step had an "lrn" range (torchvision's; profile.lrn_shares)
         lrn_share=median(run.lrn_share[batch]) if run.lrn_share.get(batch) else None,
     )
     if run.layout == "single":
