@@ -20,28 +20,38 @@ LRN_LABEL = "lrn"
 
 @contextlib.contextmanager
 def lrn_labelled():
-    """While the block runs, every F.local_response_norm call is a profiler range named "lrn".
+    """While the block runs, every LRN call of the model is a profiler range named "lrn".
 
-    model.py's layer_fn calls F.local_response_norm through the module attribute, so wrapping the
-    attribute labels the LRN in every layout (single, streams, split, split-overlap, ddp) without
-    touching the model. Under autocast the LRN's own ops run in fp32 (autocast's fp32 list holds
-    avg_pool3d on CPU and pow on CUDA), so its output is fp32; the wrapper casts it back to its input's
-    dtype, so that the activations after LRN, and so the conv3 exchange, carry the autocast dtype like
-    every other layer's (the output of a half-precision LRN). Outside autocast the cast is a no-op.
-    If the model stops calling F.local_response_norm (e.g. its own LRN Function), the wrapper sees no
-    calls and the bench reports the LRN share only if the model labels its LRN "lrn" itself.
+    The model's layer_fn calls its LRN through a module attribute looked up at call time: today
+    `F.local_response_norm` (torch.nn.functional), and, where model.py imports its own LRN function as
+    `local_response_norm` (split_alexnet/lrn.py), that name in split_alexnet.model. Both are wrapped if
+    present, so the LRN is labelled in every layout (single, streams, split, split-overlap, ddp) without
+    touching the model; nested "lrn" ranges (one calling the other) count once. Under autocast
+    F.local_response_norm's own ops run in fp32 (autocast's fp32 list holds avg_pool3d on CPU and pow on
+    CUDA), so its output is fp32; the wrapper casts it back to its input's dtype, so that the
+    activations after LRN, and so the conv3 exchange, carry the autocast dtype like every other layer's
+    (what a half-precision LRN returns). Outside autocast the cast is a no-op. A model whose LRN is
+    reached by neither name is not labelled: the bench then reports no LRN share (null), never 0.
     """
-    original = F.local_response_norm
+    from .. import model
+    targets = [(F, "local_response_norm")]
+    if callable(getattr(model, "local_response_norm", None)):
+        targets.append((model, "local_response_norm"))
+    originals = [getattr(mod, name) for mod, name in targets]
 
-    def labelled(x, *args, **kwargs):
-        with record_function(LRN_LABEL):
-            return original(x, *args, **kwargs).to(x.dtype)
+    def wrap(original):
+        def labelled(x, *args, **kwargs):
+            with record_function(LRN_LABEL):
+                return original(x, *args, **kwargs).to(x.dtype)
+        return labelled
 
-    F.local_response_norm = labelled
+    for (mod, name), original in zip(targets, originals):
+        setattr(mod, name, wrap(original))
     try:
         yield
     finally:
-        F.local_response_norm = original
+        for (mod, name), original in zip(targets, originals):
+            setattr(mod, name, original)
 
 
 def labelled_forward(net, x):
