@@ -3,10 +3,14 @@
   torchrun --nproc_per_node=2 launch/bench.py                      # batch 64, 227 px, fp32: the table
   torchrun --nproc_per_node=2 launch/bench.py --sweep-batch 16,32,64,128 --out runs/sweep
   torchrun --nproc_per_node=2 launch/bench.py --profile runs/prof  # Perfetto / chrome://tracing traces
-  python launch/bench.py --layouts single,streams   # one process (e.g. one GPU): single and streams
+  python launch/bench.py --layouts single,streams,torchvision  # one process (e.g. one GPU)
+  python launch/bench.py --layouts single,torchvision --precision bf16   # autocast bf16
+  python launch/bench.py --link --link-from runs/bench/bench.json      # two GPUs on paper (no steps)
+  torchrun --nproc_per_node=2 launch/bench.py --link --link-from runs/bench/bench.json  # + loopback check
 
 On CPU each rank uses cores/ranks threads (1 on a 2-core machine) so the ranks do not oversubscribe the
-cores; single runs once with that many threads (one "device") and once with every core. See
+cores; single and torchvision's AlexNet (the peer) run once with that many threads (one "device") and
+once with every core (torchvision-all); the ratios block divides every layout's images/s by the peer's. See
 docs/benchmarks.md for what is measured and the JSON schema.
 """
 import argparse
@@ -16,7 +20,8 @@ import sys
 
 import torch
 
-from split_alexnet.bench import EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_table, run_bench, write_outputs
+from split_alexnet.bench import (EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_ratios, format_table,
+                                 run_bench, write_outputs)
 from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
 
 
@@ -33,7 +38,9 @@ def parse_args(argv=None):
                    "torchrun (under torchrun: one per process)")
     p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
-    p.add_argument("--dtype", default="fp32", help="fp32, or bf16 (GPU only)")
+    p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
+                   help="fp32, bf16 or fp16: bf16/fp16 run forward + loss under torch.autocast (weights and "
+                   "gradients stay fp32); the exchanges then carry 2-byte activations")
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches of split-overlap")
     p.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler trace per rank "
                    "of the measured steps (first batch size) to DIR")
@@ -43,7 +50,108 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds a rank may wait for its peers "
                    "(the waiting ranks sit in a barrier while single runs on rank 0)")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("link model (--link: print predictions, run no steps; split_alexnet/bench/link.py)")
+    g.add_argument("--link", action="store_true", help="predict a two-GPU split step for PCIe 2.0/4.0 and "
+                   "NVLink 4 from measured compute and the spec's bytes; under torchrun also measure the "
+                   "gloo loopback link and compare the prediction with the bench.json's split step")
+    g.add_argument("--link-from", default="runs/bench/bench.json", metavar="JSON",
+                   help="a bench.json whose split (else streams, else single) row gives the compute")
+    g.add_argument("--compute-ms", default=None, help="per-stream compute per image in ms instead of "
+                   "--link-from's, or 'gtx580' (the 2012 paper's 5.5 days for 90 epochs: 4.40 ms)")
+    g.add_argument("--link-spec", action="append", default=[], metavar="NAME:GBPS:US",
+                   help="another link: name, bandwidth GB/s per direction, latency us (repeatable)")
     return p.parse_args(argv)
+
+
+def link_main(args, world):
+    """--link: the link model's tables; under torchrun also the loopback fit and predicted vs measured."""
+    import json
+    from split_alexnet.bench import link as lm
+    from split_alexnet.spec import Spec
+    result = None
+    if os.path.exists(args.link_from):
+        with open(args.link_from) as f:
+            result = json.load(f)
+    if args.compute_ms is not None:
+        try:
+            ms = lm.GTX580_MS_PER_IMAGE if args.compute_ms == "gtx580" else float(args.compute_ms)
+        except ValueError:
+            raise UsageError(f"--compute-ms {args.compute_ms!r}: give milliseconds, e.g. 4.4, or gtx580") from None
+        compute, source = ms / 1e3, ("the 2012 paper's GTX 580 pair, 5.5 days for 90 epochs"
+                                     if args.compute_ms == "gtx580" else "--compute-ms")
+    elif result is not None:
+        compute, source = lm.compute_from_bench(result)
+        source = f"{args.link_from}: {source}, {result.get('device', '?')}"
+    else:
+        raise UsageError(f"--link needs a bench.json for the compute: {args.link_from} does not exist; run "
+                         f"the bench first, pass --link-from, or give --compute-ms")
+    links = list(lm.LINKS)
+    for text in args.link_spec:
+        try:
+            name, gbs, us = text.rsplit(":", 2)
+            links.append(lm.Link(name, float(gbs), float(us)))
+        except ValueError:
+            raise UsageError(f"--link-spec {text!r}: use NAME:GBPS:US, e.g. 'PCIe 3.0 x16:12:10'") from None
+    try:
+        spec = Spec(image_size=args.image_size, dtype_bytes=2 if args.precision in ("bf16", "fp16") else 4)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    check = None
+    if world > 1:
+        if result is None or not any(r["layout"] == "split" for r in result["runs"]):
+            raise UsageError(f"the loopback check compares with a measured split step: {args.link_from} has "
+                             f"none; run torchrun --nproc_per_node=2 launch/bench.py first")
+        ctx = setup("gloo", "cpu", args.timeout)
+        try:
+            sweep, loop = lm.measure_loopback(ctx.device)
+        finally:
+            teardown()
+        links.append(loop)
+        check = loopback_check(result, loop, lm, Spec)
+        check.update(sweep={k: dict(bytes_sent=v[0], seconds=v[1]) for k, v in sweep.items()})
+    log(lm.format_link_tables(spec, compute, source, links, args.micro_batches, args.batch_size))
+    if check:
+        log("")
+        for kind, (sent, secs) in sweep.items():
+            log(f"loopback {kind:<15}" + "  ".join(f"{b:,} B {t * 1e3:.3f} ms" for b, t in zip(sent, secs)))
+        log(f"loopback fit (both collectives, 2 gloo ranks, relative least squares): latency "
+            f"{loop.latency_us:.1f} us, bandwidth {loop.bandwidth_gbs:.2f} GB/s")
+        for row in check["rows"]:
+            log(f"{row['layout']:<14} batch {row['batch']}: predicted {row['predicted_step_s']:.4f} s (compute "
+                f"{row['compute_s']:.4f} + comm {row['predicted_comm_s']:.4f}), measured {row['measured_step_s']:.4f} s "
+                f"(comm {row['measured_comm_s']:.4f}, min-rank {row['measured_comm_min_rank_s']:.4f}): "
+                f"{100 * (row['predicted_step_s'] / row['measured_step_s'] - 1):+.1f} %")
+    if int(os.environ.get("RANK", "0")) == 0 and args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "link.json"), "w") as f:
+            json.dump(dict(compute_per_image_s=compute, source=source, micro_batches=args.micro_batches,
+                           links=[dict(name=l.name, bandwidth_gbs=l.bandwidth_gbs, latency_us=l.latency_us,
+                                       at_batch=lm.predict(spec, args.batch_size, compute, l, 1),
+                                       overlapped=lm.predict(spec, args.batch_size, compute, l,
+                                                             args.micro_batches)) for l in links],
+                           loopback_check=check), f, indent=2)
+    return 0
+
+
+def loopback_check(result, loop, lm, Spec):
+    """The measured split (and split-overlap) step of bench.json against the model fed the loopback fit
+    and the split's own compute (step - its transfer time, the min-rank communication; the split row's
+    compute for both)."""
+    batch = result["batch_size"]
+    spec = Spec(streams=result["streams"], image_size=result["image_size"],
+                dtype_bytes=2 if result.get("precision", result.get("dtype")) in ("bf16", "fp16") else 4)
+    rows = {r["layout"]: r for r in result["runs"] if r["batch_size"] == batch}
+    compute, _ = lm.compute_from_bench(result)  # split: step - transfer (min-rank communication)
+    out = []
+    for layout, m in (("split", 1), ("split-overlap", result.get("micro_batches", 2))):
+        if layout in rows:
+            p = lm.predict(spec, batch, compute, loop, m)
+            r = rows[layout]
+            out.append(dict(layout=layout, batch=batch, micro_batches=m, compute_s=p["compute_s"],
+                            predicted_comm_s=p["comm_s"], predicted_step_s=p["step_s"],
+                            measured_step_s=r["step_s"], measured_comm_s=r["comm_s"],
+                            measured_comm_min_rank_s=r["comm_min_rank_s"]))
+    return dict(rows=out, latency_us=loop.latency_us, bandwidth_gbs=loop.bandwidth_gbs)
 
 
 def _ints(text, flag):
@@ -56,14 +164,16 @@ def _ints(text, flag):
 def main(argv=None):
     args = parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.link:
+        return link_main(args, world)
     batches = [args.batch_size] + [b for b in _ints(args.sweep_batch or "", "--sweep-batch")
                                    if b != args.batch_size]
     layouts = tuple(l for l in args.layouts.split(",") if l)
     if world == 1 and args.layouts == ",".join(LAYOUTS):
-        layouts = ("single",)  # the default without torchrun
+        layouts = ("single", "torchvision")  # the default without torchrun
     gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
-                 warmup=args.warmup, dtype=args.dtype, micro_batches=args.micro_batches,
+                 warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, streams=args.streams,
                  command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast
@@ -71,6 +181,7 @@ def main(argv=None):
     try:
         result = run_bench(cfg, ctx)
         log(format_table(result["runs"], result["exchanges"]))
+        log(format_ratios(result["ratios"], result["runs"]))
         if ctx.rank == 0:
             write_outputs(result, args.out)
         log(f"wrote {os.path.join(args.out, 'bench.json')} and bench.png ({result['wall_s']:.0f} s; load "

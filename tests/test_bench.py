@@ -137,7 +137,27 @@ def test_quick_bench_writes_documented_json_and_plot(tmp_path):
     assert (result["backend"], result["batch_size"], result["image_size"], result["streams"]) == \
         ("gloo", 4, 67, 2)
     layouts = [r["layout"] for r in result["runs"]]
-    assert layouts == ["single", "single", "split", "split-overlap", "ddp"]  # one device, whole machine
+    assert layouts == ["single", "single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all"]
+    # the peer: torchvision's AlexNet at 67 * 224 / 227 = 66 px, one device, nothing sent
+    tv, tv_all = result["runs"][5], result["runs"][6]
+    assert (tv["image_size"], tv["threads"], tv["devices"], tv["bytes_sent_per_step"]) == (66, 1, 1, 0)
+    assert (tv_all["label"], tv_all["threads"]) == ("torchvision-all (2 thr)", 2)
+    # the ratios: one per row, images/s over torchvision's (one rank's threads) and torchvision-all's
+    ratios = {r["label"]: r for r in result["ratios"]}
+    assert list(ratios) == [r["label"] for r in result["runs"]]
+    for run in result["runs"]:
+        r = ratios[run["label"]]
+        assert r["vs_torchvision"] == pytest.approx(run["images_per_s"] / tv["images_per_s"])
+        assert r["vs_torchvision_all"] == pytest.approx(run["images_per_s"] / tv_all["images_per_s"])
+    assert ratios["torchvision (1 thr)"]["vs_torchvision"] == 1.0
+    assert "/ torchvision-all" in proc.stdout and "LRN share of the step" in proc.stdout
+    # LRN's share (profiled): in (0, 1) where the model has LRN, null for torchvision's (it has none)
+    for run in result["runs"]:
+        if run["layout"].startswith("torchvision"):
+            assert run["lrn_share"] is None, run["label"]
+        else:
+            assert 0.0 < run["lrn_share"] < 1.0, (run["label"], run["lrn_share"])
+    assert "LRN" in (prof / "steps_rank0.txt").read_text()
     run_keys = ("layout", "devices", "threads", "images_per_s", "images_per_s_min", "images_per_s_max",
                 "step_s", "comm_s", "bytes_sent_per_step", "peak_mem_bytes", "breakdown")
     for run in result["runs"]:
@@ -158,8 +178,27 @@ def test_quick_bench_writes_documented_json_and_plot(tmp_path):
         assert e["counted_bwd_bytes_per_image"] == e["bwd_bytes_per_image"], e["name"]
 
 
+def test_bf16_halves_the_exchanged_bytes(tmp_path):
+    """--precision bf16 (autocast): every exchange carries 2-byte activations, forward and backward, so
+    the split sends half of fp32's bytes for the same config (conv3's input too: LRN's output is cast back
+    to the autocast dtype); ddp still all-reduces fp32 gradients."""
+    out = tmp_path / "bench"
+    proc = _torchrun(["launch/bench.py", "--image-size", "67", "--batch-size", "4", "--steps", "1",
+                      "--warmup", "0", "--layouts", "split,ddp", "--precision", "bf16", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["precision"] == "bf16"
+    split, ddp = result["runs"]
+    fp32 = spec_bytes_per_step(Spec(image_size=67), "split", 4, 2)
+    assert split["bytes_sent_per_step"] == split["spec_bytes_sent_per_step"] == fp32 // 2
+    bf16 = Spec(image_size=67, dtype_bytes=2)
+    for e, spec_e in zip(result["exchanges"], bf16.exchanges):
+        assert e["counted_bytes_per_image"] == spec_e.bytes, e["name"]
+    assert ddp["bytes_sent_per_step"] == ddp["spec_bytes_sent_per_step"] == 4 * Spec(image_size=67).params_total
+
+
 @pytest.mark.parametrize("change, world, device, words", [
-    (dict(dtype="bf16"), 2, "cpu", "--dtype fp32"),
+    (dict(precision="fp8"), 2, "cpu", "use fp32, bf16 or fp16"),
     (dict(batch_sizes=[6], micro_batches=4), 2, "cpu", "micro-batches"),
     (dict(batch_sizes=[5], layouts=("ddp",)), 2, "cpu", "multiple of 2"),
     (dict(layouts=("split",)), 1, "cpu", "torchrun"),
@@ -173,9 +212,18 @@ def test_bad_config_refused_with_the_fix(change, world, device, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def test_cli_refuses_bf16_on_cpu_with_one_line_and_exit_2():
+def test_precision_without_autocast_support_is_refused(monkeypatch):
+    from split_alexnet.bench import config
+    monkeypatch.setattr(config, "autocast_works", lambda device_type, dtype: False)
+    with pytest.raises(UsageError) as e:
+        check_config(Config(batch_sizes=[4], precision="fp16"), 2, "cpu")
+    assert "use --precision bf16 or fp32 on cpu" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_refuses_bad_input_with_one_line_and_exit_2():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    for args in (["--dtype", "bf16"], ["--layouts", "single", "--sweep-batch", "16,x"]):
+    for args in (["--precision", "fp8"], ["--layouts", "single", "--sweep-batch", "16,x"],
+                 ["--link", "--link-from", "/nonexistent.json"], ["--link", "--compute-ms", "fast"]):
         proc = subprocess.run([sys.executable, "launch/bench.py", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr

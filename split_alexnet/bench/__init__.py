@@ -12,6 +12,13 @@ Layouts (docs/benchmarks.md):
                  after the other: the in-process two-stream layout, e.g. on one GPU.
 - ddp            torch DDP of the single net over the same ranks: each rank takes batch/world images of
                  the same global batch, so every layout processes the same images per step.
+- torchvision    the peer: torchvision.models.alexnet (224 px, scaled like the others for smaller
+                 --image-size), same batch and optimizer, on rank 0 with one rank's threads;
+                 torchvision-all: the same with every core. The ratios block divides every layout's
+                 images/s by theirs.
+
+--precision bf16|fp16 runs forward + loss under torch.autocast; --profile adds LRN's share of each step.
+link.py: the link model (launch/bench.py --link): a two-GPU step predicted from compute and bytes.
 
 One module per job:
 - config.py    Config, and the checks that refuse bad input before any work
@@ -24,9 +31,9 @@ One module per job:
 """
 from .config import EXTRA_LAYOUTS, LAYOUTS, Config, check_config
 from .layouts import labelled_forward
-from .report import format_table, write_outputs
+from .report import format_ratios, format_table, write_outputs
 from .runner import run_bench
 from .stats import spec_bytes_per_step
 
-__all__ = ["EXTRA_LAYOUTS", "LAYOUTS", "Config", "check_config", "labelled_forward", "format_table",
+__all__ = ["EXTRA_LAYOUTS", "LAYOUTS", "Config", "check_config", "labelled_forward", "format_ratios", "format_table",
            "write_outputs", "run_bench", "spec_bytes_per_step"]

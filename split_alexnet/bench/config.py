@@ -7,8 +7,16 @@ import torch
 from ..distributed import UsageError
 from ..spec import Spec
 
-LAYOUTS = ("single", "split", "split-overlap", "ddp")
+LAYOUTS = ("single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all")
 EXTRA_LAYOUTS = ("streams",)  # on request: every stream in one process, on one device
+ONE_PROCESS = ("single", "streams", "torchvision", "torchvision-all")  # run on rank 0 (or alone)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCHVISION_MIN_SIZE = 63  # torchvision's alexnet: 63 px -> 15 -> 7 -> 3 -> 3 -> 1 (adaptive pool after)
+
+
+def torchvision_image_size(image_size):
+    """torchvision's AlexNet takes 224 px where the paper's takes 227: scaled alike, at least 63."""
+    return max(TORCHVISION_MIN_SIZE, round(image_size * 224 / 227))
 
 
 @dataclass
@@ -18,7 +26,7 @@ class Config:
     layouts: tuple = LAYOUTS
     steps: int = 5
     warmup: int = 1
-    dtype: str = "fp32"
+    precision: str = "fp32"        # fp32, or bf16/fp16 through torch.autocast around forward + loss
     micro_batches: int = 2
     profile: str = None
     out: str = None
@@ -27,8 +35,13 @@ class Config:
     streams: int = 2               # one process (no torchrun): the streams of single/streams layouts
 
     @property
-    def torch_dtype(self):
-        return torch.bfloat16 if self.dtype == "bf16" else torch.float32
+    def autocast_dtype(self):
+        """The dtype autocast runs forward + loss in, or None for fp32 (no autocast)."""
+        return PRECISIONS.get(self.precision)
+
+    @property
+    def dtype_bytes(self):
+        return 4 if self.autocast_dtype is None else 2
 
 
 def streams_of(cfg, world):
@@ -45,17 +58,32 @@ def threads_per_rank(world):
     return max(1, cores() // max(world, 1))
 
 
+def autocast_works(device_type, dtype):
+    """Whether torch.autocast(device_type, dtype) really computes a convolution in dtype here."""
+    import warnings
+    if device_type == "cuda":
+        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unsupported dtype warns and disables autocast
+            with torch.autocast(device_type, dtype=dtype):
+                out = torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3))
+        return out.dtype == dtype
+    except (RuntimeError, ValueError):
+        return False
+
+
 def check_config(cfg, world, device_type):
     """Refuse bad input before any work: one line naming the problem and the fix."""
-    if cfg.dtype not in ("fp32", "bf16"):
-        raise UsageError(f"--dtype {cfg.dtype}: use fp32 or bf16")
-    if cfg.dtype == "bf16" and device_type != "cuda":
-        raise UsageError("--dtype bf16 is for GPUs (CPU bf16 kernels would measure emulation, not the "
-                         "layouts): use --dtype fp32 on CPU")
+    if cfg.precision not in PRECISIONS:
+        raise UsageError(f"--precision {cfg.precision}: use fp32, bf16 or fp16")
+    if cfg.autocast_dtype is not None and not autocast_works(device_type, cfg.autocast_dtype):
+        raise UsageError(f"--precision {cfg.precision}: torch {torch.__version__} has no {device_type} "
+                         f"autocast to {cfg.precision}: use --precision bf16 or fp32 on {device_type}")
     bad = [l for l in cfg.layouts if l not in LAYOUTS + EXTRA_LAYOUTS]
     if bad or not cfg.layouts:
         raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(LAYOUTS + EXTRA_LAYOUTS)}")
-    multi = [l for l in cfg.layouts if l not in ("single", "streams")]
+    multi = [l for l in cfg.layouts if l not in ONE_PROCESS]
     if multi and world < 2:
         raise UsageError(f"{','.join(multi)} need one process per stream: run under torchrun "
                          f"--nproc_per_node=2, or use --layouts single")

@@ -1,17 +1,57 @@
 """The layouts, built and ready to step: one `Run` per layout (and per thread count of single on CPU)."""
+import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.profiler import record_function
 
 from ..model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
 from ..overlap import overlapped_forward
 from ..spec import Spec
-from .config import cores, threads_per_rank
+from .config import cores, threads_per_rank, torchvision_image_size
+
+LRN_LABEL = "lrn"
+
+
+@contextlib.contextmanager
+def lrn_labelled():
+    """While the block runs, every LRN call of the model is a profiler range named "lrn".
+
+    The model's layer_fn calls its LRN through a module attribute looked up at call time: today
+    `F.local_response_norm` (torch.nn.functional), and, where model.py imports its own LRN function as
+    `local_response_norm` (split_alexnet/lrn.py), that name in split_alexnet.model. Both are wrapped if
+    present, so the LRN is labelled in every layout (single, streams, split, split-overlap, ddp) without
+    touching the model; nested "lrn" ranges (one calling the other) count once. Under autocast
+    F.local_response_norm's own ops run in fp32 (autocast's fp32 list holds avg_pool3d on CPU and pow on
+    CUDA), so its output is fp32; the wrapper casts it back to its input's dtype, so that the
+    activations after LRN, and so the conv3 exchange, carry the autocast dtype like every other layer's
+    (what a half-precision LRN returns). Outside autocast the cast is a no-op. A model whose LRN is
+    reached by neither name is not labelled: the bench then reports no LRN share (null), never 0.
+    """
+    from .. import model
+    targets = [(F, "local_response_norm")]
+    if callable(getattr(model, "local_response_norm", None)):
+        targets.append((model, "local_response_norm"))
+    originals = [getattr(mod, name) for mod, name in targets]
+
+    def wrap(original):
+        def labelled(x, *args, **kwargs):
+            with record_function(LRN_LABEL):
+                return original(x, *args, **kwargs).to(x.dtype)
+        return labelled
+
+    for (mod, name), original in zip(targets, originals):
+        setattr(mod, name, wrap(original))
+    try:
+        yield
+    finally:
+        for (mod, name), original in zip(targets, originals):
+            setattr(mod, name, original)
 
 
 def labelled_forward(net, x):
@@ -79,6 +119,8 @@ class Run:
     allreduce: AllReduceStats = None                # ddp only
     samples: dict = field(default_factory=dict)   # batch -> list of per-step measure.Step
     memory: dict = field(default_factory=dict)    # batch -> memory dict (measure.MEM_KEYS)
+    image_size: int = None                        # its own input size (torchvision); None: the spec's
+    lrn_share: dict = field(default_factory=dict)  # batch -> LRN's share of the step (profiled), per step
 
 
 def build_runs(cfg, spec, ctx):
@@ -89,7 +131,7 @@ def build_runs(cfg, spec, ctx):
     def make(layout, label, devices, ranks, net, forward):
         if ctx.rank in ranks:
             if not isinstance(net, nn.parallel.DistributedDataParallel):
-                net = net.to(ctx.device, cfg.torch_dtype)
+                net = net.to(ctx.device)  # fp32 weights; --precision bf16/fp16 is autocast
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:
             net, opt = None, None
@@ -121,10 +163,23 @@ def build_runs(cfg, spec, ctx):
                    else (lambda n, x, m=cfg.micro_batches: overlapped_forward(n, x, m)))
             make(layout, layout, ctx.world, every_rank, net, fwd)
         elif layout == "ddp":
-            net = Labelled(single_net()).to(ctx.device, cfg.torch_dtype)
+            net = Labelled(single_net()).to(ctx.device)
             kwargs = dict(device_ids=[ctx.device]) if ctx.device.type == "cuda" else {}
             ddp = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True, **kwargs)
             run = make("ddp", "ddp", ctx.world, every_rank, ddp, lambda n, x: n(x))
             run.allreduce = AllReduceStats()
             ddp.register_comm_hook(run.allreduce, _ddp_hook)
+        elif layout in ("torchvision", "torchvision-all"):
+            # the peer: torchvision.models.alexnet (no LRN, no groups, 224 px), untouched, on rank 0
+            import torchvision
+            net = torchvision.models.alexnet(num_classes=spec.num_classes) if ctx.rank == 0 else None
+            threads = per_rank if layout == "torchvision" else cores()
+            label = f"{layout} ({threads} thr)" if ctx.device.type == "cpu" else layout
+            if ctx.rank == 0:
+                net = net.to(ctx.device)
+                opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            else:
+                opt = None
+            runs.append(Run(layout, label, threads, 1, (0,), net, opt, lambda n, x: n(x),
+                            image_size=torchvision_image_size(spec.image_size)))
     return runs

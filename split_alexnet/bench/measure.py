@@ -98,8 +98,13 @@ def _union(intervals):
     return total
 
 
-def step(run, x, y, clock, track_memory=False):
-    """One training step of `run` on this rank: times, comm per exchange, and (optionally) memory."""
+def step(run, x, y, clock, track_memory=False, autocast_dtype=None):
+    """One training step of `run` on this rank: times, comm per exchange, and (optionally) memory.
+
+    With autocast_dtype (bf16/fp16) forward and loss run under torch.autocast; backward and SGD follow
+    autocast's dtypes (fp32 weights and gradients). fp16 runs without a GradScaler: this times a step,
+    it does not train (a scaler adds an unscale pass and an inf check per step).
+    """
     if run.allreduce is not None:
         run.allreduce.reset()
     cuda = x.device.type == "cuda"
@@ -112,12 +117,14 @@ def step(run, x, y, clock, track_memory=False):
     sync = torch.cuda.synchronize if cuda else None  # a collective's own time
     with comm.metered(sync) as meter, record_function(f"step:{run.label}"):
         t0 = clock()
-        if saved:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            if saved:
+                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                    out = run.forward(run.net, x)
+            else:
                 out = run.forward(run.net, x)
-        else:
-            out = run.forward(run.net, x)
-        loss = F.cross_entropy(out.float(), y)
+            loss = F.cross_entropy(out.float(), y)
         t1 = clock()
         loss.backward()
         t2 = clock()
@@ -162,8 +169,12 @@ def _barrier(ctx):
 def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
     """Interleaved steps of every run at one batch size; fills run.samples[batch] and run.memory[batch]."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    x = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=gen).to(ctx.device, cfg.torch_dtype)
+    x = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=gen).to(ctx.device)
     y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(ctx.device)
+    inputs = {spec.image_size: x}  # the same labels; other input sizes (torchvision's 224 px) their own
+    for size in {r.image_size for r in runs if r.image_size and r.image_size != spec.image_size}:
+        g = torch.Generator().manual_seed(cfg.seed + 2)
+        inputs[size] = torch.randn(batch, 3, size, size, generator=g).to(ctx.device)
     per_rank = threads_per_rank(ctx.world)
     clock = Clock(ctx.device)
     xkeys = exchange_keys(spec)
@@ -175,13 +186,13 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
             _barrier(ctx)
             c0 = time.process_time()
             if ctx.rank in run.ranks:
-                xr, yr = x, y
+                xr, yr = inputs[run.image_size or spec.image_size], y
                 if run.layout == "ddp":  # each rank its slice of the same global batch
                     n = batch // ctx.world
                     xr, yr = x[ctx.rank * n:(ctx.rank + 1) * n], y[ctx.rank * n:(ctx.rank + 1) * n]
                 torch.set_num_threads(run.threads)
                 c1 = time.process_time()
-                rec = step(run, xr, yr, clock, track_memory=(i == 0))
+                rec = step(run, xr, yr, clock, track_memory=(i == 0), autocast_dtype=cfg.autocast_dtype)
                 cpu = time.process_time() - c1  # this process's CPU seconds (all its threads) in the step
                 torch.set_num_threads(per_rank)
             else:
@@ -200,4 +211,10 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
             if i >= cfg.warmup:
                 run.samples.setdefault(batch, []).append(rec)
     if prof is not None:
-        profile.stop(prof, profile_dir, ctx.rank)
+        shares = profile.stop(prof, profile_dir, ctx.rank)  # label -> [LRN share per profiled step]
+        for run in runs:  # max over ranks, like every multi-rank figure (0 on a rank that did not compute)
+            mine = shares.get(run.label, [])
+            n = max(over_ranks([len(mine)], ctx.device, dist.ReduceOp.MAX)[0], 0)
+            pad = [profile.NO_LRN] * (int(n) - len(mine))  # a rank that did not compute this layout
+            vals = over_ranks(mine + pad, ctx.device, dist.ReduceOp.MAX) if n else []
+            run.lrn_share[batch] = [v for v in vals if v >= 0]  # NO_LRN: no "lrn" range on any rank

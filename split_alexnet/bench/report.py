@@ -11,14 +11,14 @@ def _mb(b):
 
 def format_table(rows, exchanges):
     """One line per run (layout and batch size), then one per exchange (the main batch)."""
-    lines = [f"{'layout':<18}{'batch':>6}{'img/s':>8}{'[min-max]':>15}{'step s':>8}{'fwd':>7}{'bwd':>7}"
+    lines = [f"{'layout':<24}{'batch':>6}{'img/s':>8}{'[min-max]':>15}{'step s':>8}{'fwd':>7}{'bwd':>7}"
              f"{'comm':>7}{'(min)':>7}{'opt':>6}{'comm%':>7}{'CPU s':>7}{'util':>6}{'MB sent/step':>14}"
              f"{'spec MB':>9}{'peak MB':>9}"]
     for r in rows:
         b = r["breakdown"]
         span = f"[{r['images_per_s_min']:.2f}-{r['images_per_s_max']:.2f}]"
         lines.append(
-            f"{r['label']:<18}{r['batch_size']:>6}{r['images_per_s']:>8.2f}{span:>15}"
+            f"{r['label']:<24}{r['batch_size']:>6}{r['images_per_s']:>8.2f}{span:>15}"
             f"{r['step_s']:>8.3f}{b['fwd_compute_s']:>7.3f}{b['bwd_compute_s']:>7.3f}{r['comm_s']:>7.3f}"
             f"{r['comm_min_rank_s']:>7.3f}{b['optimizer_s']:>6.3f}{100 * r['comm_s'] / r['step_s']:>6.2f}%"
             f"{r['cpu_s_per_step']:>7.2f}{r['cpu_util']:>6.2f}"
@@ -35,6 +35,24 @@ def format_table(rows, exchanges):
                          f"{e['bwd_bytes_per_image']:>10,}{g('counted_bwd_bytes_per_image', ',.0f'):>10}"
                          f"{g('fwd_s', '.4f'):>9}{g('bwd_s', '.4f'):>9}{g('overlap_fwd_s', '.4f'):>15}"
                          f"{g('overlap_bwd_s', '.4f'):>15}")
+    return "\n".join(lines)
+
+
+def format_ratios(ratios, rows):
+    """The ratios block (images/s over torchvision's) and, when profiled, LRN's share of each step."""
+    lines = []
+    if ratios:
+        lines += ["", f"{'ratios':<24}{'batch':>6}{'/ torchvision':>15}{'/ torchvision-all':>19}"]
+        for r in ratios:
+            def f(v):
+                return "-" if v is None else f"{v:.3f}"
+            lines.append(f"{r['label']:<24}{r['batch_size']:>6}{f(r['vs_torchvision']):>15}"
+                         f"{f(r['vs_torchvision_all']):>19}")
+    if any(r.get("lrn_share") is not None for r in rows):
+        lines += ["", "LRN share of the step (profiled, forward + backward, median over steps, max over ranks)"]
+        for r in rows:
+            share = "     n/a (no lrn range)" if r["lrn_share"] is None else f"{100 * r['lrn_share']:>8.1f} %"
+            lines.append(f"{r['label']:<24}{r['batch_size']:>6}{share}")
     return "\n".join(lines)
 
 

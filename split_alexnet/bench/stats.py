@@ -5,11 +5,12 @@ from .measure import exchange_keys
 
 
 def spec_bytes_per_step(spec, layout, batch, world):
-    """What each rank sends per step, from the spec (split: activations; ddp: a ring all-reduce)."""
+    """What each rank sends per step, from the spec (split: activations in spec.dtype_bytes; ddp: a ring
+    all-reduce of the fp32 gradients)."""
     if layout in ("split", "split-overlap"):
         return batch * sum(e.bytes * (2 if e.backward == "reduce-scatter" else 1) for e in spec.exchanges)
-    if layout == "ddp":
-        return 2 * (world - 1) * spec.params_total * spec.dtype_bytes // world
+    if layout == "ddp":  # the gradients: fp32 whatever the precision (autocast keeps fp32 weights)
+        return 2 * (world - 1) * spec.params_total * 4 // world
     return 0
 
 
@@ -44,6 +45,10 @@ def summarise(run, spec, batch, world):
         # for a core another process held); CPU seconds per step are the work, wall time is the speed
         cpu_util=median(s.cpu_s / (s.step_s * run.threads * len(run.ranks)) for s in steps),
         steps=len(steps),
+        image_size=run.image_size or spec.image_size,
+        # LRN's share of the step, forward + backward, median over the profiled steps (max over ranks);
+        # None without --profile, or where no step had an "lrn" range (torchvision's; profile.lrn_shares)
+        lrn_share=median(run.lrn_share[batch]) if run.lrn_share.get(batch) else None,
     )
     if run.layout == "single":
         out["waiting_rank_cpu_s"] = median(s.idle_cpu_s for s in steps)
@@ -76,3 +81,22 @@ def exchanges_table(runs, spec, batch):
             row["overlap_bwd_s"] = median(s.comm[bwd] for s in steps)
         rows.append(row)
     return rows
+
+
+def ratios(rows):
+    """Per row: images/s over torchvision's at the same batch, one rank's threads and every core.
+
+    [{label, layout, batch_size, vs_torchvision, vs_torchvision_all}]; a key is None where that
+    torchvision row was not run."""
+    peers = {(r["layout"], r["batch_size"]): r["images_per_s"] for r in rows
+             if r["layout"] in ("torchvision", "torchvision-all")}
+    if not peers:
+        return []
+    out = []
+    for r in rows:
+        row = dict(label=r["label"], layout=r["layout"], batch_size=r["batch_size"])
+        for key, peer in (("vs_torchvision", "torchvision"), ("vs_torchvision_all", "torchvision-all")):
+            ips = peers.get((peer, r["batch_size"]))
+            row[key] = r["images_per_s"] / ips if ips else None
+        out.append(row)
+    return out
