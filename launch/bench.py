@@ -17,7 +17,8 @@ import sys
 import torch
 
 from split_alexnet.bench import EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_table, run_bench, write_outputs
-from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
+from split_alexnet.cli import UsageError, env, log, run_main
+from split_alexnet.distributed import setup, teardown
 
 
 def parse_args(argv=None):
@@ -55,7 +56,7 @@ def _ints(text, flag):
 
 def main(argv=None):
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env().world
     batches = [args.batch_size] + [b for b in _ints(args.sweep_batch or "", "--sweep-batch")
                                    if b != args.batch_size]
     layouts = tuple(l for l in args.layouts.split(",") if l)

@@ -4,13 +4,13 @@
   python launch/check.py                          # streams: every stream in this process
 """
 import argparse
-import os
 import time
 
 import torch
 
 from split_alexnet.check import TOLERANCES, format_table, run_check
-from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
+from split_alexnet.cli import UsageError, env, log, run_main
+from split_alexnet.distributed import setup, teardown
 from split_alexnet.spec import Spec
 
 
@@ -41,13 +41,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    layout = args.layout or ("split" if "RANK" in os.environ else "streams")
+    proc = env()
+    layout = args.layout or ("split" if proc.torchrun else "streams")
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"eval", "train"}:
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
     if args.batch_size < 1 or args.steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
-    if layout == "streams" and "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+    if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
     ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
     try:
@@ -74,11 +75,11 @@ def main(argv=None):
         rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
                          rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype)
         log(format_table(rows))
-        bad = [r for r in rows if not r[-1]]
-        worst = max(rows, key=lambda r: r[3])
+        bad = [r for r in rows if not r.ok]
+        worst = max(rows, key=lambda r: r.rel_diff)
         verdict = "PASS" if not bad else "FAIL"
         log(f"{verdict}: {len(rows) - len(bad)}/{len(rows)} tensors agree ({layout}, {streams} streams, "
-            f"{spec.image_size} px); largest relative difference {worst[3]:.2e} ({worst[0]} {worst[1]}), "
+            f"{spec.image_size} px); largest relative difference {worst.rel_diff:.2e} ({worst.mode} {worst.tensor}), "
             f"tolerance {rtol:g} ({args.dtype}); {time.perf_counter() - t0:.1f} s")
         return 0 if not bad else 1
     finally:

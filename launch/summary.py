@@ -5,7 +5,7 @@
 """
 import argparse
 
-from split_alexnet.distributed import UsageError, run_main
+from split_alexnet.cli import UsageError, run_main
 from split_alexnet.spec import Spec
 from split_alexnet.summary import summary_table
 

@@ -33,7 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.profiler import record_function
 
 from . import comm
-from .distributed import UsageError, log
+from .cli import UsageError, log
 from .model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
 from .overlap import overlapped_forward
 from .spec import Spec

@@ -16,6 +16,8 @@ not of the layouts (in float64 they agree to ~1e-15 on the same inputs); `--dtyp
 the two: RTOL64 = 1e-10 there, where a kink would need |z| ~ 1e-16. Small nets (67 px) with several
 streams hit such a neuron at some seeds; the tests compare those in float64.
 """
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,6 +27,16 @@ from .model import AlexNet, shard_state_dict, split_from_single, streams_from_si
 RTOL, ATOL = 1e-4, 1e-7
 TOLERANCES = {torch.float32: (RTOL, ATOL), torch.float64: (1e-10, 1e-14)}
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
+
+class Row(NamedTuple):
+    """One tensor's comparison: max|a - b|, that over max|b|, the tolerance, and whether it holds."""
+    mode: str        # "eval" or "train" (dropout on)
+    tensor: str      # "logits", "loss", "conv1.weight.grad", "conv1.weight (after 3 SGD steps)", ...
+    abs_diff: float
+    rel_diff: float
+    tolerance: float
+    ok: bool
 
 
 def _build(layout, spec, state, seed, device, devices, rank):
@@ -46,7 +58,7 @@ def _diff(a, b):
 
 def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed=0,
               device="cpu", devices=None, rank=0, init="d2l", dtype=torch.float32):
-    """Compare `layout` against the single layout. Returns rows (mode, tensor, abs, rel, tol, ok).
+    """Compare `layout` against the single layout. Returns a Row per tensor.
 
     For the split layout every rank calls this; each compares its own shard and the per-tensor
     maxima are reduced over ranks, so every rank returns the same rows.
@@ -86,7 +98,7 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     rows, (rtol, atol) = [], TOLERANCES[dtype]
     for mode, name, abs_diff, ref_max in results:
         tol = rtol * ref_max + atol
-        rows.append((mode, name, abs_diff, abs_diff / ref_max if ref_max else 0.0, tol, abs_diff <= tol))
+        rows.append(Row(mode, name, abs_diff, abs_diff / ref_max if ref_max else 0.0, tol, abs_diff <= tol))
     return rows
 
 
@@ -104,6 +116,7 @@ def _compare_params(mode, what, ref, streams, spec, get):
 
 def format_table(rows):
     lines = [f"{'mode':<6} {'tensor':<34} {'max abs diff':>13} {'max rel diff':>13} {'tolerance':>10}  ok"]
-    for mode, name, a, r, tol, ok in rows:
-        lines.append(f"{mode:<6} {name:<34} {a:>13.3e} {r:>13.3e} {tol:>10.2e}  {'yes' if ok else 'NO'}")
+    for r in rows:
+        lines.append(f"{r.mode:<6} {r.tensor:<34} {r.abs_diff:>13.3e} {r.rel_diff:>13.3e} {r.tolerance:>10.2e}  "
+                     f"{'yes' if r.ok else 'NO'}")
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torchvision
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from .distributed import UsageError
+from .cli import UsageError
 
 DATASETS = ("shapes", "mnist", "fashion-mnist", "cifar10", "imagefolder", "random")
 

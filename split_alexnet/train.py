@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from .data import (CHANNELS, DATASETS, NORMS, EpochSampler, Seeded, build_datasets, build_transforms)
-from .distributed import UsageError, log
+from .cli import UsageError, log
 from .model import AlexNet, init_weights, split_from_single, streams_from_single
 from .spec import Spec
 

@@ -60,7 +60,7 @@ def _broken_gradient_rule(rank, world):
         x, [x.shape[1]] * world, group, name)
     rows = run_check("split", Spec(streams=world, image_size=67, num_classes=10), batch_size=2, steps=1,
                      modes=("eval",), rank=rank)
-    bad = {name for _, name, _, _, _, ok in rows if not ok}
+    bad = {r.tensor for r in rows if not r.ok}
     assert {"logits", "loss", "fc8.weight.grad", "fc8.bias.grad"}.isdisjoint(bad)  # above the bug: right
     assert {"fc7.weight.grad", "fc6.weight.grad", "conv5.weight.grad", "conv1.weight.grad"} <= bad
 
@@ -72,7 +72,7 @@ def test_check_catches_a_wrong_gradient_rule():
 def test_check_catches_mismatched_dropout_masks():
     spec = Spec(streams=2, image_size=67, num_classes=10)
     rows = run_check("streams", spec, batch_size=2, steps=1, modes=("eval", "train"))
-    assert all(r[-1] for r in rows)
+    assert all(r.ok for r in rows)
     original = DropoutMasks.__init__
     try:  # every stream seeds its mask generator differently: train mode must fail, eval must not
         calls = iter(range(10**6))
@@ -80,5 +80,5 @@ def test_check_catches_mismatched_dropout_masks():
         rows = run_check("streams", spec, batch_size=2, steps=1, modes=("eval", "train"))
     finally:
         DropoutMasks.__init__ = original
-    assert all(ok for mode, *_, ok in rows if mode == "eval")
-    assert not all(ok for mode, *_, ok in rows if mode == "train")
+    assert all(r.ok for r in rows if r.mode == "eval")
+    assert not all(r.ok for r in rows if r.mode == "train")

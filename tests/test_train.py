@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from split_alexnet.distributed import run_main
+from split_alexnet.cli import run_main
 from split_alexnet.train import build, parse_config, run
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
