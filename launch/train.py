@@ -7,8 +7,9 @@
 See docs/training.md and --help.
 """
 from split_alexnet.cli import run_main
+from split_alexnet.config import parse_config
 from split_alexnet.distributed import setup, teardown
-from split_alexnet.train import build, parse_config, run
+from split_alexnet.train import build, run
 
 
 def main(argv=None):

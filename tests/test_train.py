@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from split_alexnet.cli import run_main
-from split_alexnet.train import build, parse_config, run
+from split_alexnet.config import parse_config
+from split_alexnet.train import build, run
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
