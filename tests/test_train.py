@@ -129,6 +129,37 @@ def _bad(argv, capsys):
     return err
 
 
+def _help_entries(text):
+    """--help's options as {first flag: its whole entry on one line}."""
+    entries = {}
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = " ".join(line.split())
+        elif line.startswith("   ") and entries:
+            entries[flag] += " " + " ".join(line.split())
+    return entries
+
+
+@pytest.mark.parametrize("argv, shown", [
+    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="kaiming")),
+    (["--recipe", "paper"], dict(lr="0.005", init="paper", schedule="plateau", crop="True")),
+    (["--dataset", "mnist", "--recipe", "d2l"],
+     dict(lr="0.01", momentum="0.0", batch_size="128", image_size="227", schedule="none", crop="False")),
+])
+def test_help_shows_the_defaults_a_run_uses(argv, shown, capsys):
+    """--help shows the defaults of the chosen recipe and data set, the ones parse_config returns."""
+    with pytest.raises(SystemExit) as e:
+        _main()(argv + ["--help"])
+    assert e.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    cfg = parse_config(argv)
+    for name, value in shown.items():
+        flag = "--" + name.replace("_", "-")
+        assert str(getattr(cfg, name)) == value
+        assert f"(default: {value})" in entries[flag], entries[flag]
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ckpt") / "run")
