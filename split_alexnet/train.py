@@ -277,6 +277,7 @@ def finish(job, progress, state, last_val, n_images, seconds):
 
 
 def announce(job, progress, steps_per_epoch, resumed_from, state):
+    """The run in two lines: layout, data and devices; recipe and schedule."""
     cfg = job.cfg
     progress.say(f"train: {cfg.layout} layout, {job.spec.streams} streams"
                  f"{f' ({job.world} processes)' if cfg.layout == 'split' else ''} on {job.device}; "
