@@ -71,7 +71,7 @@ def main(argv=None):
     ctx = setup(args.backend, args.device, args.timeout)
     try:
         result = run_bench(cfg, ctx)
-        log(format_table(result["runs"], result["exchanges"], result["targets"]))
+        log(format_table(result["runs"], result["exchanges"]))
         if ctx.rank == 0:
             write_outputs(result, args.out)
         log(f"wrote {os.path.join(args.out, 'bench.json')} and bench.png ({result['wall_s']:.0f} s; load "

@@ -1,55 +1,81 @@
-"""Communication between streams: each exchange a tiny autograd Function (after Megatron-LM's mappings).
+"""Exchanges between streams: tiny autograd Functions named for their forward/backward pairing.
 
-The gradient rule (../shared/reference/alexnet-2012.md): an all-gather feeding DIFFERENT kernels on
-every stream (conv3, fc6, fc7, fc8) must sum the incoming gradients in backward (reduce-scatter); a
-gather feeding the SAME computation on every stream (the logits -> one loss) only keeps its own slice.
-Tensors are gathered along dim 1 (channels / features), in stream order. With one stream both are
-the identity. A `Meter` may be installed to count bytes sent and time each collective (the bench).
+The gradient rule (the paper's §3.2 split; docs/equivalence.md checks it): a gather whose result feeds
+DIFFERENT kernels on every stream (conv3, fc6, fc7, fc8) must sum the streams' gradients in backward
+(reduce-scatter); a gather whose result feeds the SAME computation on every stream (the logits -> one
+loss) keeps only its own slice. Gathers run along dim 1 (channels / features), in stream order; with
+one stream both are the identity. The Megatron-LM equivalents (megatron/core/tensor_parallel/mappings.py,
+which gathers along the first or last dim):
+
+| here                          | forward    | backward        | Megatron-LM                                  |
+|-------------------------------|------------|-----------------|----------------------------------------------|
+| `gather_for_distinct_kernels` | all-gather | reduce-scatter  | `_GatherFromSequenceParallelRegion`          |
+|                               |            |                 | (tensor_parallel_output_grad=True)           |
+| `gather_for_same_computation` | all-gather | keep own slice  | `_GatherFromModelParallelRegion`             |
+| (not needed here)             | identity   | all-reduce      | `_CopyToModelParallelRegion`, "f"            |
+| (not needed here)             | all-reduce | identity        | `_ReduceFromModelParallelRegion`, "g"        |
+
+`with metered() as m:` counts every collective's bytes sent, calls and seconds in `m` while the block
+runs (the bench, the tests). The async variants for overlapping are in comm_async.py.
 """
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
 
 class Meter:
-    """Bytes sent and seconds spent per (exchange, direction), for the bench and the tests."""
+    """Bytes sent, calls and seconds per key (e.g. "conv3/fwd"), filled while `metered()` runs."""
 
     def __init__(self, sync=None):
-        self.bytes = defaultdict(int)
-        self.seconds = defaultdict(float)
-        self.calls = defaultdict(int)
+        self.bytes, self.calls, self.seconds = defaultdict(int), defaultdict(int), defaultdict(float)
         self.sync = sync  # e.g. torch.cuda.synchronize, so a collective's time is its own
 
-    def time(self, key, nbytes, fn):
-        if self.sync:
-            self.sync()
-        t0 = time.perf_counter()
-        out = fn()
-        if self.sync:
-            self.sync()
-        self.seconds[key] += time.perf_counter() - t0
+    def count(self, key, nbytes):
         self.bytes[key] += nbytes
         self.calls[key] += 1
+
+    def time(self, key, fn, sync=True):
+        sync = self.sync if sync else None
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        out = fn()
+        if sync:
+            sync()
+        self.seconds[key] += time.perf_counter() - t0
         return out
 
-    def reset(self):
-        self.bytes.clear(), self.seconds.clear(), self.calls.clear()
 
-
+# The Meter of the innermost `metered()` block: a global the block sets and restores, not a ContextVar,
+# because on GPU autograd runs backward (and so the backward collectives) on its own device threads.
 _meter = None
 
 
-def set_meter(meter):
-    """Install a Meter (or None); returns the previous one."""
+@contextmanager
+def metered(sync=None):
+    """`with metered() as m:` m counts the collectives issued (on any thread) while the block runs."""
     global _meter
-    prev, _meter = _meter, meter
-    return prev
+    prev, meter = _meter, Meter(sync)
+    _meter = meter
+    try:
+        yield meter
+    finally:
+        _meter = prev
 
 
-def _metered(name, nbytes, fn):
-    return fn() if _meter is None else _meter.time(name, nbytes, fn)
+def active_meter():
+    """The Meter of the innermost `metered()` block, or None."""
+    return _meter
+
+
+def _collective(key, nbytes, fn):
+    if _meter is None:
+        return fn()
+    _meter.count(key, nbytes)
+    return _meter.time(key, fn)
 
 
 def _world(group):
@@ -73,17 +99,17 @@ def _scatter_buffers(grad, sizes, group):
     return chunks, out, grad.numel() * grad.element_size() - out.numel() * out.element_size()
 
 
-def _all_gather(x, sizes, group, name):
-    """Concatenate every stream's x along dim 1 (padded to the largest part, trimmed on arrival)."""
+def _all_gather(x, sizes, group, key):
+    """Every stream's x concatenated on dim 1: (B, sizes[s], ...) -> (B, sum(sizes), ...)."""
     x, parts, sent = _gather_buffers(x, sizes)
-    _metered(name, sent, lambda: dist.all_gather(parts, x, group=group))
+    _collective(key, sent, lambda: dist.all_gather(parts, x, group=group))
     return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
 
 
-def _reduce_scatter(grad, sizes, group, name):
-    """Sum grad over streams and keep this stream's slice of dim 1."""
+def _reduce_scatter(grad, sizes, group, key):
+    """grad summed over streams, this stream's slice of dim 1: (B, sum(sizes), ...) -> (B, sizes[s], ...)."""
     chunks, out, sent = _scatter_buffers(grad, sizes, group)
-    _metered(name, sent, lambda: dist.reduce_scatter(out, chunks, group=group))
+    _collective(key, sent, lambda: dist.reduce_scatter(out, chunks, group=group))
     return out
 
 
@@ -130,136 +156,3 @@ def gather_for_same_computation(x, sizes, group=None, name="logits"):
     if _world(group) == 1:
         return x
     return _GatherForSameComputation.apply(x, list(sizes), group, name)
-
-
-# ---- asynchronous exchanges, for overlapping communication with computation (the bench's overlap mode)
-#
-# An exchange in flight is a `Pending`: `start_*` issues the all-gather with async_op=True and returns at
-# once; `Pending.result()` waits and returns the gathered tensor. In backward the pairing is mirrored:
-# the node that waited in forward issues the reduce-scatter, and the node that started the gather waits
-# for it, so the autograd engine can run other micro-batches' backward while it is in flight. With a
-# Meter installed, bytes are counted when a collective is issued and seconds are the time spent blocked
-# in wait() (the exposed, not hidden, part of the communication).
-
-
-class Pending:
-    """An exchange in flight: its work handle, the gathered parts, and (in backward) the reduced slice."""
-
-    def __init__(self, name, group, sizes, keep_slice):
-        self.name, self.group, self.sizes, self.keep_slice = name, group, sizes, keep_slice
-        self.work, self.parts, self.reduced, self.chunks, self.value = None, None, None, None, None
-
-    def wait(self, key):
-        if self.work is None:
-            return
-        t0 = time.perf_counter()
-        self.work.wait()
-        if _meter is not None:
-            _meter.seconds[key] += time.perf_counter() - t0
-        self.work = None
-
-    def result(self):
-        """The gathered tensor (all streams' parts concatenated on dim 1); waits for the all-gather."""
-        if self.value is None:
-            wait = _WaitGatherKeepSlice if self.keep_slice else _WaitGatherStartReduceScatter
-            self.value = wait.apply(self, *self.parts)
-        return self.value
-
-
-def _count(key, nbytes):
-    if _meter is not None:
-        _meter.bytes[key] += nbytes
-        _meter.calls[key] += 1
-
-
-def _start_all_gather(pending, x):
-    x, parts, sent = _gather_buffers(x, pending.sizes)
-    _count(f"{pending.name}/fwd", sent)
-    pending.work = dist.all_gather(parts, x, group=pending.group, async_op=True)
-    return tuple(parts)
-
-
-class _StartGatherWaitReduceScatter(torch.autograd.Function):
-    """forward: start all-gather, backward: wait for reduce-scatter."""
-
-    @staticmethod
-    def forward(ctx, x, pending):
-        ctx.pending = pending
-        return _start_all_gather(pending, x)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        p = ctx.pending
-        p.wait(f"{p.name}/bwd")
-        reduced, p.reduced, p.chunks = p.reduced, None, None
-        return reduced, None
-
-
-class _WaitGatherStartReduceScatter(torch.autograd.Function):
-    """forward: wait for all-gather, backward: start reduce-scatter."""
-
-    @staticmethod
-    def forward(ctx, pending, *parts):
-        ctx.pending = pending
-        pending.wait(f"{pending.name}/fwd")
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        p = ctx.pending
-        p.chunks, p.reduced, sent = _scatter_buffers(grad, p.sizes, p.group)
-        _count(f"{p.name}/bwd", sent)
-        p.work = dist.reduce_scatter(p.reduced, p.chunks, group=p.group, async_op=True)
-        return (None, *p.chunks)
-
-
-class _StartGatherKeepSlice(torch.autograd.Function):
-    """forward: start all-gather, backward: keep own slice."""
-
-    @staticmethod
-    def forward(ctx, x, pending):
-        ctx.pending, ctx.width = pending, x.shape[1]
-        return _start_all_gather(pending, x)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return grads[dist.get_rank(ctx.pending.group)][:, :ctx.width].contiguous(), None
-
-
-class _WaitGatherKeepSlice(torch.autograd.Function):
-    """forward: wait for all-gather, backward: split the gradient into the streams' (padded) parts."""
-
-    @staticmethod
-    def forward(ctx, pending, *parts):
-        ctx.pending, ctx.big = pending, parts[0].shape[1]
-        pending.wait(f"{pending.name}/fwd")
-        return torch.cat([p[:, :n] for p, n in zip(parts, pending.sizes)], dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        pad = torch.nn.functional.pad
-        return (None, *(pad(g, (0, ctx.big - g.shape[1])) for g in grad.split(ctx.pending.sizes, dim=1)))
-
-
-def _done(x, name):
-    p = Pending(name, None, [x.shape[1]], True)
-    p.value = x
-    return p
-
-
-def start_gather_for_distinct_kernels(x, group=None, name="exchange"):
-    """Start gathering x (equal parts) from all streams; `.result()` later. Backward: reduce-scatter."""
-    if _world(group) == 1:
-        return _done(x, name)
-    p = Pending(name, group, [x.shape[1]] * _world(group), keep_slice=False)
-    p.parts = _StartGatherWaitReduceScatter.apply(x, p)
-    return p
-
-
-def start_gather_for_same_computation(x, sizes, group=None, name="logits"):
-    """Start gathering x (parts of `sizes`) from all streams; `.result()` later. Backward: own slice."""
-    if _world(group) == 1:
-        return _done(x, name)
-    p = Pending(name, group, list(sizes), keep_slice=True)
-    p.parts = _StartGatherKeepSlice.apply(x, p)
-    return p

@@ -8,8 +8,9 @@ The batch is cut into M micro-batches and the net into segments at its exchanges
 Segment after segment, every micro-batch computes its part and *starts* its exchange (all-gather with
 async_op=True) without waiting; the next segment waits for micro-batch m's exchange only when it is
 about to compute micro-batch m. So micro-batch m's all-gather is in flight while m+1 computes. In
-backward the mirrored Functions in comm.py start each reduce-scatter as soon as its gradient exists and
-wait only when the layer below needs it; autograd runs the other micro-batches' backward meanwhile.
+backward the mirrored Functions in comm_async.py start each reduce-scatter as soon as its gradient
+exists and wait only when the layer below needs it; autograd runs the other micro-batches' backward
+meanwhile.
 
 Same function as `SplitAlexNet.forward`: the same layers on the same rows, logits concatenated back in
 batch order, and dropout masks drawn exactly as the full batch draws them (one full-batch mask per layer
@@ -20,8 +21,8 @@ that may block differently for a smaller batch (the tolerance: split_alexnet/che
 import torch
 from torch.profiler import record_function
 
-from . import comm
-from .model import DropoutMasks, SplitAlexNet
+from .comm_async import start_gather_for_distinct_kernels, start_gather_for_same_computation
+from .model import SplitAlexNet
 
 
 def segments(spec):
@@ -34,11 +35,10 @@ def segments(spec):
     return out
 
 
-class _MicroBatchMasks(DropoutMasks):
-    """Hands each micro-batch its rows of the full-batch dropout mask, drawn as the full batch draws it."""
+class _MicroBatchMasks:
+    """Hands each micro-batch its rows of the full-batch dropout mask, drawn by `base` (a DropoutMasks)."""
 
     def __init__(self, base, batch):
-        super().__init__(base.seed)
         self.base, self.batch, self.row, self.mask = base, batch, 0, None
 
     def apply(self, x, p, full_width, offset):
@@ -76,9 +76,9 @@ def overlapped_forward(net: SplitAlexNet, x, micro_batches=2):
                         t = stream.layer_fn(layer, t)
                 with record_function(f"exchange:{after}/start"):
                     if after == "logits":
-                        cur[m] = comm.start_gather_for_same_computation(t, fc8_sizes, group, after)
+                        cur[m] = start_gather_for_same_computation(t, fc8_sizes, group, after)
                     else:
-                        cur[m] = comm.start_gather_for_distinct_kernels(t, group, after)
+                        cur[m] = start_gather_for_distinct_kernels(t, group, after)
         with record_function("exchange:logits/wait"):
             return torch.cat([p.result() for p in cur], dim=0)  # (B, num_classes)
     finally:

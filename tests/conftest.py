@@ -8,7 +8,7 @@ import pytest
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+MNIST_DIR = REPO / "tests" / "fixtures" / "mnist"  # the first 3,000 MNIST test images (its README)
 
 
 def run_torchrun(nproc, script, *args, timeout=300):
@@ -42,9 +42,3 @@ def spawn(fn, world=2, *args):
     """
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, os.path.join(d, "init"), fn, args), nprocs=world, join=True)
-
-
-@pytest.fixture
-def mnist_dir():
-    assert MNIST_DIR.is_dir(), f"the MNIST test set is expected at {MNIST_DIR}"
-    return MNIST_DIR

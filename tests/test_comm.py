@@ -1,4 +1,5 @@
-"""Each comm Function on two (and four) gloo ranks: forward values, backward values, bytes counted."""
+"""Each comm Function on two (and four) gloo ranks: forward values, backward values, bytes counted
+(inside `comm.metered()` only)."""
 import torch
 import torch.distributed as dist
 
@@ -9,14 +10,13 @@ from conftest import spawn
 def _distinct_kernels(rank, world):
     # each rank's part: (B=2, C=3) filled with rank-dependent values
     x = (torch.arange(6.0).reshape(2, 3) + 10 * rank).requires_grad_()
-    meter = comm.Meter()
-    comm.set_meter(meter)
-    y = comm.gather_for_distinct_kernels(x, name="fc6")
-    expect = torch.cat([torch.arange(6.0).reshape(2, 3) + 10 * r for r in range(world)], dim=1)
-    assert torch.equal(y, expect)
-    # a different upstream gradient on every rank (each rank's own kernels read the whole y)
-    g = torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape) * (rank + 1)
-    y.backward(g)
+    with comm.metered() as meter:
+        y = comm.gather_for_distinct_kernels(x, name="fc6")
+        expect = torch.cat([torch.arange(6.0).reshape(2, 3) + 10 * r for r in range(world)], dim=1)
+        assert torch.equal(y, expect)
+        # a different upstream gradient on every rank (each rank's own kernels read the whole y)
+        g = torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape) * (rank + 1)
+        y.backward(g)
     # backward = reduce-scatter: sum over ranks of g_r, then this rank's slice
     total = sum(torch.arange(y.numel(), dtype=torch.float32).reshape(y.shape) * (r + 1) for r in range(world))
     assert torch.equal(x.grad, total[:, 3 * rank:3 * rank + 3])
@@ -24,7 +24,6 @@ def _distinct_kernels(rank, world):
     assert meter.bytes["fc6/fwd"] == (world - 1) * part_bytes
     assert meter.bytes["fc6/bwd"] == (world - 1) * part_bytes
     assert meter.calls["fc6/fwd"] == meter.calls["fc6/bwd"] == 1
-    comm.set_meter(None)
 
 
 def _same_computation(rank, world):
@@ -57,10 +56,32 @@ def _chain_matches_one_process(rank, world):
     torch.testing.assert_close(x.grad, full.grad[:, 5 * rank:5 * rank + 5], rtol=1e-6, atol=1e-6)
 
 
+def _metered_counts_only_inside_the_block(rank, world):
+    x = torch.ones(2, 3, requires_grad=True)
+    part_bytes = 6 * 4
+    comm.gather_for_distinct_kernels(x, name="before").sum().backward()  # no meter: nothing to count in
+    assert comm.active_meter() is None
+    with comm.metered() as outer:
+        comm.gather_for_distinct_kernels(x, name="conv3").sum().backward()
+        with comm.metered() as inner:  # the innermost block counts; the outer one resumes after it
+            comm.gather_for_same_computation(x, [3] * world, name="logits").sum().backward()
+        assert comm.active_meter() is outer
+        comm.gather_for_distinct_kernels(x, name="fc6")
+    assert comm.active_meter() is None
+    comm.gather_for_distinct_kernels(x, name="after").sum().backward()  # after the block: not counted
+    assert dict(outer.bytes) == {"conv3/fwd": (world - 1) * part_bytes, "conv3/bwd": (world - 1) * part_bytes,
+                                 "fc6/fwd": (world - 1) * part_bytes}
+    assert dict(outer.calls) == {"conv3/fwd": 1, "conv3/bwd": 1, "fc6/fwd": 1}
+    assert set(outer.seconds) == {"conv3/fwd", "conv3/bwd", "fc6/fwd"}
+    assert dict(inner.bytes) == {"logits/fwd": (world - 1) * part_bytes}  # own slice: no backward comm
+    assert dict(inner.calls) == {"logits/fwd": 1}
+
+
 def _every_function(rank, world):
     _distinct_kernels(rank, world)
     _same_computation(rank, world)
     _chain_matches_one_process(rank, world)
+    _metered_counts_only_inside_the_block(rank, world)
 
 
 # one spawn per world size (starting ranks is the slow part); each Function is checked on its own inside

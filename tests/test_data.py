@@ -1,6 +1,7 @@
 """Data sets and transforms: determinism per (seed, index), the IDX reader on the real MNIST files,
 the PCA lighting transform, the sampler's resume offset, and the message for missing files."""
 import gzip
+import hashlib
 import os
 
 import pytest
@@ -10,7 +11,7 @@ from split_alexnet.data import (PCA_EIGVAL, PCA_EIGVEC, EpochSampler, Lighting, 
                                 build_datasets, build_transforms, read_idx)
 from split_alexnet.cli import UsageError
 
-MNIST_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "mnist")
+MNIST_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "mnist")
 
 
 def test_shapes_deterministic_per_seed_and_index():
@@ -63,11 +64,20 @@ def test_ten_crop_eval_transform_shape():
 def test_read_idx_real_mnist_and_split_test():
     images = read_idx(os.path.join(MNIST_DIR, "t10k-images-idx3-ubyte.gz"))
     labels = read_idx(os.path.join(MNIST_DIR, "t10k-labels-idx1-ubyte.gz"))
-    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert images.shape == (3000, 28, 28) and labels.shape == (3000,)
     assert set(labels.tolist()) == set(range(10))
-    train, val, classes = build_datasets("mnist", MNIST_DIR, seed=0, download=False, split_test=2000)
-    assert (len(train), len(val), len(classes)) == (8000, 2000, 10)
-    assert torch.equal(val[0][0][0], images[8000])                # held-out = the last 2000
+    train, val, classes = build_datasets("mnist", MNIST_DIR, seed=0, download=False, split_test=500)
+    assert (len(train), len(val), len(classes)) == (2500, 500, 10)
+    assert torch.equal(val[0][0][0], images[2500])                # held-out = the last 500
+
+
+def test_mnist_fixture_checksums():
+    # the fixture's README gives these: the first 3,000 MNIST test images, unchanged but for the count
+    want = {"t10k-images-idx3-ubyte.gz": "908206339684571d14afca1430d6a119f42cce40526268813662a305157e1033",
+            "t10k-labels-idx1-ubyte.gz": "adfa5cd6ab5c6e6ad8d535fe2b320df30afb10ceab6fd452cd3f03e4d8362e49"}
+    for name, sha in want.items():
+        with open(os.path.join(MNIST_DIR, name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == sha, name
 
 
 def test_truncated_idx_file_is_refused(tmp_path):
@@ -75,7 +85,7 @@ def test_truncated_idx_file_is_refused(tmp_path):
     with gzip.open(src) as f:
         data = f.read()
     bad = tmp_path / "t10k-labels-idx1-ubyte"
-    bad.write_bytes(data[:5000])
+    bad.write_bytes(data[:2000])
     with pytest.raises(UsageError, match="not a complete uint8 IDX file"):
         read_idx(str(bad))
 

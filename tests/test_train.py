@@ -14,11 +14,11 @@ from split_alexnet.config import parse_config
 from split_alexnet.train import build, run
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
-# MNIST at 67 px (upsampled from 28): 8,000 training images of the 10,000 t10k images, the last
-# 2,000 held out. No flips (digits are not mirror-symmetric); random crops from 77 px stay on.
-MNIST_ARGS = ["--dataset", "mnist", "--data-dir", MNIST_DIR, "--split-test", "2000", "--image-size", "67",
-              "--epochs", "1", "--batch-size", "64", "--no-flip", "--seed", "0", "--dropout-seed", "0"]
+MNIST_DIR = os.path.join(ROOT, "tests", "fixtures", "mnist")
+# MNIST at 67 px (upsampled from 28): the fixture's first 2,500 images train (3 epochs of 39 steps), the
+# last 500 are held out. No flips (digits are not mirror-symmetric); random crops from 77 px stay on.
+MNIST_ARGS = ["--dataset", "mnist", "--data-dir", MNIST_DIR, "--split-test", "500", "--image-size", "67",
+              "--epochs", "3", "--batch-size", "64", "--no-flip", "--seed", "0", "--dropout-seed", "0"]
 # fp32: split and single differ only in summation order (grouped conv vs per-stream convs, all-gathered
 # fc inputs, reduce-scattered gradients): each sum ~sqrt(K) * 2^-24 relative, compounded by the SGD
 # steps. Measured on the 2-core CPU: at most 1.7e-7 relative over these 6 steps. 1e-5 leaves room for
@@ -56,7 +56,8 @@ def mnist_split(tmp_path_factory):
 def test_split_learns_mnist(mnist_split):
     rows = _metrics(mnist_split)
     val = [r for r in rows if r["split"] == "val"]
-    assert val[-1]["step"] == 125 and val[-1]["top1"] >= 0.95, val
+    # measured: 0.876 (single layout, 2-core CPU); chance is 0.10
+    assert val[-1]["step"] == 117 and val[-1]["top1"] >= 0.75, val
     cfg = json.load(open(os.path.join(mnist_split, "config.json")))
     assert cfg["layout"] == "split" and cfg["spec"] == dict(streams=2, image_size=67, in_channels=1,
                                                             num_classes=10)

@@ -1,0 +1,32 @@
+"""What model parallelism costs: the layouts timed side by side in one job (launch/bench.py).
+
+Layouts (docs/benchmarks.md):
+- single         the whole net on one device. Under torchrun rank 0 runs it while the others wait at a
+                 barrier (a blocking wait: its CPU use is measured and reported). On CPU twice: with one
+                 rank's threads ("one device") and with every core ("the whole machine").
+- split          SplitAlexNet, one stream per rank, synchronous exchanges (comm.py).
+- split-overlap  the same, micro-batched, exchanges started async and waited on only when needed
+                 (overlap.py, comm_async.py); the communication time it reports is the time blocked in
+                 wait().
+- streams        (on request) StreamsAlexNet: every stream in rank 0's process on its device, one
+                 after the other: the in-process two-stream layout, e.g. on one GPU.
+- ddp            torch DDP of the single net over the same ranks: each rank takes batch/world images of
+                 the same global batch, so every layout processes the same images per step.
+
+One module per job:
+- config.py    Config, and the checks that refuse bad input before any work
+- layouts.py   the layouts built and labelled for the profiler (one `Run` each)
+- measure.py   one step (times, communication, memory) and the interleaved schedule
+- profile.py   torch.profiler: trace, operator table, per-step breakdown
+- stats.py     medians over steps: the rows of bench.json
+- report.py    the printed table, bench.json; plot.py: bench.png
+- runner.py    run_bench: all of the above, on one rank
+"""
+from .config import EXTRA_LAYOUTS, LAYOUTS, Config, check_config
+from .layouts import labelled_forward
+from .report import format_table, write_outputs
+from .runner import run_bench
+from .stats import spec_bytes_per_step
+
+__all__ = ["EXTRA_LAYOUTS", "LAYOUTS", "Config", "check_config", "labelled_forward", "format_table",
+           "write_outputs", "run_bench", "spec_bytes_per_step"]

@@ -1,0 +1,130 @@
+"""The layouts, built and ready to step: one `Run` per layout (and per thread count of single on CPU)."""
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.profiler import record_function
+
+from ..model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
+from ..overlap import overlapped_forward
+from ..spec import Spec
+from .config import cores, threads_per_rank
+
+
+def labelled_forward(net, x):
+    """AlexNet.forward or SplitAlexNet.forward (the same plan and comm Functions), labelled per layer."""
+    spec, layer_fn, exchange = net.spec, net.layer_fn, net.exchange
+
+    def labelled_layer(layer, t):
+        with record_function(layer.name):
+            return layer_fn(layer, t)
+
+    def labelled_exchange(name, t):
+        with record_function(f"exchange:{name}"):
+            return exchange(name, t)
+
+    return forward_plan(spec, x, labelled_layer, labelled_exchange)
+
+
+class Labelled(nn.Module):
+    """A module whose forward is labelled_forward(net, x): what DDP wraps."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.spec = net, net.spec
+
+    def forward(self, x):
+        return labelled_forward(self.net, x)
+
+
+@dataclass
+class AllReduceStats:
+    """What ddp's comm hook saw in one step: bytes sent, when the last bucket was issued, in-flight spans."""
+    bytes: int = 0
+    last_issue: float = 0.0
+    intervals: list = field(default_factory=list)   # (issued, done) perf_counter seconds per bucket
+
+    def reset(self):
+        self.bytes, self.last_issue, self.intervals = 0, 0.0, []
+
+
+def _ddp_hook(stats, bucket):
+    """DDP's default all-reduce, with bytes counted and the time each bucket is in flight recorded."""
+    buf = bucket.buffer()
+    world = dist.get_world_size()
+    stats.bytes += 2 * (world - 1) * buf.numel() * buf.element_size() // world  # ring all-reduce
+    t0 = time.perf_counter()
+    stats.last_issue = t0
+
+    def done(fut):
+        stats.intervals.append((t0, time.perf_counter()))
+        return fut.value()
+
+    return default_hooks.allreduce_hook(None, bucket).then(done)
+
+
+@dataclass
+class Run:
+    layout: str
+    label: str
+    threads: int
+    devices: int
+    ranks: tuple        # the ranks that compute (single: rank 0)
+    net: nn.Module = None
+    opt: torch.optim.Optimizer = None
+    forward: object = None
+    allreduce: AllReduceStats = None                # ddp only
+    samples: dict = field(default_factory=dict)   # batch -> list of per-step measure.Step
+    memory: dict = field(default_factory=dict)    # batch -> memory dict (measure.MEM_KEYS)
+
+
+def build_runs(cfg, spec, ctx):
+    """The configured layouts on this rank (net and optimizer only where this rank computes)."""
+    per_rank = threads_per_rank(ctx.world)
+    runs = []
+
+    def make(layout, label, devices, ranks, net, forward):
+        if ctx.rank in ranks:
+            if not isinstance(net, nn.parallel.DistributedDataParallel):
+                net = net.to(ctx.device, cfg.torch_dtype)
+            opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+        else:
+            net, opt = None, None
+        runs.append(Run(layout, label, per_rank, devices, ranks, net, opt, forward))
+        return runs[-1]
+
+    def single_net():
+        return AlexNet(spec=Spec(streams=spec.streams, image_size=spec.image_size), dropout_seed=cfg.seed)
+
+    every_rank = tuple(range(ctx.world))
+    for layout in cfg.layouts:
+        torch.manual_seed(cfg.seed)  # the same weights on every rank
+        if layout == "single":
+            one = single_net() if ctx.rank == 0 else None
+            if ctx.device.type == "cpu":
+                run = make("single", f"single ({per_rank} thr)", 1, (0,), one, labelled_forward)
+                if cores() != per_rank:  # the whole machine: the same model, every core
+                    runs.append(Run("single", f"single ({cores()} thr)", cores(), 1, (0,),
+                                    run.net, run.opt, labelled_forward))
+            else:
+                make("single", "single", 1, (0,), one, labelled_forward)
+        elif layout == "streams":
+            net = StreamsAlexNet(spec, [ctx.device] * spec.streams, dropout_seed=cfg.seed) \
+                if ctx.rank == 0 else None
+            make("streams", "streams (1 dev)", 1, (0,), net, lambda n, x: n(x))
+        elif layout in ("split", "split-overlap"):
+            net = SplitAlexNet(spec, ctx.rank, dropout_seed=cfg.seed)
+            fwd = (labelled_forward if layout == "split"
+                   else (lambda n, x, m=cfg.micro_batches: overlapped_forward(n, x, m)))
+            make(layout, layout, ctx.world, every_rank, net, fwd)
+        elif layout == "ddp":
+            net = Labelled(single_net()).to(ctx.device, cfg.torch_dtype)
+            kwargs = dict(device_ids=[ctx.device]) if ctx.device.type == "cuda" else {}
+            ddp = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True, **kwargs)
+            run = make("ddp", "ddp", ctx.world, every_rank, ddp, lambda n, x: n(x))
+            run.allreduce = AllReduceStats()
+            ddp.register_comm_hook(run.allreduce, _ddp_hook)
+    return runs

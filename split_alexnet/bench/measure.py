@@ -1,0 +1,203 @@
+"""Timing the layouts: one training step (times, communication, memory) and the interleaved schedule.
+
+Every step of every layout is one round of an interleaved schedule (A B C D, B C D A, ...), so a noisy
+machine slows all layouts alike. A step is forward + loss, backward, SGD and zero_grad. A multi-rank
+number is the max over ranks (the slowest rank sets the pace; the time of a collective is its max over
+ranks), except CPU seconds (summed over ranks) and `comm_min_rank_s` (min over ranks).
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.profiler import record_function
+
+from .. import comm
+from . import profile
+from .config import threads_per_rank
+
+TIMES = ("step_s", "fwd_s", "bwd_s", "opt_s", "idle_cpu_s", "inflight_s")
+MEM_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "tracked_bytes",
+            "cuda_peak_bytes")
+
+
+def exchange_keys(spec):
+    """"conv3/fwd", "conv3/bwd", ..., "logits/bwd", and "allreduce/bwd" (ddp)."""
+    return [f"{e.name}/{d}" for e in spec.exchanges for d in ("fwd", "bwd")] + ["allreduce/bwd"]
+
+
+@dataclass
+class Step:
+    """One step of one layout. Seconds unless named otherwise; dicts are keyed by exchange_keys/MEM_KEYS."""
+    step_s: float = 0.0
+    fwd_s: float = 0.0
+    bwd_s: float = 0.0
+    opt_s: float = 0.0
+    idle_cpu_s: float = 0.0        # single: the CPU the waiting rank used meanwhile
+    inflight_s: float = 0.0        # ddp: the time all-reduce buckets were in flight
+    comm: dict = field(default_factory=dict)     # exchange key -> seconds in (or blocked on) it
+    bytes: dict = field(default_factory=dict)    # exchange key -> bytes sent
+    memory: dict = field(default_factory=dict)   # MEM_KEYS -> bytes (the first step only)
+    cpu_s: float = 0.0             # CPU seconds of the computing ranks' processes, summed
+    comm_min_rank_s: float = 0.0   # communication, min over ranks: about the transfer itself
+
+    def values(self, xkeys):
+        """The fields reduced over ranks, as one flat list (the same order on every rank)."""
+        return ([getattr(self, k) for k in TIMES] + [self.comm.get(k, 0.0) for k in xkeys] +
+                [self.bytes.get(k, 0) for k in xkeys] + [self.memory.get(k, 0) for k in MEM_KEYS])
+
+    @classmethod
+    def from_values(cls, values, xkeys):
+        it = iter(values)
+        times = {k: next(it) for k in TIMES}
+        comm_s, sent = {k: next(it) for k in xkeys}, {k: next(it) for k in xkeys}
+        return cls(**times, comm=comm_s, bytes=sent, memory={k: next(it) for k in MEM_KEYS})
+
+
+class Clock:
+    """Wall time; on GPU after torch.cuda.synchronize(), so a phase's time covers its kernels."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+class _SavedBytes:
+    """Bytes of the tensors autograd saves for backward (the activations), each storage counted once."""
+
+    def __init__(self, params):
+        self.params = {p.untyped_storage().data_ptr() for p in params}
+        self.storages = {}
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in self.params:
+            self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    @property
+    def total(self):
+        return sum(self.storages.values())
+
+
+def _tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _union(intervals):
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def step(run, x, y, clock, track_memory=False):
+    """One training step of `run` on this rank: times, comm per exchange, and (optionally) memory."""
+    if run.allreduce is not None:
+        run.allreduce.reset()
+    cuda = x.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    params = list(run.net.parameters())
+    saved = _SavedBytes(params) if track_memory else None
+    sync = torch.cuda.synchronize if cuda else None  # a collective's own time
+    with comm.metered(sync) as meter, record_function(f"step:{run.label}"):
+        t0 = clock()
+        if saved:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                out = run.forward(run.net, x)
+        else:
+            out = run.forward(run.net, x)
+        loss = F.cross_entropy(out.float(), y)
+        t1 = clock()
+        loss.backward()
+        t2 = clock()
+        grad_bytes = _tensor_bytes(p.grad for p in params)
+        run.opt.step()
+        run.opt.zero_grad()
+        t3 = clock()
+    rec = Step(step_s=t3 - t0, fwd_s=t1 - t0, bwd_s=t2 - t1, opt_s=t3 - t2,
+               comm=dict(meter.seconds), bytes=dict(meter.bytes))
+    if run.allreduce is not None:  # ddp: exposed = backward's tail after the last bucket was issued
+        h = run.allreduce
+        rec.comm["allreduce/bwd"] = max(0.0, t2 - h.last_issue) if h.last_issue else 0.0
+        rec.bytes["allreduce/bwd"] = h.bytes
+        rec.inflight_s = _union(h.intervals)
+    if track_memory:
+        param_bytes = _tensor_bytes(params)
+        opt_bytes = _tensor_bytes(t for st in run.opt.state.values() for t in st.values()
+                                  if torch.is_tensor(t))
+        run_resident = param_bytes + opt_bytes
+        rec.memory = dict(param_bytes=param_bytes, grad_bytes=grad_bytes, optimizer_bytes=opt_bytes,
+                          activation_bytes=saved.total,
+                          tracked_bytes=param_bytes + grad_bytes + opt_bytes + saved.total)
+        if cuda:  # this run's peak: the step's peak above what was resident, plus its own weights/state
+            rec.memory["cuda_peak_bytes"] = torch.cuda.max_memory_allocated() - resident + run_resident
+    return rec
+
+
+def over_ranks(values, device, op):
+    """values (floats) reduced element-wise over ranks with `op` (as they are with one rank)."""
+    vec = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        vec = vec.to(device) if device.type == "cuda" else vec
+        dist.all_reduce(vec, op=op)
+    return vec.cpu().tolist()
+
+
+def _barrier(ctx):
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
+    """Interleaved steps of every run at one batch size; fills run.samples[batch] and run.memory[batch]."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    x = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=gen).to(ctx.device, cfg.torch_dtype)
+    y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(ctx.device)
+    per_rank = threads_per_rank(ctx.world)
+    clock = Clock(ctx.device)
+    xkeys = exchange_keys(spec)
+    prof = None
+    for i in range(cfg.warmup + cfg.steps):
+        if i == cfg.warmup and profile_dir:
+            prof = profile.start(ctx.device)
+        for run in runs[i % len(runs):] + runs[:i % len(runs)]:  # A B C, B C A, C A B, ...
+            _barrier(ctx)
+            c0 = time.process_time()
+            if ctx.rank in run.ranks:
+                xr, yr = x, y
+                if run.layout == "ddp":  # each rank its slice of the same global batch
+                    n = batch // ctx.world
+                    xr, yr = x[ctx.rank * n:(ctx.rank + 1) * n], y[ctx.rank * n:(ctx.rank + 1) * n]
+                torch.set_num_threads(run.threads)
+                c1 = time.process_time()
+                rec = step(run, xr, yr, clock, track_memory=(i == 0))
+                cpu = time.process_time() - c1  # this process's CPU seconds (all its threads) in the step
+                torch.set_num_threads(per_rank)
+            else:
+                rec, cpu = Step(), 0.0
+            _barrier(ctx)
+            if ctx.rank not in run.ranks:  # CPU the waiting rank burned while the others computed
+                rec.idle_cpu_s = time.process_time() - c0
+            (cpu,) = over_ranks([cpu], ctx.device, dist.ReduceOp.SUM)
+            least = over_ranks([rec.comm.get(k, 0.0) for k in xkeys], ctx.device, dist.ReduceOp.MIN)
+            rec = Step.from_values(over_ranks(rec.values(xkeys), ctx.device, dist.ReduceOp.MAX), xkeys)
+            rec.cpu_s = cpu
+            # the rank that reaches a collective last waits only for the transfer itself: min over ranks
+            rec.comm_min_rank_s = sum(least)
+            if i == 0:
+                run.memory[batch] = rec.memory
+            if i >= cfg.warmup:
+                run.samples.setdefault(batch, []).append(rec)
+    if prof is not None:
+        profile.stop(prof, profile_dir, ctx.rank)

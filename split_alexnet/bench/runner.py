@@ -1,0 +1,53 @@
+"""The whole benchmark on one rank: build the layouts, measure every batch size, summarise."""
+import os
+import platform
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from ..cli import log
+from ..spec import Spec
+from .config import cores, streams_of, threads_per_rank
+from .layouts import build_runs
+from .measure import measure, over_ranks
+from .stats import exchanges_table, summarise
+
+
+def _rss_peak_bytes():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def run_bench(cfg, ctx):
+    """The whole benchmark on this rank; returns the result dict (complete on every rank)."""
+    dtype_bytes = 2 if cfg.dtype == "bf16" else 4
+    spec = Spec(streams=streams_of(cfg, ctx.world), image_size=cfg.image_size, dtype_bytes=dtype_bytes)
+    per_rank = threads_per_rank(ctx.world)
+    torch.set_num_threads(per_rank)
+    load_before = os.getloadavg()
+    runs = build_runs(cfg, spec, ctx)
+    log(f"bench: {', '.join(r.label for r in runs)}; {ctx.world} ranks ({ctx.backend}, {ctx.device}), "
+        f"{per_rank} thread(s) per rank of {cores()} cores; {cfg.image_size} px, {cfg.dtype}; batch "
+        f"{','.join(map(str, cfg.batch_sizes))}; {cfg.warmup} warm-up + {cfg.steps} measured steps each, "
+        f"interleaved; load average {load_before[0]:.2f}")
+    t0 = time.perf_counter()
+    for i, batch in enumerate(cfg.batch_sizes):
+        measure(runs, spec, batch, cfg, ctx, profile_dir=cfg.profile if i == 0 else None)
+        log(f"  batch {batch} done ({time.perf_counter() - t0:.0f} s)")
+    rows = [summarise(r, spec, b, ctx.world) for b in cfg.batch_sizes for r in runs]
+    main = cfg.batch_sizes[0]
+    exchanges = exchanges_table(runs, spec, main) if any(r.layout.startswith("split") for r in runs) else []
+    (rss,) = over_ranks([_rss_peak_bytes()], ctx.device, dist.ReduceOp.MAX)
+    device = (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
+              else f"{platform.machine()} CPU, {cores()} cores")
+    return dict(
+        device=device, backend=ctx.backend, batch_size=main, image_size=cfg.image_size,
+        streams=spec.streams, dtype=cfg.dtype, world=ctx.world, threads_per_rank=per_rank,
+        micro_batches=cfg.micro_batches, warmup=cfg.warmup, steps=cfg.steps,
+        sweep=cfg.batch_sizes if len(cfg.batch_sizes) > 1 else None,
+        torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        command=cfg.command, load_average_before=load_before, load_average_after=os.getloadavg(),
+        wall_s=time.perf_counter() - t0, rss_peak_bytes_max_rank=int(rss),
+        runs=rows, exchanges=exchanges,
+    )
