@@ -1,13 +1,16 @@
-"""Print the per-stream layer table: shapes, parameters, neurons and exchange bytes, from the spec.
+"""Print the per-stream layer table (shapes, parameters, neurons and exchange bytes, from the spec),
+or with --trace the shape after every step of a real forward pass, per stream.
 
   python launch/summary.py                                   # the paper: 2 streams, 227 px, 1000 classes
-  python launch/summary.py --in-channels 1 --num-classes 10 --image-size 224   # the seed's Fashion-MNIST
+  python launch/summary.py --in-channels 1 --num-classes 10 --image-size 224   # Fashion-MNIST, d2l's size
+  python launch/summary.py --trace                           # a dummy image through the model, step by step
+  python launch/summary.py --trace --layout single --image-size 67
 """
 import argparse
 
 from split_alexnet.cli import UsageError, run_main
 from split_alexnet.spec import Spec
-from split_alexnet.summary import summary_table
+from split_alexnet.summary import LAYOUTS, summary_table, trace_table
 
 
 def main(argv=None):
@@ -17,13 +20,19 @@ def main(argv=None):
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128, help="for the bytes-per-batch column")
+    p.add_argument("--trace", action="store_true",
+                   help="run a dummy (1, C, H, W) image through the model and print every step's output "
+                        "shape, per stream (builds the model: a few seconds at 227 px)")
+    p.add_argument("--layout", choices=LAYOUTS, default="streams",
+                   help="with --trace: single (one module), streams (one module per stream) or split "
+                        "(the per-rank view, shown in one process)")
     args = p.parse_args(argv)
     try:
         spec = Spec(streams=args.streams, image_size=args.image_size, in_channels=args.in_channels,
                     num_classes=args.num_classes)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    print(summary_table(spec, args.batch_size))
+    print(trace_table(spec, args.layout) if args.trace else summary_table(spec, args.batch_size))
     return 0
 
 

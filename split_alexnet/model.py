@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm
+from .lrn import local_response_norm
 from .spec import LRN, POOL, Spec
 
 
@@ -98,7 +99,7 @@ class _Layers(nn.Module):
         if layer.lrn:                             # within each stream, never across streams
             groups = self.spec.streams if self.stream is None else 1
             b, c, h, w = x.shape
-            x = F.local_response_norm(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
+            x = local_response_norm(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
         if layer.pool:
             x = F.max_pool2d(x, **POOL)
         if layer.dropout and self.training:

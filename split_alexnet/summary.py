@@ -1,4 +1,4 @@
-"""The per-stream layer table (the seed's layer-by-layer shape printout, per stream), from the spec."""
+"""Layer by layer: the per-stream table derived from the spec, and the trace of a real forward pass."""
 from .spec import PAPER_NEURONS, Spec
 
 
@@ -50,4 +50,155 @@ def summary_table(spec: Spec, batch_size=128):
     out.append(f"{'total':<24}{'':>15}{total:>13,}{total * batch_size:>18,}")
     out.append(f"(fp32; {spec.streams - 1} peer(s) per stream; data parallelism would all-reduce "
                f"{spec.params_total:,} gradients = {4 * spec.params_total:,} bytes per step instead)")
+    return "\n".join(out)
+
+
+# ---- the trace: a dummy image through a real model, every step's output shape per stream ----
+#
+# The d2l chapter's printout, `for layer in net: X = layer(X); print(layer.__class__.__name__,
+# 'output shape:\t', X.shape)`, for a net whose layers are not a Sequential: the model runs its own
+# forward, and the trace listens. `forward_plan`'s two callbacks are wrapped: `exchange` directly,
+# and each stream's `layer_fn` under a TorchFunctionMode that sees the torch functions it calls
+# (conv2d, relu, local_response_norm, max_pool2d, flatten, linear), so each step's shape is measured,
+# not derived from the spec. The model code is not changed.
+
+from dataclasses import dataclass  # noqa: E402
+from unittest import mock  # noqa: E402
+
+_STEPS = {"conv2d": "conv", "relu": "relu", "local_response_norm": "lrn", "max_pool2d": "maxpool",
+          "flatten": "flatten", "linear": "linear"}
+LAYOUTS = ("single", "streams", "split")
+_EXCHANGE_OPS = {  # what an exchange is in each layout: (before conv3..fc8, for the logits)
+    "single": ("identity (one device)", "identity (one device)"),
+    "streams": ("copy + cat on every device", "copy + cat on device 0"),
+    "split": ("all-gather, bwd reduce-scatter", "all-gather, bwd keep own slice"),
+}
+
+
+@dataclass
+class Step:
+    layer: str    # conv1..fc8, or "logits"
+    op: str       # conv, relu, lrn, maxpool, flatten, linear, exchange
+    shapes: list  # one output shape per column (per stream; one column for the single layout)
+    note: str = ""
+
+
+class _Listen:
+    """A TorchFunctionMode that records the output shape of the steps named in _STEPS."""
+
+    def __new__(cls, record):
+        from torch.overrides import TorchFunctionMode
+
+        class Listen(TorchFunctionMode):
+            def __init__(self):
+                super().__init__()
+                self.lrn_out = None
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                name = getattr(func, "__name__", "")
+                if name == "fn" and getattr(func, "__qualname__", "").startswith("boolean_dispatch"):
+                    name = "max_pool2d"  # F.max_pool2d is a dispatcher without a name of its own
+                if name in _STEPS and not (name == "flatten" and out.shape == args[0].shape):
+                    record(_STEPS[name], tuple(out.shape), "")
+                    self.lrn_out = out if name == "local_response_norm" else None
+                elif name == "reshape" and self.lrn_out is not None and args[0] is self.lrn_out:
+                    # the single layout runs LRN on (B * streams, C / streams, H, W): one group per
+                    # stream, so the window never crosses streams; the step's output is the reshape back
+                    note = (f"LRN ran on {tuple(self.lrn_out.shape)}: one group per stream"
+                            if self.lrn_out.shape != out.shape else "")
+                    record("lrn", tuple(out.shape), note, replace=True)
+                    self.lrn_out = None
+                return out
+        return Listen()
+
+
+def trace(spec: Spec, layout="streams"):
+    """Run a (1, C, H, W) zero image through `layout`; return the Steps, one shape per stream."""
+    import torch
+    from . import model as model_module
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    columns = 1 if layout == "single" else spec.streams
+    steps, current = [], {"layer": None}
+
+    def record(column, op, shape, note="", replace=False):
+        if replace:  # amend this column's last step (see _Listen)
+            last = next(s for s in reversed(steps) if s.shapes[column] is not None)
+            last.shapes[column], last.note = shape, note
+            return
+        # the step's row: the first row of this layer and op still empty in this column
+        for s in steps:
+            if s.layer == current["layer"] and s.op == op and s.shapes[column] is None:
+                s.shapes[column] = shape
+                s.note = s.note or note
+                return
+        steps.append(Step(current["layer"], op, [None] * columns, note))
+        steps[-1].shapes[column] = shape
+
+    def traced_layer_fn(column, layer_fn):
+        def run(layer, x):
+            current["layer"] = layer.name
+            with _Listen(lambda *a, **k: record(column, *a, **k)):
+                return layer_fn(layer, x)
+        return run
+
+    def traced_exchange(exchange):
+        def run(name, x):
+            current["layer"] = name
+            out = exchange(name, x)
+            outs = out if isinstance(out, (list, tuple)) else [out] + [None] * (columns - 1)
+            op = _EXCHANGE_OPS[layout][name == "logits"]
+            steps.append(Step(name, "exchange", [None if t is None else tuple(t.shape) for t in outs], op))
+            return out
+        return run
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        if layout == "single":
+            net = model_module.AlexNet(spec=spec).eval()
+            net.layer_fn = traced_layer_fn(0, net.layer_fn)
+        else:
+            net = model_module.StreamsAlexNet(spec).eval()
+            for s, stream in enumerate(net.streams):
+                stream.layer_fn = traced_layer_fn(s, stream.layer_fn)
+        x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+        plan = model_module.forward_plan
+
+        def traced_plan(spec_, x_, layer_fn, exchange):
+            return plan(spec_, x_, layer_fn, traced_exchange(exchange))
+
+        if layout == "split":
+            # in process: the streams' modules, and the exchange the collectives perform
+            # (comm.gather_for_distinct_kernels / gather_for_same_computation): every rank
+            # receives every rank's part, the logits included
+            def layer_fn(layer, xs):
+                return [s.layer_fn(layer, t) for s, t in zip(net.streams, xs)]
+
+            def exchange(name, xs):
+                return [torch.cat(xs, dim=1) for _ in xs]
+
+            traced_plan(spec, [x] * spec.streams, layer_fn, exchange)
+        else:
+            with mock.patch.object(model_module, "forward_plan", traced_plan):
+                net(x)
+    return steps
+
+
+def trace_table(spec: Spec, layout="streams"):
+    """The trace as text: one line per step, one column per stream."""
+    steps = trace(spec, layout)
+    cols = ["whole net"] if layout == "single" else [f"stream {s}" for s in range(spec.streams)]
+    where = {"single": "one module, one device",
+             "streams": f"{spec.streams} stream modules in one process",
+             "split": f"{spec.streams} ranks, shown in one process"}[layout]
+    width = max(20, *(len(str(sh)) + 2 for s in steps for sh in s.shapes))
+    readers = "" if layout == "single" else " read by every stream"
+    out = [f"{layout} layout ({where}): input (1, {spec.in_channels}, {spec.image_size}, "
+           f"{spec.image_size}){readers}; eval mode (dropout off)",
+           "",
+           f"{'layer':<8}{'step':<10}" + "".join(f"{c:<{width}}" for c in cols) + "note"]
+    for s in steps:
+        shapes = "".join(f"{'-' if sh is None else str(sh):<{width}}" for sh in s.shapes)
+        out.append(f"{s.layer:<8}{s.op:<10}{shapes}{s.note}".rstrip())
     return "\n".join(out)
