@@ -22,7 +22,8 @@ import torch
 
 from split_alexnet.bench import (EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_ratios, format_table,
                                  run_bench, write_outputs)
-from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
+from split_alexnet.cli import UsageError, env, log, run_main
+from split_alexnet.distributed import setup, teardown
 
 
 def parse_args(argv=None):
@@ -121,7 +122,7 @@ def link_main(args, world):
                 f"{row['compute_s']:.4f} + comm {row['predicted_comm_s']:.4f}), measured {row['measured_step_s']:.4f} s "
                 f"(comm {row['measured_comm_s']:.4f}, min-rank {row['measured_comm_min_rank_s']:.4f}): "
                 f"{100 * (row['predicted_step_s'] / row['measured_step_s'] - 1):+.1f} %")
-    if int(os.environ.get("RANK", "0")) == 0 and args.out:
+    if env().rank == 0 and args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "link.json"), "w") as f:
             json.dump(dict(compute_per_image_s=compute, source=source, micro_batches=args.micro_batches,
@@ -163,7 +164,7 @@ def _ints(text, flag):
 
 def main(argv=None):
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env().world
     if args.link:
         return link_main(args, world)
     batches = [args.batch_size] + [b for b in _ints(args.sweep_batch or "", "--sweep-batch")

@@ -4,13 +4,13 @@
   python launch/check.py                          # streams: every stream in this process
 """
 import argparse
-import os
 import time
 
 import torch
 
 from split_alexnet.check import criterion, format_table, run_check, verdict
-from split_alexnet.distributed import UsageError, log, run_main, setup, teardown
+from split_alexnet.cli import UsageError, env, log, run_main
+from split_alexnet.distributed import setup, teardown
 from split_alexnet.spec import Spec
 
 
@@ -42,13 +42,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    layout = args.layout or ("split" if "RANK" in os.environ else "streams")
+    proc = env()
+    layout = args.layout or ("split" if proc.torchrun else "streams")
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"eval", "train"}:
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
     if args.batch_size < 1 or args.steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
-    if layout == "streams" and "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+    if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
     ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
     try:

@@ -10,7 +10,7 @@ import argparse
 import os
 
 from split_alexnet import checkpoint as ckpt
-from split_alexnet.distributed import UsageError, run_main
+from split_alexnet.cli import UsageError, run_main
 
 
 class _Parser(argparse.ArgumentParser):

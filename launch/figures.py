@@ -6,7 +6,7 @@
 import argparse
 from pathlib import Path
 
-from split_alexnet.distributed import run_main
+from split_alexnet.cli import run_main
 from split_alexnet.figures import write_all
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures"

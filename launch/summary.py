@@ -8,7 +8,7 @@ or with --trace the shape after every step of a real forward pass, per stream.
 """
 import argparse
 
-from split_alexnet.distributed import UsageError, run_main
+from split_alexnet.cli import UsageError, run_main
 from split_alexnet.spec import Spec
 from split_alexnet.summary import LAYOUTS, summary_table, trace_table
 

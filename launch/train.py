@@ -6,8 +6,10 @@
   torchrun --nproc_per_node=2 launch/train.py --dataset mnist --data-dir DIR
 See docs/training.md and --help.
 """
-from split_alexnet.distributed import run_main, setup, teardown
-from split_alexnet.train import build, parse_config, run
+from split_alexnet.cli import run_main
+from split_alexnet.config import parse_config
+from split_alexnet.distributed import setup, teardown
+from split_alexnet.train import build, run
 
 
 def main(argv=None):

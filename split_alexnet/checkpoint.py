@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .distributed import UsageError
+from .cli import UsageError
 from .model import join_state_dicts, shard_state_dict
 from .spec import Spec
 

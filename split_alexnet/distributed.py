@@ -1,17 +1,12 @@
 """Process-group set-up for the split layout: one process per stream, NCCL on GPUs, gloo on CPU."""
-import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from .cli import UsageError, env
 from .spec import allowed_streams
-
-
-class UsageError(Exception):
-    """Bad input: the launchers print its one-line message and exit with status 2."""
 
 
 @dataclass
@@ -27,17 +22,10 @@ class Context:
         return self.rank == 0
 
 
-def log(*args, **kwargs):
-    """Print from rank 0 only (the one place the launchers log through)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
 def setup(backend=None, device=None, timeout_s=120):
     """Join the torchrun job (or run alone): refuse bad world sizes and device plans before any work."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    proc = env()
+    rank, world, local_rank, local_world = proc.rank, proc.world, proc.local_rank, proc.local_world
     if world not in allowed_streams():
         raise UsageError(f"{world} processes cannot hold the streams: the widths (96, 256, 384, 4096) "
                          f"divide into {', '.join(map(str, allowed_streams()))} streams; "
@@ -55,7 +43,7 @@ def setup(backend=None, device=None, timeout_s=120):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     device = torch.device(device or "cpu")
-    if "RANK" in os.environ:  # launched by torchrun (even with one process)
+    if proc.torchrun:  # launched by torchrun (even with one process)
         kwargs = dict(device_id=device) if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     else:
@@ -67,12 +55,3 @@ def teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-def run_main(main):
-    """Run a launcher's main(): a UsageError becomes one line on stderr and exit status 2."""
-    try:
-        sys.exit(main())
-    except UsageError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)

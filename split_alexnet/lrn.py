@@ -21,6 +21,7 @@ about 3x cheaper than pow on CPU. Every op is an ordinary tensor op: it runs on 
 """
 import torch
 from torch.autograd.function import once_differentiable
+from torch.overrides import handle_torch_function, has_torch_function_unary
 
 __all__ = ["LRNFunction", "local_response_norm"]
 
@@ -97,6 +98,8 @@ class LRNFunction(torch.autograd.Function):
 
 def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0):
     """Drop-in for `F.local_response_norm` on (N, C, *) inputs (same defaults), closed-form backward."""
+    if has_torch_function_unary(x):  # like torch.nn.functional: visible to TorchFunctionModes (the trace)
+        return handle_torch_function(local_response_norm, (x,), x, size, alpha=alpha, beta=beta, k=k)
     if x.dim() < 3:
         raise ValueError(f"local_response_norm expects (N, C, *) with at least 3 dims, got {x.dim()}")
     if x.numel() == 0:

@@ -64,7 +64,8 @@ class DropoutMasks:
 
 
 class _Layers(nn.Module):
-    """conv1..fc8 as plain nn.Conv2d / nn.Linear, for the whole net (stream=None) or one stream."""
+    """conv1..fc8 as plain nn.Conv2d / nn.Linear, for the whole net (stream=None: AlexNet) or one
+    stream (Stream): the layers and layer_fn the layouts share."""
 
     def __init__(self, spec, stream=None, dropout_seed=0, init="paper"):
         super().__init__()
@@ -91,7 +92,7 @@ class _Layers(nn.Module):
 
     def layer_fn(self, layer, x):
         if layer.kind == "fc":
-            x = x.flatten(1)                      # (B, 128*6*6) per stream at fc6
+            x = x.flatten(1)                      # fc6: (B, 256*6*6), every stream's maps, gathered
         x = getattr(self, layer.name)(x)
         if layer.relu:
             x = F.relu(x)
@@ -128,7 +129,15 @@ class AlexNet(_Layers):
 
 
 class Stream(_Layers):
-    """One stream's share of every layer: width / streams kernels (fc8: its part of the classes)."""
+    """One stream's share of every layer: width / streams kernels (fc8: its part of the classes).
+
+    The building block of the streams and split layouts (rank r of the split holds Stream(spec, r)).
+    Its parameters are named as the single layout's (conv1.weight, ...), cut along dim 0."""
+
+    def __init__(self, spec, stream, dropout_seed=0, init="paper"):
+        if not 0 <= stream < spec.streams:
+            raise ValueError(f"stream {stream} of a {spec.streams}-stream net: use 0 to {spec.streams - 1}")
+        super().__init__(spec, stream, dropout_seed, init)
 
 
 class StreamsAlexNet(nn.Module):

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from split_alexnet.bench import Config, check_config, spec_bytes_per_step
-from split_alexnet.distributed import UsageError
+from split_alexnet.cli import UsageError
 from split_alexnet.spec import Spec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

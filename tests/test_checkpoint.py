@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from split_alexnet import checkpoint as ckpt
 from split_alexnet.check import ATOL, RTOL
-from split_alexnet.distributed import UsageError
+from split_alexnet.cli import UsageError
 from split_alexnet.model import AlexNet, StreamsAlexNet
 from split_alexnet.spec import Spec
 

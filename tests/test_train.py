@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from split_alexnet.distributed import run_main
-from split_alexnet.train import build, parse_config, run
+from split_alexnet.cli import run_main
+from split_alexnet.config import parse_config
+from split_alexnet.train import build, run
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MNIST_DIR = os.path.join(ROOT, "tests", "fixtures", "mnist")
@@ -67,10 +68,11 @@ def test_metrics_schema(mnist_split):
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     assert len(train) + len(val) == len(rows)
-    assert [r["step"] for r in train] == list(range(1, 126))
+    assert [r["step"] for r in train] == list(range(1, 118))  # 3 epochs of 2,500 images in 64s: 39 steps
     for r in train:
         assert set(r) == {"split", "step", "epoch", "loss", "lr", "images_per_s"}
-        assert r["epoch"] == 0 and r["lr"] == 0.01 and r["images_per_s"] > 0 and r["loss"] > 0
+        assert r["epoch"] == (r["step"] - 1) // 39 and r["images_per_s"] > 0 and r["loss"] > 0
+        assert r["lr"] == 0.01 if r["epoch"] == 0 else r["lr"] <= 0.01
     for r in val:
         assert set(r) == {"split", "step", "epoch", "loss", "top1", "top5"}
         assert 0 <= r["top1"] <= r["top5"] <= 1
@@ -127,6 +129,37 @@ def _bad(argv, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     return err
+
+
+def _help_entries(text):
+    """--help's options as {first flag: its whole entry on one line}."""
+    entries = {}
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = " ".join(line.split())
+        elif line.startswith("   ") and entries:
+            entries[flag] += " " + " ".join(line.split())
+    return entries
+
+
+@pytest.mark.parametrize("argv, shown", [
+    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="kaiming")),
+    (["--recipe", "paper"], dict(lr="0.005", init="paper", schedule="plateau", crop="True")),
+    (["--dataset", "mnist", "--recipe", "d2l"],
+     dict(lr="0.01", momentum="0.0", batch_size="128", image_size="227", schedule="none", crop="False")),
+])
+def test_help_shows_the_defaults_a_run_uses(argv, shown, capsys):
+    """--help shows the defaults of the chosen recipe and data set, the ones parse_config returns."""
+    with pytest.raises(SystemExit) as e:
+        _main()(argv + ["--help"])
+    assert e.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    cfg = parse_config(argv)
+    for name, value in shown.items():
+        flag = "--" + name.replace("_", "-")
+        assert str(getattr(cfg, name)) == value
+        assert f"(default: {value})" in entries[flag], entries[flag]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distributed import UsageError
+from ..cli import UsageError
 from ..spec import Spec
 
 LAYOUTS = ("single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all")

@@ -7,7 +7,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..distributed import log
+from ..cli import log
 from ..spec import Spec
 from .config import cores, streams_of, threads_per_rank
 from .layouts import build_runs, lrn_labelled

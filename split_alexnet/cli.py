@@ -1,0 +1,63 @@
+"""What every launcher shares: the environment torchrun sets, bad input as one line and exit status 2,
+logging from rank 0, and one rank's error stopping every rank."""
+import os
+import sys
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """Bad input: the launchers print its one-line message and exit with status 2."""
+
+
+@dataclass(frozen=True)
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    local_world: int
+    torchrun: bool  # launched by torchrun (RANK is set), even with one process
+
+
+def env():
+    """The environment torchrun sets for each process. The one place that reads it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Env(rank=int(os.environ.get("RANK", "0")), world=world,
+               local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+               local_world=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+               torchrun="RANK" in os.environ)
+
+
+def log(*args, **kwargs):
+    """Print from rank 0 only (the one place the launchers log through)."""
+    if env().rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def run_main(main):
+    """Run a launcher's main(): a UsageError becomes one line on stderr and exit status 2."""
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        if env().rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def stop_all_on_error(fn, world):
+    """Run fn() on this rank and return its result; if it raises a UsageError on any rank, every rank
+    raises it (the lowest such rank's message), so that no rank is left waiting in a collective.
+    A collective: with world > 1 every rank of the process group must call it."""
+    result, error = None, None
+    try:
+        result = fn()
+    except UsageError as e:
+        error = str(e)
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise UsageError(error)
+    return result

@@ -1,0 +1,183 @@
+"""Training configuration: the recipes, the flags and their checks.
+
+The flags have one source of defaults, argparse's, set in two passes: the first learns --recipe and
+--dataset, the second parses with the recipe's values and then the data set's as the defaults (a flag
+overrides both). So --help shows the defaults the run would use, e.g. `--dataset mnist --help`.
+"""
+import argparse
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .cli import UsageError, env
+from .data import DATASETS
+
+# Every value here can be overridden by its flag (--lr, --momentum, ...), and the data set's defaults
+# (data.DATASETS[name].defaults) apply over the recipe's.
+# §4-5 of the paper: SGD with momentum and weight decay, lr / 10 on a validation plateau, N(0, 0.01)
+# weights with biases 1 in conv2/4/5, fc6, fc7, random crops + flips + PCA lighting.
+_PAPER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="paper", batch_size=128, epochs=90,
+              schedule="plateau", crop=True, flip=True, lighting=0.1)
+RECIPES = {
+    "paper": _PAPER,
+    # the default: the paper's recipe with He initialisation. The paper's N(0, 0.01) with biases 1 gave a
+    # flat loss here (as Caffe's readme says it did there), and so did Xavier: see docs/training.md.
+    "paper-he": {**_PAPER, "init": "kaiming"},
+    # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized, 3 epochs.
+    "d2l": dict(lr=0.01, momentum=0.0, weight_decay=0.0, init="d2l", batch_size=128, epochs=3,
+                schedule="none", crop=False, flip=False, lighting=0.0),
+}
+INITS = ("paper", "caffe", "kaiming", "d2l", "torch")
+
+
+@dataclass
+class Config:
+    """One run's settings, one field per flag (the defaults are the parser's: see build_parser)."""
+    layout: str
+    dataset: str
+    data_dir: str
+    download: bool
+    split_test: int
+    train_size: int
+    val_size: int
+    recipe: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    init: str
+    batch_size: int
+    epochs: int
+    max_steps: int
+    schedule: str
+    lr_factor: float
+    lr_patience: int
+    crop: bool
+    flip: bool
+    lighting: float
+    ten_crop: bool
+    image_size: int
+    streams: int
+    seed: int
+    dropout_seed: int
+    workers: int
+    device: str
+    devices: str
+    backend: str
+    timeout: float
+    out: str
+    save_every: int
+    resume: str
+    plot: bool
+    quiet: bool
+    log_every: int
+    eval_every: int
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other bad input
+        raise UsageError(f"{message} (see --help)")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, but an empty one (its help says in words what it means)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
+
+
+def build_parser(add_help=True):
+    """The flags. Those the recipe or the data set decide have no default here: parse_config sets them."""
+    p = _Parser(description="Train the 2012 two-stream AlexNet.", add_help=add_help,
+                formatter_class=_Help,
+                epilog="torchrun --nproc_per_node=2 launch/train.py   # split layout, shapes, defaults")
+    B = argparse.BooleanOptionalAction
+    p.add_argument("--layout", choices=["single", "streams", "split"],
+                   default="split" if env().torchrun else "single",
+                   help="split under torchrun, single otherwise (here: %(default)s)")
+    p.add_argument("--dataset", choices=list(DATASETS), default="shapes", help="see docs/training.md")
+    p.add_argument("--data-dir", default="data", help="where the data set's files are (or are downloaded)")
+    p.add_argument("--download", action=B, default=True, help="let torchvision download missing files")
+    p.add_argument("--split-test", type=int, default=0, metavar="N", help="mnist/fashion-mnist: train on "
+                   "the test files but their last N images, validate on those N (when only t10k-* exist)")
+    p.add_argument("--train-size", type=int, default=0, help="shapes/random: images per epoch")
+    p.add_argument("--val-size", type=int, default=0, help="shapes/random: validation images")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper-he",
+                   help="paper-he: the paper's with He init; paper: as published; d2l: the seed's")
+    p.add_argument("--lr", type=float, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="SGD weight decay")
+    p.add_argument("--init", choices=INITS, help="paper: N(0,0.01), biases 1; caffe: bvlc_alexnet's "
+                   "(N(0,0.01), fc6/fc7 N(0,0.005), biases 0.1); kaiming: He normal, biases 0; d2l: Xavier; "
+                   "torch: PyTorch's default")
+    p.add_argument("--batch-size", type=int, help="images per SGD step (every rank sees the whole batch)")
+    p.add_argument("--epochs", type=int, help="passes over the training set")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
+    p.add_argument("--schedule", choices=["none", "plateau"], help="plateau: lr * --lr-factor when the "
+                   "validation loss stops improving for --lr-patience evaluations")
+    p.add_argument("--lr-factor", type=float, default=0.1, help="plateau: lr multiplier")
+    p.add_argument("--lr-patience", type=int, default=0,
+                   help="plateau: evaluations without improvement before the lr drops")
+    p.add_argument("--crop", action=B, help="random crops from a resize to size*256/224 (eval: centre crop)")
+    p.add_argument("--flip", action=B, help="random horizontal flips")
+    p.add_argument("--lighting", type=float, help="PCA colour lighting sigma (0: off; RGB only)")
+    p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops, softmax averaged")
+    p.add_argument("--image-size", type=int, help="the model's input (>= 67)")
+    p.add_argument("--streams", type=int, default=2, help="single/streams layouts (split: one per process)")
+    p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
+    p.add_argument("--dropout-seed", type=int, default=0, help="dropout masks")
+    p.add_argument("--workers", type=int, help="data loader processes per rank",
+                   default=0 if not torch.cuda.is_available() else min(4, (os.cpu_count() or 1) // 2))
+    p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK with NCCL, cuda if any, else cpu")
+    p.add_argument("--devices", default="", help="streams layout: comma-separated, one per stream")
+    p.add_argument("--backend", choices=["nccl", "gloo"], default="", help="split: default nccl with GPUs, "
+                   "else gloo")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a collective waits for a peer before the job ends")
+    p.add_argument("--out", default="", help="default: a new folder under runs/")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end")
+    p.add_argument("--resume", default="", help="a checkpoint (or run) directory to continue from")
+    p.add_argument("--plot", action="store_true", help="write curves.png")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines but errors")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines without a bar")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
+    return p
+
+
+def parse_config(argv=None):
+    first, _ = build_parser(add_help=False).parse_known_args(argv)   # which recipe, which data set
+    p = build_parser()
+    p.set_defaults(**{**RECIPES[first.recipe], **DATASETS[first.dataset].defaults})
+    cfg = Config(**vars(p.parse_args(argv)))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    checks = [
+        (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: use 1 or more"),
+        (cfg.epochs >= 1, f"--epochs {cfg.epochs}: use 1 or more"),
+        (cfg.max_steps >= 0, f"--max-steps {cfg.max_steps}: use 0 (no limit) or more"),
+        (cfg.lr > 0 and math.isfinite(cfg.lr), f"--lr {cfg.lr}: use a positive number such as 0.01"),
+        (0 <= cfg.momentum < 1, f"--momentum {cfg.momentum}: use 0 <= momentum < 1"),
+        (cfg.weight_decay >= 0, f"--weight-decay {cfg.weight_decay}: use 0 or more"),
+        (0 < cfg.lr_factor < 1, f"--lr-factor {cfg.lr_factor}: use 0 < factor < 1"),
+        (cfg.lighting >= 0, f"--lighting {cfg.lighting}: use 0 (off) or a sigma such as 0.1"),
+        (cfg.workers >= 0, f"--workers {cfg.workers}: use 0 or more"),
+        (cfg.timeout > 0, f"--timeout {cfg.timeout}: use a positive number of seconds"),
+        (cfg.save_every >= 0, f"--save-every {cfg.save_every}: use 0 (only at the end: off) or more"),
+        (cfg.log_every >= 1 and cfg.eval_every >= 0, "--log-every must be >= 1 and --eval-every >= 0"),
+        (cfg.split_test >= 0 and cfg.train_size >= 0 and cfg.val_size >= 0,
+         "--split-test, --train-size and --val-size must be 0 or more"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    proc = env()
+    if cfg.layout != "split" and proc.world > 1:
+        raise UsageError(f"--layout {cfg.layout} runs in one process: use python launch/train.py, not "
+                         f"torchrun with {proc.world} processes")
+    if cfg.layout == "split" and not proc.torchrun:
+        raise UsageError("--layout split runs one process per stream: launch it with "
+                         "torchrun --nproc_per_node=2 launch/train.py")
