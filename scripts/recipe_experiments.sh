@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The experiments of docs/training.md ("The init question at the paper's input scale" and "The paper's
+# one-GPU comparison"): every run is `launch/train.py --recipe paper` on one thread, single layout, 67 px.
+#   scripts/recipe_experiments.sh init   # 3 inits x (MNIST fixture, shapes), 300 steps each
+#   scripts/recipe_experiments.sh half   # --net paper vs --net half, same recipe, seeds and data
+#   python scripts/plot_recipe.py        # docs/init-curves.png and the tables
+# OUT (default runs/recipe) holds one folder per run; MNIST reads a copy of the fixture in OUT/mnist (so
+# the mean image is cached there, not in the repository).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/recipe}
+PY=${PY:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+mkdir -p "$OUT"
+[ -d "$OUT/mnist" ] || cp -r tests/fixtures/mnist "$OUT/mnist"
+MNIST=(--dataset mnist --data-dir "$OUT/mnist" --split-test 500 --image-size 67 --batch-size 64 --no-flip)
+SHAPES=(--dataset shapes --image-size 67 --batch-size 64)
+COMMON=(--recipe paper --layout single --seed 0 --dropout-seed 0 --quiet)
+
+run() {  # name, args...
+  local name=$1; shift
+  [ -f "$OUT/$name/metrics.jsonl" ] && { echo "skip $name (done)"; return; }
+  echo "run $name: $*"
+  /usr/bin/time -f "$name wall %e s" $PY launch/train.py "${COMMON[@]}" "$@" --out "$OUT/$name" \
+    > "$OUT/$name.log" 2>&1 || echo "$name: exit $? (see $OUT/$name.log)"
+}
+
+case "${1:-init}" in
+  init)   # 300 steps, validation (centre crop) every 50 steps
+    for init in paper caffe kaiming; do
+      run "init-mnist-$init" "${MNIST[@]}" --init "$init" --max-steps 300 --eval-every 50 --no-ten-crop &
+      run "init-shapes-$init" "${SHAPES[@]}" --init "$init" --max-steps 300 --eval-every 50 --no-ten-crop
+      wait
+    done ;;
+  half)   # both nets, the default recipe's init (INIT), 8 epochs of the MNIST fixture, 600 steps of shapes;
+          # validation each epoch (MNIST) / 200 steps (shapes), the last one ten-crop as the paper reports
+    INIT=${INIT:-kaiming}
+    for net in paper half; do
+      run "half-mnist-$net" "${MNIST[@]}" --net "$net" --init "$INIT" --epochs 8 &
+      run "half-shapes-$net" "${SHAPES[@]}" --net "$net" --init "$INIT" --max-steps 600 --eval-every 200
+      wait
+    done ;;
+esac
