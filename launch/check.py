@@ -18,8 +18,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=["split", "streams"], default=None,
                    help="default: split under torchrun, streams otherwise")
-    p.add_argument("--streams", type=int, default=2, help="streams for the streams layout "
-                   "(the split layout has one per process)")
+    p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
+                   "net (§3.2), one stream: streams layout only (its one stream against the single layout)")
+    p.add_argument("--streams", type=int, default=None, help="streams for the streams layout, default 2 "
+                   "(--net half: 1; the split layout has one per process)")
     p.add_argument("--devices", default=None, help="streams layout: comma-separated devices, one per "
                    "stream (default: all on --device)")
     p.add_argument("--image-size", type=int, default=227)
@@ -49,14 +51,17 @@ def main(argv=None):
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
     if args.batch_size < 1 or args.steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
+    if args.net == "half" and layout == "split":
+        raise UsageError("--net half is the paper's one-GPU net (one stream): it has no split layout; "
+                         "run python launch/check.py --net half (streams layout, one stream)")
     if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
     ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
     try:
-        streams = ctx.world if layout == "split" else args.streams
+        streams = ctx.world if layout == "split" else (args.streams or (1 if args.net == "half" else 2))
         try:
             spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
-                        num_classes=args.num_classes)
+                        num_classes=args.num_classes, net=args.net)
         except ValueError as e:
             raise UsageError(str(e)) from None
         device = ctx.device if ctx else torch.device(args.device or "cpu")

@@ -5,6 +5,7 @@ or with --trace the shape after every step of a real forward pass, per stream.
   python launch/summary.py --in-channels 1 --num-classes 10 --image-size 224   # Fashion-MNIST, d2l's size
   python launch/summary.py --trace                           # a dummy image through the model, step by step
   python launch/summary.py --trace --layout single --image-size 67
+  python launch/summary.py --net half                        # the paper's one-GPU comparison net (§3.2)
 """
 import argparse
 
@@ -15,7 +16,9 @@ from split_alexnet.summary import LAYOUTS, summary_table, trace_table
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--streams", type=int, default=2)
+    p.add_argument("--net", choices=["paper", "half"], default="paper",
+                   help="paper: the two-GPU net; half: the paper's one-GPU comparison net (§3.2), one stream")
+    p.add_argument("--streams", type=int, default=None, help="default: 2 (--net half: 1)")
     p.add_argument("--image-size", type=int, default=227)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=1000)
@@ -28,8 +31,8 @@ def main(argv=None):
                         "(the per-rank view, shown in one process)")
     args = p.parse_args(argv)
     try:
-        spec = Spec(streams=args.streams, image_size=args.image_size, in_channels=args.in_channels,
-                    num_classes=args.num_classes)
+        spec = Spec(streams=args.streams or (1 if args.net == "half" else 2), image_size=args.image_size,
+                    in_channels=args.in_channels, num_classes=args.num_classes, net=args.net)
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(trace_table(spec, args.layout) if args.trace else summary_table(spec, args.batch_size))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The experiments of docs/training.md ("The init question at the paper's input scale" and "The paper's
 # one-GPU comparison"): every run is `launch/train.py --recipe paper` on one thread, single layout, 67 px.
-#   scripts/recipe_experiments.sh init   # 3 inits x (MNIST fixture, shapes), 300 steps each
+#   scripts/recipe_experiments.sh init   # 3 inits x (MNIST fixture, shapes), 200 steps each
 #   scripts/recipe_experiments.sh half   # --net paper vs --net half, same recipe, seeds and data
 #   python scripts/plot_recipe.py        # docs/init-curves.png and the tables
 # OUT (default runs/recipe) holds one folder per run; MNIST reads a copy of the fixture in OUT/mnist (so
@@ -26,18 +26,21 @@ run() {  # name, args...
 }
 
 case "${1:-init}" in
-  init)   # 300 steps, validation (centre crop) every 50 steps
+  init)   # 200 steps, validation (centre crop) every 50 steps
     for init in paper caffe kaiming; do
-      run "init-mnist-$init" "${MNIST[@]}" --init "$init" --max-steps 300 --eval-every 50 --no-ten-crop &
-      run "init-shapes-$init" "${SHAPES[@]}" --init "$init" --max-steps 300 --eval-every 50 --no-ten-crop
+      run "init-mnist-$init" "${MNIST[@]}" --init "$init" --max-steps 200 --eval-every 50 --no-ten-crop &
+      run "init-shapes-$init" "${SHAPES[@]}" --init "$init" --max-steps 200 --eval-every 50 --no-ten-crop
       wait
     done ;;
-  half)   # both nets, the default recipe's init (INIT), 8 epochs of the MNIST fixture, 600 steps of shapes;
-          # validation each epoch (MNIST) / 200 steps (shapes), the last one ten-crop as the paper reports
+  half)   # both nets with the default recipe's init (INIT): 5 epochs of the MNIST fixture (195 steps),
+          # ten-crop validation after each epoch, as the paper reports; then shapes (SHAPES_HALF=1), 400 steps
     INIT=${INIT:-kaiming}
-    for net in paper half; do
-      run "half-mnist-$net" "${MNIST[@]}" --net "$net" --init "$INIT" --epochs 8 &
-      run "half-shapes-$net" "${SHAPES[@]}" --net "$net" --init "$INIT" --max-steps 600 --eval-every 200
+    run "half-mnist-paper" "${MNIST[@]}" --net paper --init "$INIT" --epochs 5 &
+    run "half-mnist-half" "${MNIST[@]}" --net half --init "$INIT" --epochs 5
+    wait
+    if [ -n "${SHAPES_HALF:-}" ]; then
+      run "half-shapes-paper" "${SHAPES[@]}" --net paper --init "$INIT" --max-steps 400 --eval-every 400 &
+      run "half-shapes-half" "${SHAPES[@]}" --net half --init "$INIT" --max-steps 400 --eval-every 400
       wait
-    done ;;
+    fi ;;
 esac
