@@ -2,7 +2,9 @@
 # The experiments of docs/training.md ("The init question at the paper's input scale" and "The paper's
 # one-GPU comparison"): every run is `launch/train.py --recipe paper` on one thread, single layout, 67 px.
 #   scripts/recipe_experiments.sh init   # 3 inits x (MNIST fixture, shapes), 200 steps each
-#   scripts/recipe_experiments.sh half   # --net paper vs --net half, same recipe, seeds and data
+#   scripts/recipe_experiments.sh long   # Caffe's init on shapes, 500 steps
+#   NET=paper scripts/recipe_experiments.sh half; NET=half scripts/recipe_experiments.sh half
+#                                         # --net paper vs --net half, same recipe, seeds and data
 #   python scripts/plot_recipe.py        # docs/init-curves.png and the tables
 # OUT (default runs/recipe) holds one folder per run; MNIST reads a copy of the fixture in OUT/mnist (so
 # the mean image is cached there, not in the repository).
@@ -32,15 +34,11 @@ case "${1:-init}" in
       run "init-shapes-$init" "${SHAPES[@]}" --init "$init" --max-steps 200 --eval-every 50 --no-ten-crop
       wait
     done ;;
-  half)   # both nets with the default recipe's init (INIT): 5 epochs of the MNIST fixture (195 steps),
-          # ten-crop validation after each epoch, as the paper reports; then shapes (SHAPES_HALF=1), 400 steps
-    INIT=${INIT:-kaiming}
-    run "half-mnist-paper" "${MNIST[@]}" --net paper --init "$INIT" --epochs 5 &
-    run "half-mnist-half" "${MNIST[@]}" --net half --init "$INIT" --epochs 5
-    wait
-    if [ -n "${SHAPES_HALF:-}" ]; then
-      run "half-shapes-paper" "${SHAPES[@]}" --net paper --init "$INIT" --max-steps 400 --eval-every 400 &
-      run "half-shapes-half" "${SHAPES[@]}" --net half --init "$INIT" --max-steps 400 --eval-every 400
-      wait
-    fi ;;
+  long)   # Caffe's init, the one of the three that left the flat start within 200 steps on MNIST:
+          # shapes for 500 steps (validation, centre crop, every 100)
+    run "init-shapes-caffe-500" "${SHAPES[@]}" --init caffe --max-steps 500 --eval-every 100 --no-ten-crop ;;
+  half)   # both nets, same recipe (the paper's with INIT, default Caffe's), seeds and data: 8 epochs of the
+          # MNIST fixture (312 steps), ten-crop validation every 2 epochs (78 steps), as the paper reports
+    INIT=${INIT:-caffe}
+    run "half-mnist-$NET" "${MNIST[@]}" --net "$NET" --init "$INIT" --epochs 8 --eval-every 78 ;;
 esac

@@ -16,9 +16,13 @@ from split_alexnet.train import build, run
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MNIST_DIR = os.path.join(ROOT, "tests", "fixtures", "mnist")
 # MNIST at 67 px (upsampled from 28): the fixture's first 2,500 images train (3 epochs of 39 steps), the
-# last 500 are held out. No flips (digits are not mirror-symmetric); random crops from 77 px stay on.
+# last 500 are held out. No flips (digits are not mirror-symmetric); random crops from 77 px stay on. These
+# tests are about the layouts, not the recipe: they pin the recipe that learns in 117 steps, the paper's
+# with He init on per-channel standardised input (at the paper's 0-255 input the paper's and Caffe's
+# inits need hundreds of steps and He's diverges: docs/training.md), and the centre-crop evaluation.
 MNIST_ARGS = ["--dataset", "mnist", "--data-dir", MNIST_DIR, "--split-test", "500", "--image-size", "67",
-              "--epochs", "3", "--batch-size", "64", "--no-flip", "--seed", "0", "--dropout-seed", "0"]
+              "--epochs", "3", "--batch-size", "64", "--no-flip", "--seed", "0", "--dropout-seed", "0",
+              "--recipe", "paper-he", "--preprocess", "channel", "--no-ten-crop"]
 # fp32: split and single differ only in summation order (grouped conv vs per-stream convs, all-gathered
 # fc inputs, reduce-scattered gradients): each sum ~sqrt(K) * 2^-24 relative, compounded by the SGD
 # steps. Measured on the 2-core CPU: at most 1.7e-7 relative over these 6 steps. 1e-5 leaves room for
@@ -144,7 +148,7 @@ def _help_entries(text):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="kaiming")),
+    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="caffe")),
     (["--recipe", "paper"], dict(lr="0.005", init="paper", schedule="plateau", crop="True")),
     (["--dataset", "mnist", "--recipe", "d2l"],
      dict(lr="0.01", momentum="0.0", batch_size="128", image_size="227", schedule="none", crop="False")),
