@@ -29,6 +29,13 @@ def env():
                torchrun="RANK" in os.environ)
 
 
+def rendezvous():
+    """(MASTER_ADDR, MASTER_PORT, under torchrun's agent): where the rendezvous store listens. Under
+    torchrun the agent holds it (TORCHELASTIC_RUN_ID is set); launched by hand, rank 0 does."""
+    return (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+            "TORCHELASTIC_RUN_ID" in os.environ)
+
+
 def log(*args, **kwargs):
     """Print from rank 0 only (the one place the launchers log through)."""
     if env().rank == 0:
