@@ -11,6 +11,10 @@ class UsageError(Exception):
     """Bad input: the launchers print its one-line message and exit with status 2."""
 
 
+class RankError(UsageError):
+    """Bad input found by one rank alone (no collective to share it): printed by the rank that raised it."""
+
+
 @dataclass(frozen=True)
 class Env:
     rank: int
@@ -47,7 +51,7 @@ def run_main(main):
     try:
         sys.exit(main())
     except UsageError as e:
-        if env().rank == 0:
+        if env().rank == 0 or isinstance(e, RankError):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -5,7 +5,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import UsageError, env, rendezvous
+from .cli import RankError, UsageError, env, rendezvous
 from .spec import allowed_streams
 
 
@@ -84,7 +84,7 @@ def hand_launch_store(rank, world, timeout_s, answer_s=10.0):
             break
         except OSError:
             if time.monotonic() > deadline:
-                raise UsageError(f"rank {rank}: nothing listens on MASTER_ADDR:MASTER_PORT {addr}:{port} after "
+                raise RankError(f"rank {rank}: nothing listens on MASTER_ADDR:MASTER_PORT {addr}:{port} after "
                                  f"{timeout_s:g} s: start rank 0 with the same MASTER_ADDR and MASTER_PORT") from None
             time.sleep(0.5)
     result = []
@@ -93,6 +93,6 @@ def hand_launch_store(rank, world, timeout_s, answer_s=10.0):
     t.start()
     t.join(answer_s)
     if not result:
-        raise UsageError(f"rank {rank}: {addr}:{port} accepted the connection but did not answer as rank 0's "
+        raise RankError(f"rank {rank}: {addr}:{port} accepted the connection but did not answer as rank 0's "
                          f"store within {answer_s:g} s: another program holds MASTER_PORT {port}; {fix}")
     return result[0]
