@@ -100,6 +100,15 @@ def remove_stale_temps(folders, names):
     return removed
 
 
+def run_dir_of(path):
+    """The run directory of RUN/checkpoints/stepN (else PATH itself): where an interrupted save of the
+    run a resume starts from may have left its temporary files."""
+    parent = os.path.dirname(os.path.abspath(path)) if path else ""
+    if path and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent)
+    return path
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

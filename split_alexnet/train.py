@@ -149,7 +149,8 @@ def evaluate(job):
 def save_checkpoint(job, state):
     path = os.path.join(job.out, "checkpoints", f"step{state['step']:07d}")
     guard.phase(f"checkpoint write at step {state['step']}")
-    ckpt.remove_stale_temps([job.out, job.cfg.resume], set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
+    ckpt.remove_stale_temps([job.out, ckpt.run_dir_of(job.cfg.resume)],
+                            set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
     ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()})
     if job.world > 1:
         dist.barrier()                             # every shard written before meta marks it complete

@@ -160,6 +160,7 @@ def test_stopped_rank_ends_the_job_naming_it(good_run, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             os.kill(pid, signal.SIGKILL)
     took = time.monotonic() - t0
+    print(f"SIGSTOP of rank 1 -> job ended in {took:.1f} s")
     assert proc.returncode != 0 and took < 35, (took, err[-2000:])
     assert "error: rank 1 stopped answering: no heartbeat for 1" in err, err[-2000:]
     assert "rank 0 waited in training step" in err and "was stopped (SIGSTOP): ended it" in err, err[-2000:]
@@ -175,7 +176,9 @@ def test_killed_agent_leaves_no_orphans(tmp_path):
     assert all(ranks), ranks
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    t0 = time.monotonic()
     gone = _wait_for(lambda: not any(_alive(p) for p in ranks), 10)
+    print(f"SIGKILL of the agent -> ranks gone in {time.monotonic() - t0:.2f} s")
     for p in ranks:
         if _alive(p):
             os.kill(p, signal.SIGKILL)
@@ -197,6 +200,7 @@ def test_rank_killed_during_checkpoint_write(good_run, tmp_path):
     os.kill(pid, signal.SIGKILL)
     t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
+    print(f"SIGKILL of rank 1 mid-write -> job ended in {time.monotonic() - t0:.1f} s")
     assert proc.returncode != 0 and time.monotonic() - t0 < 30
     stale = tmp()
     assert stale, "the kill came after the write: no temporary file to clean"
