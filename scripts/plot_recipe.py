@@ -58,22 +58,22 @@ def init_tables(runs):
 def half_table(runs):
     out = ["\nhalf-width comparison (final validation, ten-crop): error = 1 - accuracy\n",
            "| data | net | params | val top-1 error | val top-5 error | val loss | steps |", "|---|---|---|---|---|---|---|"]
-    for ds in SETS:
+    for ds, prefix in (("mnist", "half"), ("mnist", "halffast"), ("shapes", "half")):
         for net in ("paper", "half"):
-            m = load(runs, f"half-{ds}-{net}")
+            m = load(runs, f"{prefix}-{ds}-{net}")
             if m is None:
                 continue
             val = [r for r in m if r["split"] == "val"]
             if not val:
                 continue
-            cfg = json.load(open(os.path.join(runs, f"half-{ds}-{net}", "config.json")))
+            cfg = json.load(open(os.path.join(runs, f"{prefix}-{ds}-{net}", "config.json")))
             from split_alexnet.spec import Spec
             params = Spec(**cfg["spec"]).params_total
             last = val[-1]
             top5 = "-" if last["top5"] is None else f"{100 * (1 - last['top5']):.1f} %"
-            out.append(f"| {ds} | {net} | {params:,} | {100 * (1 - last['top1']):.1f} % | {top5} | "
+            out.append(f"| {ds} ({prefix}: {cfg['recipe']}, {cfg['preprocess']} input) | {net} | {params:,} | {100 * (1 - last['top1']):.1f} % | {top5} | "
                        f"{last['loss']:.4f} | {last['step']} |")
-            out.append("|  |  | per epoch top-1 | " + ", ".join(f"{r['top1']:.3f}" for r in val) + " | | | |")
+            out.append("|  |  | top-1 at each evaluation | " + ", ".join(f"{r['top1']:.3f}" for r in val) + " | | | |")
     return "\n".join(out)
 
 
@@ -93,6 +93,10 @@ def plot(runs, path):
             smooth = [loss_at(train, s, 10) for s in steps]
             ax.plot(steps, [r["loss"] for r in train], color=colours[init], alpha=0.2, lw=0.8)
             ax.plot(steps, smooth, color=colours[init], lw=1.6, label=f"--init {init}")
+            nan = next((r["step"] for r in train if r["loss"] != r["loss"]), None)
+            if nan is not None:                    # off the chart: say where it went
+                ax.text(5, 3.6, f"--init {init}: loss {train[0]['loss']:.0f} at step 1, NaN at step {nan}",
+                        color=colours[init], fontsize=8)
         long = load(runs, LONG.get((ds, "caffe"), ""))
         if long:
             train = [r for r in long if r["split"] == "train"]

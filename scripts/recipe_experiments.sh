@@ -5,6 +5,7 @@
 #   scripts/recipe_experiments.sh long   # Caffe's init on shapes, 500 steps
 #   NET=paper scripts/recipe_experiments.sh half; NET=half scripts/recipe_experiments.sh half
 #                                         # --net paper vs --net half, same recipe, seeds and data
+#   NET=paper scripts/recipe_experiments.sh half-fast; NET=half ...      # the same on He + standardised input
 #   python scripts/plot_recipe.py        # docs/init-curves.png and the tables
 # OUT (default runs/recipe) holds one folder per run; MNIST reads a copy of the fixture in OUT/mnist (so
 # the mean image is cached there, not in the repository).
@@ -41,4 +42,7 @@ case "${1:-init}" in
           # MNIST fixture (312 steps), ten-crop validation every 2 epochs (78 steps), as the paper reports
     INIT=${INIT:-caffe}
     run "half-mnist-$NET" "${MNIST[@]}" --net "$NET" --init "$INIT" --epochs 8 --eval-every 78 ;;
+  half-fast)  # the same pair on the recipe that learns within tens of steps (He's init on standardised
+              # input, docs/training.md): 3 epochs (117 steps), ten-crop validation each epoch
+    run "halffast-mnist-$NET" "${MNIST[@]}" --net "$NET" --recipe paper-he --preprocess channel --epochs 3 ;;
 esac

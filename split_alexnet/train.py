@@ -73,6 +73,8 @@ def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
     """The training set's mean image for --preprocess paper: rank 0 reads or computes and caches it,
     then the other ranks read it (data sets in files); generated data sets compute it on every rank."""
     side = paper_side(cfg.image_size)
+    train_raw = Seeded(train_raw, lambda img: img, cfg.seed)   # read as training reads: --bad-images applies
+    train_raw.bad_images = cfg.bad_images
     if not dataset(cfg.dataset).files:
         return mean_image(train_raw, side), f"computed from {len(train_raw)} generated training images"
     path = mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw))
