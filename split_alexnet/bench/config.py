@@ -2,15 +2,13 @@
 import os
 from dataclasses import dataclass
 
-import torch
-
 from ..cli import UsageError
+from ..precision import PRECISIONS, check_precision
 from ..spec import Spec
 
 LAYOUTS = ("single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all")
 EXTRA_LAYOUTS = ("streams",)  # on request: every stream in one process, on one device
 ONE_PROCESS = ("single", "streams", "torchvision", "torchvision-all")  # run on rank 0 (or alone)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCHVISION_MIN_SIZE = 63  # torchvision's alexnet: 63 px -> 15 -> 7 -> 3 -> 3 -> 1 (adaptive pool after)
 
 
@@ -58,28 +56,9 @@ def threads_per_rank(world):
     return max(1, cores() // max(world, 1))
 
 
-def autocast_works(device_type, dtype):
-    """Whether torch.autocast(device_type, dtype) really computes a convolution in dtype here."""
-    import warnings
-    if device_type == "cuda":
-        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an unsupported dtype warns and disables autocast
-            with torch.autocast(device_type, dtype=dtype):
-                out = torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3))
-        return out.dtype == dtype
-    except (RuntimeError, ValueError):
-        return False
-
-
 def check_config(cfg, world, device_type):
     """Refuse bad input before any work: one line naming the problem and the fix."""
-    if cfg.precision not in PRECISIONS:
-        raise UsageError(f"--precision {cfg.precision}: use fp32, bf16 or fp16")
-    if cfg.autocast_dtype is not None and not autocast_works(device_type, cfg.autocast_dtype):
-        raise UsageError(f"--precision {cfg.precision}: torch {torch.__version__} has no {device_type} "
-                         f"autocast to {cfg.precision}: use --precision bf16 or fp32 on {device_type}")
+    check_precision(cfg.precision, device_type)
     bad = [l for l in cfg.layouts if l not in LAYOUTS + EXTRA_LAYOUTS]
     if bad or not cfg.layouts:
         raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(LAYOUTS + EXTRA_LAYOUTS)}")

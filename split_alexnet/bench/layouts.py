@@ -26,12 +26,10 @@ def lrn_labelled():
     `F.local_response_norm` (torch.nn.functional), and, where model.py imports its own LRN function as
     `local_response_norm` (split_alexnet/lrn.py), that name in split_alexnet.model. Both are wrapped if
     present, so the LRN is labelled in every layout (single, streams, split, split-overlap, ddp) without
-    touching the model; nested "lrn" ranges (one calling the other) count once. Under autocast
-    F.local_response_norm's own ops run in fp32 (autocast's fp32 list holds avg_pool3d on CPU and pow on
-    CUDA), so its output is fp32; the wrapper casts it back to its input's dtype, so that the
-    activations after LRN, and so the conv3 exchange, carry the autocast dtype like every other layer's
-    (what a half-precision LRN returns). Outside autocast the cast is a no-op. A model whose LRN is
-    reached by neither name is not labelled: the bench then reports no LRN share (null), never 0.
+    touching the model; nested "lrn" ranges (one calling the other) count once. The wrapper only
+    labels: the model's LRN (split_alexnet/lrn.py) itself returns its input's dtype under autocast
+    (computed in fp32 inside), so the bench times what training runs. A model whose LRN is reached by
+    neither name is not labelled: the bench then reports no LRN share (null), never 0.
     """
     from .. import model
     targets = [(F, "local_response_norm")]
@@ -42,7 +40,7 @@ def lrn_labelled():
     def wrap(original):
         def labelled(x, *args, **kwargs):
             with record_function(LRN_LABEL):
-                return original(x, *args, **kwargs).to(x.dtype)
+                return original(x, *args, **kwargs)
         return labelled
 
     for (mod, name), original in zip(targets, originals):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .. import comm
+from .. import comm, precision
 from . import profile
 from .config import threads_per_rank
 
@@ -117,8 +117,7 @@ def step(run, x, y, clock, track_memory=False, autocast_dtype=None):
     sync = torch.cuda.synchronize if cuda else None  # a collective's own time
     with comm.metered(sync) as meter, record_function(f"step:{run.label}"):
         t0 = clock()
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with precision.autocast(x.device.type, autocast_dtype):
             if saved:
                 with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                     out = run.forward(run.net, x)

@@ -31,7 +31,7 @@ def run_bench(cfg, ctx):
         f"{','.join(map(str, cfg.batch_sizes))}; {cfg.warmup} warm-up + {cfg.steps} measured steps each, "
         f"interleaved; load average {load_before[0]:.2f}")
     t0 = time.perf_counter()
-    with lrn_labelled():  # a profiler range "lrn" around each LRN (and its output in the autocast dtype)
+    with lrn_labelled():  # a profiler range "lrn" around each LRN
         for i, batch in enumerate(cfg.batch_sizes):
             measure(runs, spec, batch, cfg, ctx, profile_dir=cfg.profile if i == 0 else None)
             log(f"  batch {batch} done ({time.perf_counter() - t0:.0f} s)")
