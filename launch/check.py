@@ -8,9 +8,11 @@ import time
 
 import torch
 
-from split_alexnet.check import criterion, format_table, run_check, verdict
+from split_alexnet.allocator import apply_keep_freed_memory
+from split_alexnet.check import AUTOCAST, criterion, format_table, run_check, verdict
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
+from split_alexnet.precision import check_precision
 from split_alexnet.spec import Spec
 
 
@@ -30,18 +32,27 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="eval,train", help="eval, train (dropout on), or both")
     p.add_argument("--init", choices=["d2l", "paper"], default="d2l",
                    help="weights the layouts are compared at (see docs/equivalence.md)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="precision of the logits and loss; gradients and SGD steps are always compared in float64 "
-                   "(fp32 cannot rule on them: see docs/equivalence.md)")
+    p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
+                   help="precision of the logits and loss: fp32 (float32), fp64 (float64), or bf16/fp16 "
+                   "through torch.autocast with fp32 weights; gradients and SGD steps are always compared "
+                   "in float64 (fp32 cannot rule on them: see docs/equivalence.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with NCCL, else cpu")
     p.add_argument("--backend", choices=["nccl", "gloo"], default=None)
     p.add_argument("--timeout", type=float, default=120, help="seconds a collective may wait for a peer")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc: keep freed buffers for reuse (split_alexnet/allocator.py)")
     return p.parse_args(argv)
+
+
+# --precision's names (the bench's) and the torch dtype names --dtype took before it
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def main(argv=None):
     args = parse_args(argv)
+    _, allocator = apply_keep_freed_memory(args.keep_freed_memory)   # before any tensor of the check
     proc = env()
     layout = args.layout or ("split" if proc.torchrun else "streams")
     modes = tuple(m for m in args.modes.split(",") if m)
@@ -49,6 +60,9 @@ def main(argv=None):
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
     if args.batch_size < 1 or args.steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
+    if args.precision not in DTYPES:
+        raise UsageError(f"--precision {args.precision}: use fp32, bf16, fp16 or fp64")
+    dtype = DTYPES[args.precision]
     if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
     ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
@@ -68,7 +82,9 @@ def main(argv=None):
         log(f"check: {layout} vs single, {streams} streams ({where}), {spec.image_size} px, "
             f"{spec.in_channels} channels, {spec.num_classes} classes, batch {args.batch_size}, "
             f"{args.steps} SGD steps (lr 0.01, momentum 0.9, wd 5e-4), modes {','.join(modes)}, init {args.init}")
-        dtype = getattr(torch, args.dtype)
+        if dtype in AUTOCAST:
+            check_precision({torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype], device.type)
+        log(allocator)
         log(f"criterion: {criterion(dtype)} (see docs/equivalence.md)")
         t0 = time.perf_counter()
         rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,

@@ -23,6 +23,7 @@ compares values in the requested dtype and derivatives (gradients, parameters af
 float64, where such a coincidence needs |z| ~ 1e-16 of the scale. A real bug (a missing sum over
 streams, a wrong slice, a mask off by one stream) is an O(1) relative error in float64 as in fp32.
 """
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -30,9 +31,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .model import AlexNet, shard_state_dict, split_from_single, streams_from_single
+from .precision import UNIT_ROUNDOFF
 
 RTOL, ATOL = 1e-4, 1e-7
-TOLERANCES = {torch.float32: (RTOL, ATOL), torch.float64: (1e-10, 1e-14)}
+# bf16/fp16 (autocast, --precision): weights stay fp32, each convolution and matmul accumulates in fp32
+# (oneDNN on CPU, cuBLAS/cuDNN on CUDA) and rounds its output to the half dtype once. The two layouts'
+# fp32 sums differ by fp32 round-off, which is nothing at half precision except where it flips that
+# final rounding: one half ulp (2u) of the entry. Such a difference passes on through the later
+# layers at about its size (ReLU, max-pool and LRN do not amplify it; a layer's weighted sum of
+# differences of random sign grows no faster than the layer's output), and each of the 8 layers adds
+# its own: 2u x 8 layers = 16u relative to the tensor's scale. The accumulation depth K does not
+# enter, because the accumulation is fp32; a backend accumulating in half precision would add
+# sqrt(K) u per layer and fail this on purpose. u = 2^-8 (bf16), 2^-11 (fp16).
+HALF_LAYERS_FACTOR = 2 * 8
+TOLERANCES = {torch.float32: (RTOL, ATOL), torch.float64: (1e-10, 1e-14),
+              torch.bfloat16: (HALF_LAYERS_FACTOR * UNIT_ROUNDOFF[torch.bfloat16], ATOL),
+              torch.float16: (HALF_LAYERS_FACTOR * UNIT_ROUNDOFF[torch.float16], ATOL)}
+AUTOCAST = (torch.bfloat16, torch.float16)  # compared under torch.autocast with fp32 weights
 DERIVATIVES_DTYPE = torch.float64  # gradients and SGD trajectories: see the error model above
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
@@ -70,9 +85,13 @@ def _diff(a, b):
 
 
 def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives, seed, device, devices, rank):
-    """One mode in one dtype: [(mode, tensor, dtype, abs diff, reference max)] for what is asked."""
-    state = {k: v.to(dtype) for k, v in state.items()}
-    x = x.to(device, dtype)
+    """One mode in one dtype: [(mode, tensor, dtype, abs diff, reference max)] for what is asked.
+    bf16/fp16: fp32 weights and input, forward and loss under torch.autocast (values only)."""
+    half = dtype in AUTOCAST
+    assert not (half and derivatives), "derivatives are compared in float64"
+    state = {k: v.to(torch.float32 if half else dtype) for k, v in state.items()}
+    x = x.to(device, torch.float32 if half else dtype)
+    device_type = torch.device(device).type
     name = str(dtype).replace("torch.", "")
     ref, net, streams = _build(layout, spec, state, seed, device, devices, rank)
     for m in (ref, net):
@@ -81,8 +100,11 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
             for m in (ref, net)]
     out = []
     for step in range(steps if derivatives else 1):
-        out_ref, out_net = ref(x), net(x)
-        loss_ref, loss = F.cross_entropy(out_ref, y), F.cross_entropy(out_net.to(device), y)
+        with torch.autocast(device_type, dtype=dtype) if half else contextlib.nullcontext():
+            out_ref, out_net = ref(x), net(x)
+            loss_ref, loss = F.cross_entropy(out_ref, y), F.cross_entropy(out_net.to(device), y)
+        if half:
+            assert out_ref.dtype == out_net.dtype == dtype, (out_ref.dtype, out_net.dtype)
         if step == 0 and values:
             out.append((mode, "logits", name, *_diff(out_net, out_ref)))
             out.append((mode, "loss", name, *_diff(loss, loss_ref)))
@@ -103,8 +125,9 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
 
 def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed=0,
               device="cpu", devices=None, rank=0, init="d2l", dtype=torch.float32):
-    """Compare `layout` against the single layout: logits and loss in `dtype`, gradients and parameters
-    after `steps` SGD steps in float64 (see the module docstring). Returns a list of `Row`.
+    """Compare `layout` against the single layout: logits and loss in `dtype` (float32, float64, or
+    bfloat16/float16 under torch.autocast), gradients and parameters after `steps` SGD steps in float64
+    (see the module docstring). Returns a list of `Row`.
 
     For the split layout every rank calls this; each compares its own shard and the per-tensor
     maxima are reduced over ranks, so every rank returns the same rows.
