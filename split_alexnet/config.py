@@ -30,6 +30,9 @@ RECIPES = {
                 schedule="none", crop=False, flip=False, lighting=0.0),
 }
 INITS = ("paper", "caffe", "kaiming", "d2l", "torch")
+# the split layout's --micro-batches default: split vs split-overlap at M = 2 and 4, batch 64, 227 px
+# (docs/benchmarks.md, "Micro-batches in training")
+DEFAULT_MICRO_BATCHES = 2
 
 
 @dataclass
@@ -73,6 +76,11 @@ class Config:
     quiet: bool
     log_every: int
     eval_every: int
+    precision: str = "fp32"
+    micro_batches: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    keep_freed_memory: bool = True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,6 +150,17 @@ def build_parser(add_help=True):
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines but errors")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines without a bar")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
+    g = p.add_argument_group("speed (docs/training.md)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16/fp16: forward and loss under torch.autocast, fp32 weights; fp16 with a GradScaler")
+    g.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                   help=f"split: micro-batches of the overlapped forward (overlap.py); 1: plain split "
+                   f"(default {DEFAULT_MICRO_BATCHES} for split, measured: docs/benchmarks.md)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs (for "
+                   "GPUs: slower on CPU, measured in benchmarks/README.md)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (single layout)")
+    g.add_argument("--keep-freed-memory", action=B, default=True,
+                   help="glibc: keep freed buffers for reuse, no page faults per step (allocator.py)")
     return p
 
 
@@ -150,7 +169,11 @@ def parse_config(argv=None):
     p = build_parser()
     p.set_defaults(**{**RECIPES[first.recipe], **DATASETS[first.dataset].defaults})
     cfg = Config(**vars(p.parse_args(argv)))
+    given_m = cfg.micro_batches is not None
+    if not given_m:
+        cfg.micro_batches = DEFAULT_MICRO_BATCHES if cfg.layout == "split" else 1
     validate(cfg)
+    validate_speed(cfg, given_m)
     return cfg
 
 
@@ -181,3 +204,25 @@ def validate(cfg):
     if cfg.layout == "split" and not proc.torchrun:
         raise UsageError("--layout split runs one process per stream: launch it with "
                          "torchrun --nproc_per_node=2 launch/train.py")
+
+
+def validate_speed(cfg, given_m=True):
+    """--micro-batches, --compile: where they apply (one line each, exit status 2)."""
+    m = cfg.micro_batches
+    if m < 1:
+        raise UsageError(f"--micro-batches {m}: use 1 (no micro-batches) or more")
+    if m > 1 and cfg.layout != "split":
+        raise UsageError(f"--micro-batches {m} overlaps the split layout's exchanges: --layout {cfg.layout} "
+                         f"has none (drop the flag, or use torchrun with --layout split)")
+    if m > 1 and cfg.batch_size % m:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not divide into {m} micro-batches: use a "
+                         f"multiple of {m}{'' if given_m else f' (the split default --micro-batches {m})'} "
+                         f"or --micro-batches 1")
+    if cfg.compile and cfg.layout != "single":
+        raise UsageError(f"--compile: the {cfg.layout} layout's exchanges (comm.py's autograd Functions and "
+                         f"collectives) are not compiled here: use --layout single, or drop --compile")
+    if cfg.compile:
+        from .precision import compile_available
+        ok, why = compile_available()
+        if not ok:
+            raise UsageError(f"--compile: {why}: drop --compile")

@@ -58,3 +58,16 @@ def autocast(device_type, dtype):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=dtype)
+
+
+def compile_available():
+    """(torch.compile usable here, why not)."""
+    if not hasattr(torch, "compile"):
+        return False, f"torch {torch.__version__} has no torch.compile"
+    try:
+        import torch._dynamo
+        if not torch._dynamo.is_dynamo_supported():
+            return False, "torch.compile is not supported on this Python"
+    except Exception as e:  # noqa: BLE001 - any import failure means: not available
+        return False, f"torch.compile is unavailable ({type(e).__name__}: {e})"
+    return True, ""

@@ -25,7 +25,10 @@ from .cli import UsageError, log, stop_all_on_error
 from .config import Config
 from .data import EpochSampler, Seeded, build_datasets, build_transforms, dataset
 from .model import AlexNet, init_weights, split_from_single, streams_from_single
+from . import precision
+from .overlap import overlapped_forward
 from .plots import plot_curves
+from .precision import check_precision
 from .spec import Spec
 
 # ---- build ----------------------------------------------------------------------------------------
@@ -45,6 +48,7 @@ class Job:
     rank: int = 0
     world: int = 1
     out: str = ""
+    scaler: object = None  # fp16: the GradScaler, made at the first step (train_step)
 
 
 def build_model(cfg, spec, ctx_rank, device):
@@ -65,6 +69,16 @@ def build_model(cfg, spec, ctx_rank, device):
         return model, {f"stream{s}.pt": m for s, m in enumerate(model.streams)}
     model = split_from_single(full, ctx_rank, None, device)
     return model, {f"stream{ctx_rank}.pt": model.stream}
+
+
+def for_speed(cfg, model):
+    """--channels-last and --compile (single layout): the model the steps run; the parts stay the
+    uncompiled modules (checkpoints hold their plain state dicts)."""
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
 
 
 def _datasets_rank0_first(cfg, rank, world):
@@ -98,7 +112,9 @@ def build(cfg, ctx=None):
                                                    train=True, **aug), cfg.seed)
     val_set = Seeded(val_raw, build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std,
                                                train=False, ten_crop=cfg.ten_crop, **aug), cfg.seed)
+    check_precision(cfg.precision, device.type)
     model, parts = build_model(cfg, spec, rank, device)
+    model = for_speed(cfg, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.lr_factor,
@@ -119,19 +135,24 @@ def build(cfg, ctx=None):
 
 @torch.no_grad()
 def evaluate(job):
-    """Validation loss, top-1 and top-5 (None with 5 classes or fewer) over the whole validation set."""
+    """Validation loss, top-1 and top-5 (None with 5 classes or fewer) over the whole validation set;
+    the forward in the training's --precision."""
     model, cfg = job.model, job.cfg
     model.eval()
     loader = DataLoader(job.val_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
     k = min(5, job.spec.num_classes)
+    half = precision.autocast_dtype(cfg.precision)
     for x, y in loader:
         if x.dim() == 5:                           # ten crops: (B, 10, C, H, W), softmax averaged
             b = x.shape[0]
-            logits = model(x.flatten(0, 1).to(job.device))
+            with precision.autocast(job.device.type, half):
+                logits = model(x.flatten(0, 1).to(job.device))
             logp = logits.float().softmax(1).view(b, 10, -1).mean(1).clamp_min(1e-12).log()
         else:
-            logp = model(x.to(job.device)).float().log_softmax(1)
+            with precision.autocast(job.device.type, half):
+                logits = model(x.to(job.device))
+            logp = logits.float().log_softmax(1)
         y = y.to(logp.device)
         loss_sum += F.nll_loss(logp, y, reduction="sum").item()
         best = logp.topk(k, 1).indices
@@ -241,13 +262,43 @@ def epoch_loader(job, state):
 
 
 def train_step(job, x, y):
-    """One SGD step on the batch; returns its loss."""
-    logits = job.model(x.to(job.device, non_blocking=True))          # (B, classes)
-    loss = F.cross_entropy(logits, y.to(logits.device))
+    """One SGD step on the batch; returns its loss. --precision bf16/fp16: forward and loss under
+    autocast (fp32 weights, gradients and SGD); fp16 scales the loss (GradScaler). --micro-batches M > 1
+    (split): the overlapped forward (overlap.py), the same function in another summation order."""
+    cfg = job.cfg
+    x = x.to(job.device, non_blocking=True)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with precision.autocast(job.device.type, precision.autocast_dtype(cfg.precision)):
+        if cfg.micro_batches > 1:
+            logits = overlapped_forward(job.model, x, cfg.micro_batches)      # (B, classes)
+        else:
+            logits = job.model(x)                                          # (B, classes)
+        loss = F.cross_entropy(logits.float(), y.to(logits.device))
     job.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    job.optimizer.step()
+    if cfg.precision != "fp16":
+        loss.backward()
+        job.optimizer.step()
+        return loss.item()
+    if job.scaler is None:
+        job.scaler = torch.amp.GradScaler(job.device.type)
+    job.scaler.scale(loss).backward()
+    if job.world > 1:
+        _skip_together(job)
+    job.scaler.step(job.optimizer)                 # skipped when a gradient overflowed
+    job.scaler.update()
     return loss.item()
+
+
+def _skip_together(job):
+    """fp16, split: every rank holds only its shard's gradients, so one rank may overflow alone. Then
+    every rank must skip the step and lower the scale, or the shards part: agree on it (one MAX
+    all-reduce), and mark a local gradient inf where only a peer overflowed, for the scaler to see."""
+    grads = [p.grad for p in job.model.parameters() if p.grad is not None]
+    bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().reshape(1)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() and all(torch.isfinite(g).all() for g in grads):
+        grads[0].fill_(float("inf"))
 
 
 def evaluate_and_log(job, state, progress, scheduled=True):
