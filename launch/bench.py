@@ -22,6 +22,7 @@ import torch
 
 from split_alexnet.bench import (EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_ratios, format_table,
                                  run_bench, write_outputs)
+from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
 
@@ -51,6 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds a rank may wait for its peers "
                    "(the waiting ranks sit in a barrier while single runs on rank 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc: keep freed buffers for reuse, no page faults per step (split_alexnet/allocator.py); "
+                   "recorded in bench.json")
+    p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs for the "
+                   "single, streams and torchvision layouts (for GPUs: slower on CPU, benchmarks/README.md)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the single and torchvision layouts")
     g = p.add_argument_group("link model (--link: print predictions, run no steps; split_alexnet/bench/link.py)")
     g.add_argument("--link", action="store_true", help="predict a two-GPU split step for PCIe 2.0/4.0 and "
                    "NVLink 4 from measured compute and the spec's bytes; under torchrun also measure the "
@@ -164,6 +171,7 @@ def _ints(text, flag):
 
 def main(argv=None):
     args = parse_args(argv)
+    _, allocator = apply_keep_freed_memory(args.keep_freed_memory)   # every rank, before any tensor
     world = env().world
     if args.link:
         return link_main(args, world)
@@ -175,11 +183,13 @@ def main(argv=None):
     gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
                  warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
-                 profile=args.profile, out=args.out, seed=args.seed, streams=args.streams,
+                 profile=args.profile, out=args.out, seed=args.seed, streams=args.streams, allocator=allocator,
+                 channels_last=args.channels_last, compile=args.compile,
                  command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast
     ctx = setup(args.backend, args.device, args.timeout)
     try:
+        log(allocator)
         result = run_bench(cfg, ctx)
         log(format_table(result["runs"], result["exchanges"]))
         log(format_ratios(result["ratios"], result["runs"]))

@@ -3,7 +3,7 @@ import os
 from dataclasses import dataclass
 
 from ..cli import UsageError
-from ..precision import PRECISIONS, check_precision
+from ..precision import PRECISIONS, check_precision, compile_available
 from ..spec import Spec
 
 LAYOUTS = ("single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all")
@@ -31,6 +31,9 @@ class Config:
     seed: int = 0
     command: str = ""
     streams: int = 2               # one process (no torchrun): the streams of single/streams layouts
+    allocator: str = ""            # launch/bench.py's apply_keep_freed_memory line (bench.json)
+    channels_last: bool = False    # single, streams, torchvision: channels_last weights and inputs
+    compile: bool = False          # single, torchvision: torch.compile
 
     @property
     def autocast_dtype(self):
@@ -59,6 +62,10 @@ def threads_per_rank(world):
 def check_config(cfg, world, device_type):
     """Refuse bad input before any work: one line naming the problem and the fix."""
     check_precision(cfg.precision, device_type)
+    if cfg.compile:
+        ok, why = compile_available()
+        if not ok:
+            raise UsageError(f"--compile: {why}: drop --compile")
     bad = [l for l in cfg.layouts if l not in LAYOUTS + EXTRA_LAYOUTS]
     if bad or not cfg.layouts:
         raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(LAYOUTS + EXTRA_LAYOUTS)}")

@@ -121,6 +121,24 @@ class Run:
     lrn_share: dict = field(default_factory=dict)  # batch -> LRN's share of the step (profiled), per step
 
 
+def for_speed(cfg, layout, net, forward):
+    """--channels-last (single, streams, torchvision) and --compile (single, torchvision): the net and
+    the forward a Run times. The split layouts stay as they are (their exchanges are comm.py's
+    autograd Functions, not compiled here)."""
+    if net is None:
+        return net, forward
+    cl = cfg.channels_last and layout in ("single", "streams", "torchvision", "torchvision-all")
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    if cfg.compile and layout in ("single", "torchvision", "torchvision-all"):
+        compiled = torch.compile(net)  # the whole forward (no per-layer profiler labels)
+        return net, (lambda n, x: compiled(x.contiguous(memory_format=fmt)))
+    if cl:
+        return net, (lambda n, x, f=forward: f(n, x.contiguous(memory_format=fmt)))
+    return net, forward
+
+
 def build_runs(cfg, spec, ctx):
     """The configured layouts on this rank (net and optimizer only where this rank computes)."""
     per_rank = threads_per_rank(ctx.world)
@@ -130,6 +148,7 @@ def build_runs(cfg, spec, ctx):
         if ctx.rank in ranks:
             if not isinstance(net, nn.parallel.DistributedDataParallel):
                 net = net.to(ctx.device)  # fp32 weights; --precision bf16/fp16 is autocast
+                net, forward = for_speed(cfg, layout, net, forward)
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:
             net, opt = None, None
@@ -148,7 +167,7 @@ def build_runs(cfg, spec, ctx):
                 run = make("single", f"single ({per_rank} thr)", 1, (0,), one, labelled_forward)
                 if cores() != per_rank:  # the whole machine: the same model, every core
                     runs.append(Run("single", f"single ({cores()} thr)", cores(), 1, (0,),
-                                    run.net, run.opt, labelled_forward))
+                                    run.net, run.opt, run.forward))
             else:
                 make("single", "single", 1, (0,), one, labelled_forward)
         elif layout == "streams":
@@ -174,10 +193,10 @@ def build_runs(cfg, spec, ctx):
             threads = per_rank if layout == "torchvision" else cores()
             label = f"{layout} ({threads} thr)" if ctx.device.type == "cpu" else layout
             if ctx.rank == 0:
-                net = net.to(ctx.device)
+                net, forward = for_speed(cfg, layout, net.to(ctx.device), lambda n, x: n(x))
                 opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             else:
-                opt = None
-            runs.append(Run(layout, label, threads, 1, (0,), net, opt, lambda n, x: n(x),
+                opt, forward = None, None
+            runs.append(Run(layout, label, threads, 1, (0,), net, opt, forward,
                             image_size=torchvision_image_size(spec.image_size)))
     return runs

@@ -44,7 +44,8 @@ def run_bench(cfg, ctx):
     return dict(
         device=device, backend=ctx.backend, batch_size=main, image_size=cfg.image_size,
         streams=spec.streams, dtype=cfg.precision, precision=cfg.precision, world=ctx.world, threads_per_rank=per_rank,
-        micro_batches=cfg.micro_batches, warmup=cfg.warmup, steps=cfg.steps,
+        micro_batches=cfg.micro_batches, warmup=cfg.warmup, steps=cfg.steps, allocator=cfg.allocator,
+        channels_last=cfg.channels_last, compile=cfg.compile,
         sweep=cfg.batch_sizes if len(cfg.batch_sizes) > 1 else None,
         torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         command=cfg.command, load_average_before=load_before, load_average_after=os.getloadavg(),
