@@ -60,8 +60,9 @@ def test_bf16_check_still_fails_on_mismatched_dropout_masks():
         rows = run_check("streams", SPEC, batch_size=2, steps=1, modes=("train",), dtype=torch.bfloat16)
     finally:
         DropoutMasks.__init__ = original
-    bad = {r.tensor for r in rows if not r.ok}
-    assert {"logits", "loss"} <= bad
+    # the logits part by O(1) of their scale (measured: 18-26x the bf16 tolerance at batch 2 and 8);
+    # the loss at d2l's near-uniform start moves by only 1e-3 relative, so it is not asserted
+    assert "logits" in {r.tensor for r in rows if not r.ok}
 
 
 def test_check_refuses_bad_precision():
