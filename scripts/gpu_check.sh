@@ -23,8 +23,9 @@ mkdir -p "$OUT"
 if [ "$DEV" = cuda ]; then DEV0=cuda:0; else DEV0=$DEV; fi
 if [ -n "${GPU_CHECK_TINY:-}" ]; then   # the dry run: 67 px, batch 4, few steps
   SIZE="--image-size 67"; BATCH=4; STEPS=1; WARM=1; TRAIN_STEPS=3; CHECK="--image-size 67 --batch-size 4 --steps 1"
+  TRAIN="--train-size 64 --val-size 16 --batch-size 8"
 else
-  SIZE=""; BATCH=64; STEPS=10; WARM=2; TRAIN_STEPS=100; CHECK=""
+  SIZE=""; BATCH=64; STEPS=10; WARM=2; TRAIN_STEPS=100; CHECK=""; TRAIN=""
 fi
 T0=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-300}   # seconds for every step together; steps run in priority order
@@ -68,7 +69,7 @@ done
 for prec in fp32 bf16; do
   for layout in single streams; do
     step 75 "train-$layout-$prec" $PY launch/train.py --layout $layout --device "$DEV0" --precision $prec \
-      --max-steps $TRAIN_STEPS --log-every $TRAIN_STEPS --out "$OUT/train-$layout-$prec"
+      --max-steps $TRAIN_STEPS --log-every $TRAIN_STEPS $TRAIN --out "$OUT/train-$layout-$prec"
   done
 done
 
