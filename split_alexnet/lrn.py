@@ -83,7 +83,9 @@ class LRNFunction(torch.autograd.Function):
         # every padded channel holds k/size + alpha/size * x^2 (pads: k/size), so that the window's
         # sum of `size` entries is s itself: k folded in, no separate scale and shift passes
         sq, mid = _padded(xc, lo, hi, fill=k / size)
-        torch.addcmul(torch.tensor(k / size, dtype=xc.dtype), xc, xc, value=alpha / size, out=mid)
+        # the 0-dim k/size on x's device: CUDA's addcmul refuses a CPU scalar tensor as self (H100 run)
+        torch.addcmul(torch.tensor(k / size, dtype=xc.dtype, device=xc.device), xc, xc, value=alpha / size,
+                      out=mid)
         s = _window_sum(sq, size, channels)
         del sq, mid
         p = _neg_pow(s, beta)
