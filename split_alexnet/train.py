@@ -113,11 +113,8 @@ def build(cfg, ctx=None):
                                                    train=True, **aug), cfg.seed)
     val_set = Seeded(val_raw, build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std,
                                                train=False, ten_crop=cfg.ten_crop, **aug), cfg.seed)
-<<<<<<< HEAD
-    check_precision(cfg.precision, device.type)
-=======
     train_set.bad_images = val_set.bad_images = cfg.bad_images
->>>>>>> main
+    check_precision(cfg.precision, device.type)
     model, parts = build_model(cfg, spec, rank, device)
     model = for_speed(cfg, model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
