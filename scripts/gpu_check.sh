@@ -59,6 +59,12 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step 60 versions $PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported())'
 
+# --- the CUDA tests of the suite (skipped on CPU): the fast LRN, single vs streams on one GPU, NCCL's refusal
+if [ "$DEV" = cuda ]; then
+  step 90 pytest-gpu $PY -m pytest -q -rs tests/test_lrn.py::test_cuda_matches_cpu \
+    tests/test_layouts.py::test_single_and_streams_on_one_gpu tests/test_distributed.py::test_nccl_follows_the_hardware
+fi
+
 # --- streams equals single, on the device: fp32, bf16 (autocast: values in bf16, derivatives float64), fp64
 for prec in fp32 bf16 fp64; do
   step 90 "check-$prec" $PY launch/check.py --device "$DEV0" --precision $prec $CHECK
