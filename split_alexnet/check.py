@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .model import AlexNet, shard_state_dict, split_from_single, streams_from_single
-from .precision import UNIT_ROUNDOFF
+from .precision import UNIT_ROUNDOFF, ieee_fp32
 
 RTOL, ATOL = 1e-4, 1e-7
 # bf16/fp16 (autocast, --precision): weights stay fp32, each convolution and matmul accumulates in fp32
@@ -139,11 +139,12 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     y = torch.randint(0, spec.num_classes, (batch_size,), generator=gen).to(device)
     args = (seed, device, devices, rank)
     results = []
-    for mode in modes:
-        if dtype != DERIVATIVES_DTYPE:
-            results += _compare(layout, spec, state, x, y, mode, steps, dtype, True, False, *args)
-        results += _compare(layout, spec, state, x, y, mode, steps, DERIVATIVES_DTYPE,
-                            dtype == DERIVATIVES_DTYPE, True, *args)
+    with ieee_fp32():  # the fp32 tolerance is for IEEE fp32, not the TF32 cuDNN uses by default on GPUs
+        for mode in modes:
+            if dtype != DERIVATIVES_DTYPE:
+                results += _compare(layout, spec, state, x, y, mode, steps, dtype, True, False, *args)
+            results += _compare(layout, spec, state, x, y, mode, steps, DERIVATIVES_DTYPE,
+                                dtype == DERIVATIVES_DTYPE, True, *args)
     if layout == "split" and dist.is_initialized():
         maxima = torch.tensor([r[3:] for r in results], dtype=torch.float64)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)

@@ -71,3 +71,22 @@ def compile_available():
     except Exception as e:  # noqa: BLE001 - any import failure means: not available
         return False, f"torch.compile is unavailable ({type(e).__name__}: {e})"
     return True, ""
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 as IEEE fp32 inside the block: no TF32 in cuDNN convolutions or CUDA matmuls.
+
+    On Ampere and later GPUs cuDNN runs fp32 convolutions in TF32 by default (torch's
+    `torch.backends.cudnn.allow_tf32 = True`): a 10-bit mantissa, unit round-off 2^-11 instead of 2^-24,
+    which is not the precision the check's fp32 tolerance is derived for. A no-op on CPU.
+    """
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                        benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
