@@ -111,7 +111,8 @@ def build_parser(add_help=True):
     p.add_argument("--init", choices=INITS, help="paper: N(0,0.01), biases 1; caffe: bvlc_alexnet's "
                    "(N(0,0.01), fc6/fc7 N(0,0.005), biases 0.1); kaiming: He normal, biases 0; d2l: Xavier; "
                    "torch: PyTorch's default")
-    p.add_argument("--batch-size", type=int, help="images per SGD step (every rank sees the whole batch)")
+    p.add_argument("--batch-size", type=int, help="images per SGD step, all replicas together (each replica "
+                   "takes its slice; the streams of a replica see the same slice)")
     p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
     p.add_argument("--schedule", choices=["none", "plateau"], help="plateau: lr * --lr-factor when the "
@@ -124,7 +125,8 @@ def build_parser(add_help=True):
     p.add_argument("--lighting", type=float, help="PCA colour lighting sigma (0: off; RGB only)")
     p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops, softmax averaged")
     p.add_argument("--image-size", type=int, help="the model's input (>= 67)")
-    p.add_argument("--streams", type=int, default=2, help="single/streams layouts (split: one per process)")
+    p.add_argument("--streams", type=int, default=2, help="streams of the net; split: processes per replica "
+                   "(torchrun --nproc_per_node=N runs N / S replicas, docs/scaling.md)")
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--dropout-seed", type=int, default=0, help="dropout masks")
     p.add_argument("--workers", type=int, help="data loader processes per rank",
