@@ -80,3 +80,83 @@ def _every_shape(rank, world):
 @pytest.mark.slow
 def test_one_by_four_four_by_one_and_the_hybrid():
     spawn(_every_shape, 4)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_agents_on_loopback_form_one_two_by_two_job():
+    # what two nodes run (docs/scaling.md), both on this machine: 2 agents x 2 processes, c10d rendezvous
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+         "--node-rank", str(n), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "--rdzv-id", "loopback", str(REPO / "launch" / "check.py"), "--streams", "2", "--modes", "eval",
+         *map(str, SMALL)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for n in (0, 1)]
+    outs = [a.communicate(timeout=300) for a in agents]
+    assert all(a.returncode == 0 for a in agents), [o[1][-2000:] for o in outs]
+    stdout = "".join(o[0] for o in outs)                      # rank 0 is on whichever agent joined first
+    assert "4 processes" in stdout and "2 replica(s) x 2 streams" in stdout
+    assert "PASS: 34/34 tensors agree" in stdout
+
+
+TINY = ["--dataset", "shapes", "--train-size", "64", "--val-size", "8", "--image-size", "67", "--batch-size", "8",
+        "--lr", "0.001", "--quiet", "--seed", "0"]
+
+
+def _train(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(REPO / "launch" / "train.py"), *TINY, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def _ckpt(out, step, stream):
+    return torch.load(os.path.join(out, "checkpoints", f"step{step:07d}", f"stream{stream}.pt"), weights_only=False)
+
+
+@pytest.mark.slow
+def test_resume_at_another_replica_count(tmp_path):
+    # 2 x 2 to step 6 (saving at 2, 4); 2 x 1 resumes its step 2 to step 4; 2 x 2 resumes that to step 6
+    full, one, back = (str(tmp_path / n) for n in ("full", "one", "back"))
+    _train(4, "--max-steps", 6, "--save-every", 2, "--out", full)
+    assert sorted(os.listdir(os.path.join(full, "checkpoints", "step0000002"))) == ["meta.pt", "stream0.pt",
+                                                                                     "stream1.pt"]
+    _train(2, "--max-steps", 4, "--save-every", 4, "--out", one, "--resume", os.path.join(full, "checkpoints",
+                                                                                          "step0000002"))
+    _train(4, "--max-steps", 6, "--out", back, "--resume", one)
+    ref, got = _losses(full), {**_losses(one), **_losses(back)}
+    assert sorted(got) == [3, 4, 5, 6]
+    for step, loss in got.items():   # fp32, another summation order (DDP's average): test_train's 1e-5
+        assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (step, loss, ref[step])
+    for s in (0, 1):                 # the same weights and momentum at step 4, reached either way
+        a, b = _ckpt(full, 4, s), _ckpt(one, 4, s)
+        for part in ("model", "momentum"):
+            for k in a[part]:
+                torch.testing.assert_close(b[part][k], a[part][k], rtol=1e-4, atol=1e-7)
+
+
+def test_world_size_refusals_are_one_line():
+    with pytest.raises(UsageError, match=r"^--streams 3: the widths \(96, 256, 384, 4096\) divide into "
+                                         r"1, 2, 4, 8 streams; use one of those$"):
+        check_world(6, 3)
+    with pytest.raises(UsageError, match=r"^6 processes cannot hold replicas of the 4-stream net: use a "
+                                         r"multiple of 4 \(e.g. torchrun --nproc_per_node=4\) or --streams 1, 2$"):
+        check_world(6, 4)
+    proc = run_torchrun(2, "check.py", "--streams", 3, timeout=120)   # before any process group
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --streams 3: the widths (96, 256, 384, 4096) divide into 1, 2, 4, 8 streams; "
+                      "use one of those"], proc.stderr[-2000:]
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr   # each child's status: torchrun's report
