@@ -106,6 +106,11 @@ def _ddp_hook(stats, bucket, group=None):
     return default_hooks.allreduce_hook(group, bucket).then(done)
 
 
+def _replica_hook(state, bucket):
+    """_ddp_hook in the mesh's replica group: state is (AllReduceStats, group)."""
+    return _ddp_hook(state[0], bucket, state[1])
+
+
 @dataclass
 class Run:
     layout: str
@@ -184,7 +189,7 @@ def build_runs(cfg, spec, ctx):
             run.rows, run.net_spec = (sub.replica, sub.replicas), net_spec
             if sub.replicas > 1:
                 run.allreduce = AllReduceStats()
-                net.register_comm_hook(run.allreduce, lambda st, b, g=sub.replica_group: _ddp_hook(st, b, g))
+                net.register_comm_hook((run.allreduce, sub.replica_group), _replica_hook)
         elif layout == "hybrid":  # conv data parallel, fc model parallel (hybrid.py)
             from ..hybrid import HybridAlexNet, sum_conv_grads
             net_spec = Spec(streams=cfg.streams, image_size=spec.image_size, dtype_bytes=spec.dtype_bytes)
