@@ -161,3 +161,16 @@ def test_world_size_refusals_are_one_line():
     assert errors == ["error: --streams 3: the widths (96, 256, 384, 4096) divide into 1, 2, 4, 8 streams; "
                       "use one of those"], proc.stderr[-2000:]
     assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr   # each child's status: torchrun's report
+
+
+@pytest.mark.slow
+def test_bench_rows_for_the_mesh_and_the_hybrid(tmp_path):
+    proc = run_torchrun(4, "bench.py", "--layouts", "mesh,hybrid", "--image-size", 67, "--batch-size", 4,
+                        "--steps", 1, "--warmup", 0, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = {r["label"]: r for r in result["runs"]}
+    assert set(rows) == {"mesh 2x2", "hybrid W=4"}
+    for r in rows.values():                                   # what was counted is the spec's formula
+        assert r["bytes_sent_per_step"] == r["spec_bytes_sent_per_step"] > 0, r["label"]
+    assert "fewest bytes: split (4 streams)      for 1 <= B" in proc.stdout
