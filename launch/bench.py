@@ -3,6 +3,7 @@
   torchrun --nproc_per_node=2 launch/bench.py                      # batch 64, 227 px, fp32: the table
   torchrun --nproc_per_node=2 launch/bench.py --sweep-batch 16,32,64,128 --out runs/sweep
   torchrun --nproc_per_node=2 launch/bench.py --profile runs/prof  # Perfetto / chrome://tracing traces
+  torchrun --nproc_per_node=4 launch/bench.py --layouts split,mesh,hybrid,ddp   # 1x4, 2x2, hybrid, DDP
   python launch/bench.py --layouts single,streams,torchvision  # one process (e.g. one GPU)
   python launch/bench.py --layouts single,torchvision --precision bf16   # autocast bf16
   python launch/bench.py --link --link-from runs/bench/bench.json      # two GPUs on paper (no steps)
@@ -37,7 +38,8 @@ def parse_args(argv=None):
                    f"(the default), or {','.join(EXTRA_LAYOUTS)} (every stream in one process, one device); "
                    "one process without torchrun: single (default) and streams only")
     p.add_argument("--streams", type=int, default=2, help="streams of single/streams when run without "
-                   "torchrun (under torchrun: one per process)")
+                   "torchrun (under torchrun split has one per process); mesh: streams per replica; hybrid: "
+                   "the conv layers' groups")
     p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
     p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
@@ -193,6 +195,9 @@ def main(argv=None):
         result = run_bench(cfg, ctx)
         log(format_table(result["runs"], result["exchanges"]))
         log(format_ratios(result["ratios"], result["runs"]))
+        if result.get("bytes_model"):
+            log("")
+            log(result["bytes_model"]["text"])
         if ctx.rank == 0:
             write_outputs(result, args.out)
         log(f"wrote {os.path.join(args.out, 'bench.json')} and bench.png ({result['wall_s']:.0f} s; load "

@@ -1,6 +1,8 @@
 """Check that the layouts compute the same function as the single layout.
 
   torchrun --nproc_per_node=2 launch/check.py     # split: one process per stream (gloo on CPU, NCCL on GPUs)
+  torchrun --nproc_per_node=4 launch/check.py --streams 2   # 2 streams x 2 replicas, global batch
+  torchrun --nproc_per_node=4 launch/check.py --layout hybrid   # the 2014 hybrid over 4 ranks
   python launch/check.py                          # streams: every stream in this process
 """
 import argparse
@@ -18,10 +20,13 @@ from split_alexnet.spec import Spec
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", choices=["split", "streams"], default=None,
-                   help="default: split under torchrun, streams otherwise")
-    p.add_argument("--streams", type=int, default=2, help="streams for the streams layout "
-                   "(the split layout has one per process)")
+    p.add_argument("--layout", choices=["split", "streams", "hybrid"], default=None,
+                   help="default: split under torchrun, streams otherwise; hybrid: conv data parallel, fc "
+                   "model parallel over every process (docs/scaling.md)")
+    p.add_argument("--streams", type=int, default=2, help="streams of the net: split: processes per "
+                   "replica (N processes run N / S replicas); hybrid: the conv layers' groups")
+    p.add_argument("--no-allreduce", dest="allreduce", action="store_false",
+                   help="leave the gradient all-reduce out (replicas, hybrid): the check must then FAIL")
     p.add_argument("--devices", default=None, help="streams layout: comma-separated devices, one per "
                    "stream (default: all on --device)")
     p.add_argument("--image-size", type=int, default=227)
@@ -65,9 +70,18 @@ def main(argv=None):
     dtype = DTYPES[args.precision]
     if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
-    ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
+    if layout == "hybrid" and not proc.torchrun:
+        raise UsageError("--layout hybrid runs one process per rank: launch it with "
+                         "torchrun --nproc_per_node=4 launch/check.py --layout hybrid")
+    ctx = None
+    if layout in ("split", "hybrid"):
+        ctx = setup(args.backend, args.device, args.timeout, args.streams if layout == "split" else None)
     try:
-        streams = ctx.world if layout == "split" else args.streams
+        streams = args.streams
+        parts = ctx.replicas if layout == "split" else ctx.world if layout == "hybrid" else 1
+        if args.batch_size % parts:
+            raise UsageError(f"--batch-size {args.batch_size} does not split over {parts} "
+                             f"{'replicas' if layout == 'split' else 'ranks'}: use a multiple of {parts}")
         try:
             spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
                         num_classes=args.num_classes)
@@ -79,6 +93,12 @@ def main(argv=None):
             raise UsageError(f"--devices names {len(devices)} devices for {streams} streams: give one per stream")
         where = (f"{ctx.world} processes, {ctx.backend}, {device}" if ctx
                  else f"1 process, devices {', '.join(map(str, devices))}")
+        if layout == "split":
+            where += f"; {ctx.replicas} replica(s) x {ctx.streams} streams, the global batch split over replicas"
+        if layout == "hybrid":
+            where += f"; conv data parallel, fc6-fc8 cut {ctx.world} ways, the batch split over ranks"
+        if not args.allreduce:
+            where += "; NO gradient all-reduce (must fail)"
         log(f"check: {layout} vs single, {streams} streams ({where}), {spec.image_size} px, "
             f"{spec.in_channels} channels, {spec.num_classes} classes, batch {args.batch_size}, "
             f"{args.steps} SGD steps (lr 0.01, momentum 0.9, wd 5e-4), modes {','.join(modes)}, init {args.init}")
@@ -88,7 +108,8 @@ def main(argv=None):
         log(f"criterion: {criterion(dtype)} (see docs/equivalence.md)")
         t0 = time.perf_counter()
         rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
-                         rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype)
+                         rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype, ctx=ctx,
+                         allreduce=args.allreduce)
         log(format_table(rows))
         log(verdict(rows, layout, streams, spec.image_size, time.perf_counter() - t0))
         bad = [r for r in rows if not r.ok]

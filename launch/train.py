@@ -1,6 +1,7 @@
 """Train the 2012 two-stream AlexNet.
 
   torchrun --nproc_per_node=2 launch/train.py          # split: one process per stream, shapes data set
+  torchrun --nproc_per_node=4 launch/train.py --streams 2   # 2 replicas of the 2-stream net (docs/scaling.md)
   python launch/train.py --layout single               # the whole net in one process (grouped convs)
   python launch/train.py --layout streams              # every stream in this process
   torchrun --nproc_per_node=2 launch/train.py --dataset mnist --data-dir DIR
@@ -38,7 +39,7 @@ def main(argv=None):
     guard.check_out(cfg.out)                       # before any work
     if cfg.resume:
         cfg = resume_settings(cfg, argv)
-    ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout) if cfg.layout == "split" else None
+    ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout, cfg.streams) if cfg.layout == "split" else None
     try:
         guard.start(ctx, cfg.peer_timeout)         # heartbeat watchdog, parent-death signal
         world = ctx.world if ctx else 1

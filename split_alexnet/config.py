@@ -121,7 +121,8 @@ def build_parser(add_help=True):
     p.add_argument("--init", choices=INITS, help="paper: N(0,0.01), biases 1; caffe: bvlc_alexnet's "
                    "(N(0,0.01), fc6/fc7 N(0,0.005), biases 0.1); kaiming: He normal, biases 0; d2l: Xavier; "
                    "torch: PyTorch's default")
-    p.add_argument("--batch-size", type=int, help="images per SGD step (every rank sees the whole batch)")
+    p.add_argument("--batch-size", type=int, help="images per SGD step, all replicas together (each replica "
+                   "takes its slice; the streams of a replica see the same slice)")
     p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
     p.add_argument("--schedule", choices=["none", "plateau"], help="plateau: lr * --lr-factor when the "
@@ -134,7 +135,8 @@ def build_parser(add_help=True):
     p.add_argument("--lighting", type=float, help="PCA colour lighting sigma (0: off; RGB only)")
     p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops, softmax averaged")
     p.add_argument("--image-size", type=int, help="the model's input (>= 67)")
-    p.add_argument("--streams", type=int, default=2, help="single/streams layouts (split: one per process)")
+    p.add_argument("--streams", type=int, default=2, help="streams of the net; split: processes per replica "
+                   "(torchrun --nproc_per_node=N runs N / S replicas, docs/scaling.md)")
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--dropout-seed", type=int, default=0, help="dropout masks")
     p.add_argument("--workers", type=int, help="data loader processes per rank",
@@ -177,8 +179,9 @@ def parse_config(argv=None):
     p.set_defaults(**{**RECIPES[first.recipe], **DATASETS[first.dataset].defaults})
     cfg = Config(**vars(p.parse_args(argv)))
     given_m = cfg.micro_batches is not None
-    if not given_m:
-        cfg.micro_batches = DEFAULT_MICRO_BATCHES if cfg.layout == "split" else 1
+    replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
+    if not given_m:  # the overlapped forward runs one replica of the split (mesh.py's DDP is not combined)
+        cfg.micro_batches = DEFAULT_MICRO_BATCHES if cfg.layout == "split" and replicas <= 1 else 1
     validate(cfg)
     validate_speed(cfg, given_m)
     return cfg
@@ -222,6 +225,11 @@ def validate_speed(cfg, given_m=True):
     if m > 1 and cfg.layout != "split":
         raise UsageError(f"--micro-batches {m} overlaps the split layout's exchanges: --layout {cfg.layout} "
                          f"has none (drop the flag, or use torchrun with --layout split)")
+    replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
+    if m > 1 and replicas > 1:
+        raise UsageError(f"--micro-batches {m} with {replicas} replicas: the overlapped forward is not combined "
+                         f"with the replicas' all-reduce (DDP) here: use --micro-batches 1, or one replica "
+                         f"(--nproc_per_node equal to --streams)")
     if m > 1 and cfg.batch_size % m:
         raise UsageError(f"--batch-size {cfg.batch_size} does not divide into {m} micro-batches: use a "
                          f"multiple of {m}{'' if given_m else f' (the split default --micro-batches {m})'} "

@@ -7,7 +7,8 @@ from ..precision import PRECISIONS, check_precision, compile_available
 from ..spec import Spec
 
 LAYOUTS = ("single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all")
-EXTRA_LAYOUTS = ("streams",)  # on request: every stream in one process, on one device
+EXTRA_LAYOUTS = ("streams", "mesh", "hybrid")  # on request: streams (one process, one device); mesh
+# (W / --streams replicas of the --streams-stream net) and hybrid (conv data parallel, fc model parallel)
 ONE_PROCESS = ("single", "streams", "torchvision", "torchvision-all")  # run on rank 0 (or alone)
 TORCHVISION_MIN_SIZE = 63  # torchvision's alexnet: 63 px -> 15 -> 7 -> 3 -> 3 -> 1 (adaptive pool after)
 
@@ -80,6 +81,11 @@ def check_config(cfg, world, device_type):
             raise UsageError(f"batch size {b}: use a positive batch size")
         if "ddp" in cfg.layouts and b % world:
             raise UsageError(f"batch {b} does not split over {world} ddp ranks: use a multiple of {world}")
+        if "hybrid" in cfg.layouts and b % world:
+            raise UsageError(f"batch {b} does not split over {world} hybrid ranks: use a multiple of {world}")
+        if "mesh" in cfg.layouts and (world % cfg.streams or b % (world // cfg.streams)):
+            raise UsageError(f"mesh: {world} processes as replicas of {cfg.streams} streams need a world "
+                             f"that is a multiple of --streams and a batch that is a multiple of the replicas")
         if "split-overlap" in cfg.layouts and b % cfg.micro_batches:
             raise UsageError(f"batch {b} does not divide into {cfg.micro_batches} micro-batches: use a "
                              f"multiple of {cfg.micro_batches} or change --micro-batches")

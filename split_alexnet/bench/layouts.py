@@ -89,10 +89,10 @@ class AllReduceStats:
         self.bytes, self.last_issue, self.intervals = 0, 0.0, []
 
 
-def _ddp_hook(stats, bucket):
+def _ddp_hook(stats, bucket, group=None):
     """DDP's default all-reduce, with bytes counted and the time each bucket is in flight recorded."""
     buf = bucket.buffer()
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     stats.bytes += 2 * (world - 1) * buf.numel() * buf.element_size() // world  # ring all-reduce
     t0 = time.perf_counter()
     stats.last_issue = t0
@@ -101,7 +101,12 @@ def _ddp_hook(stats, bucket):
         stats.intervals.append((t0, time.perf_counter()))
         return fut.value()
 
-    return default_hooks.allreduce_hook(None, bucket).then(done)
+    return default_hooks.allreduce_hook(group, bucket).then(done)
+
+
+def _replica_hook(state, bucket):
+    """_ddp_hook in the mesh's replica group: state is (AllReduceStats, group)."""
+    return _ddp_hook(state[0], bucket, state[1])
 
 
 @dataclass
@@ -118,6 +123,8 @@ class Run:
     samples: dict = field(default_factory=dict)   # batch -> list of per-step measure.Step
     memory: dict = field(default_factory=dict)    # batch -> memory dict (measure.MEM_KEYS)
     image_size: int = None                        # its own input size (torchvision); None: the spec's
+    rows: tuple = None                            # (part, parts): the rows of the global batch it reads
+    net_spec: Spec = None                         # mesh / hybrid: the net's spec (its stream count)
     lrn_share: dict = field(default_factory=dict)  # batch -> LRN's share of the step (profiled), per step
 
 
@@ -186,6 +193,26 @@ def build_runs(cfg, spec, ctx):
             run = make("ddp", "ddp", ctx.world, every_rank, ddp, lambda n, x: n(x))
             run.allreduce = AllReduceStats()
             ddp.register_comm_hook(run.allreduce, _ddp_hook)
+        elif layout == "mesh":  # streams x replicas: its own (replica, stream) mesh over the same ranks
+            import dataclasses
+            from ..distributed import build_mesh
+            from ..mesh import wrap_replicas
+            sub = dataclasses.replace(ctx, streams=cfg.streams,
+                                      mesh=build_mesh(ctx.device.type, ctx.world // cfg.streams, cfg.streams))
+            net_spec = Spec(streams=cfg.streams, image_size=spec.image_size, dtype_bytes=spec.dtype_bytes)
+            net = SplitAlexNet(net_spec, sub.stream_rank, sub.stream_group, dropout_seed=cfg.seed).to(ctx.device)
+            net = wrap_replicas(net, sub)
+            run = make("mesh", f"mesh {sub.replicas}x{sub.streams}", ctx.world, every_rank, net, lambda n, x: n(x))
+            run.rows, run.net_spec = (sub.replica, sub.replicas), net_spec
+            if sub.replicas > 1:
+                run.allreduce = AllReduceStats()
+                net.register_comm_hook((run.allreduce, sub.replica_group), _replica_hook)
+        elif layout == "hybrid":  # conv data parallel, fc model parallel (hybrid.py)
+            from ..hybrid import HybridAlexNet, sum_conv_grads
+            net_spec = Spec(streams=cfg.streams, image_size=spec.image_size, dtype_bytes=spec.dtype_bytes)
+            net = sum_conv_grads(HybridAlexNet(net_spec, ctx.rank, ctx.world, dropout_seed=cfg.seed).to(ctx.device))
+            run = make("hybrid", f"hybrid W={ctx.world}", ctx.world, every_rank, net, lambda n, x: n(x))
+            run.rows, run.net_spec = (ctx.rank, ctx.world), net_spec
         elif layout in ("torchvision", "torchvision-all"):
             # the peer: torchvision.models.alexnet (no LRN, no groups, 224 px), untouched, on rank 0
             import torchvision

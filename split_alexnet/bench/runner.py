@@ -41,8 +41,15 @@ def run_bench(cfg, ctx):
     (rss,) = over_ranks([_rss_peak_bytes()], ctx.device, dist.ReduceOp.MAX)
     device = (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
               else f"{platform.machine()} CPU, {cores()} cores")
+    bytes_table = None
+    if ctx.world > 1:  # bytes per step of the multi-process layouts and where each sends the fewest
+        from .scaling import MULTI, cheapest_ranges, format_bytes_table, line
+        streams = cfg.streams if ctx.world % cfg.streams == 0 else ctx.world
+        bytes_table = dict(text=format_bytes_table(spec, ctx.world, streams, main),
+                           lines={l: line(l, spec, ctx.world, streams) for l in MULTI},
+                           cheapest=cheapest_ranges(spec, ctx.world, streams))
     return dict(
-        device=device, backend=ctx.backend, batch_size=main, image_size=cfg.image_size,
+        device=device, bytes_model=bytes_table, backend=ctx.backend, batch_size=main, image_size=cfg.image_size,
         streams=spec.streams, dtype=cfg.precision, precision=cfg.precision, world=ctx.world, threads_per_rank=per_rank,
         micro_batches=cfg.micro_batches, warmup=cfg.warmup, steps=cfg.steps, allocator=cfg.allocator,
         channels_last=cfg.channels_last, compile=cfg.compile,
