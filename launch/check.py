@@ -2,7 +2,13 @@
 
   torchrun --nproc_per_node=2 launch/check.py     # split: one process per stream (gloo on CPU, NCCL on GPUs)
   python launch/check.py                          # streams: every stream in this process
+  python launch/check.py --image-size 67 --num-classes 10 --reads conv4=all   # another connectivity
+
+Teaching switches (the exercises of docs/tutorial.md; each breaks one rule on purpose, so the check fails):
+  torchrun --nproc_per_node=2 launch/check.py --image-size 67 --num-classes 10 --exercise keep-own-slice
+  python launch/check.py --image-size 67 --num-classes 10 --exercise lrn-across-streams
 """
+import contextlib
 import argparse
 import time
 
@@ -11,7 +17,8 @@ import torch
 from split_alexnet.check import criterion, format_table, run_check, verdict
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
-from split_alexnet.spec import Spec
+from split_alexnet.exercises import EXERCISES, switch
+from split_alexnet.spec import Spec, parse_reads
 
 
 def parse_args(argv=None):
@@ -37,6 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with NCCL, else cpu")
     p.add_argument("--backend", choices=["nccl", "gloo"], default=None)
     p.add_argument("--timeout", type=float, default=120, help="seconds a collective may wait for a peer")
+    p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
+                   help="compare the layouts with another connectivity, e.g. conv4=all")
+    p.add_argument("--exercise", choices=EXERCISES, default=None,
+                   help="TEACHING SWITCH, breaks the model on purpose (docs/tutorial.md, exercises): "
+                        "keep-own-slice (split layout: conv3..fc8's backward keeps its own slice instead "
+                        "of summing), lrn-across-streams (the single layout's LRN spans every stream)")
     return p.parse_args(argv)
 
 
@@ -51,12 +64,15 @@ def main(argv=None):
         raise UsageError("--batch-size and --steps must be at least 1")
     if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
+    if args.exercise == "keep-own-slice" and layout != "split":
+        raise UsageError("--exercise keep-own-slice breaks the split layout's written-down rule: run it "
+                         "under torchrun --nproc_per_node=2 (in one process autograd sums by itself)")
     ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
     try:
         streams = ctx.world if layout == "split" else args.streams
         try:
             spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
-                        num_classes=args.num_classes)
+                        num_classes=args.num_classes).with_reads(**parse_reads(args.reads))
         except ValueError as e:
             raise UsageError(str(e)) from None
         device = ctx.device if ctx else torch.device(args.device or "cpu")
@@ -71,8 +87,11 @@ def main(argv=None):
         dtype = getattr(torch, args.dtype)
         log(f"criterion: {criterion(dtype)} (see docs/equivalence.md)")
         t0 = time.perf_counter()
-        rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
-                         rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype)
+        if args.exercise:
+            log(f"TEACHING SWITCH --exercise {args.exercise}: the model is broken on purpose; expect FAIL")
+        with switch(args.exercise) if args.exercise else contextlib.nullcontext():
+            rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
+                             rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype)
         log(format_table(rows))
         log(verdict(rows, layout, streams, spec.image_size, time.perf_counter() - t0))
         bad = [r for r in rows if not r.ok]
