@@ -162,8 +162,8 @@ def draw_timeline(lanes_by_layout, title=""):
         ticks, names = [], []
         for i, lane in enumerate(lanes_by_layout[layout]):
             base = i * 3.6
-            rows = ((base + 2, f"rank {lane.rank} compute"), (base + 1, f"rank {lane.rank} transfer"),
-                    (base, f"rank {lane.rank} waits for peer"))
+            rows = ((base, f"rank {lane.rank} compute"), (base + 1, f"rank {lane.rank} transfer"),
+                    (base + 2, f"rank {lane.rank} waits for peer"))  # top to bottom (inverted axis)
             for y, name in rows:
                 ticks.append(y)
                 names.append(name)
