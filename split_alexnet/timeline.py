@@ -193,10 +193,9 @@ def draw_timeline(lanes_by_layout, title=""):
                       label="main thread blocked in an exchange")]
     handles += [Patch(facecolor=COLOURS[k], label=f"transfer: {k}") for k in ("all-gather", "reduce-scatter")]
     handles += [Patch(facecolor=COLOURS["wait"], label="waiting for the peer to issue")]
-    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=9, frameon=False,
-               bbox_to_anchor=(0.5, 0.995 - 0.06 / len(layouts)))
-    fig.suptitle(title or "One training step per rank", fontsize=12, y=0.995, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.16 / len(layouts)))
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0))
+    fig.suptitle(title or "One training step per rank", fontsize=10.5, y=0.995, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0.1 / len(layouts), 1, 1 - 0.07 / len(layouts)))
     return fig
 
 
