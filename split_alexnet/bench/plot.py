@@ -58,7 +58,8 @@ def plot(result, path):
         bottom = [b + v for b, v in zip(bottom, vals)]
     lo_hi = [step_range(r) for r in main]
     med = [r["step_s"] for r in main]
-    ax.errorbar(xs, med, yerr=[[m - lo for m, (lo, _) in zip(med, lo_hi)], [hi - m for m, (_, hi) in zip(med, lo_hi)]],
+    ax.errorbar(xs, med, yerr=[[max(0.0, m - lo) for m, (lo, _) in zip(med, lo_hi)],
+                               [max(0.0, hi - m) for m, (_, hi) in zip(med, lo_hi)]],
                 fmt="_", color="black", capsize=4, label="step time: median, min–max")
     ax.set_xticks(list(xs), labels, rotation=20)
     for tick, label in zip(ax.get_xticklabels(), labels):
@@ -77,8 +78,8 @@ def plot(result, path):
                 bs = [b for b, _ in pts]
                 if key == "images_per_s":
                     ys = [r[key] for _, r in pts]
-                    err = [[y - r["images_per_s_min"] for y, (_, r) in zip(ys, pts)],
-                           [r["images_per_s_max"] - y for y, (_, r) in zip(ys, pts)]]
+                    err = [[max(0.0, y - r["images_per_s_min"]) for y, (_, r) in zip(ys, pts)],
+                           [max(0.0, r["images_per_s_max"] - y) for y, (_, r) in zip(ys, pts)]]
                     ax.errorbar(bs, ys, yerr=err, marker="o", capsize=3, color=colours[label], label=label)
                 else:
                     ax.plot(bs, [r[key] / 2**20 for _, r in pts], marker="o", color=colours[label], label=label)
