@@ -6,20 +6,42 @@
   torchrun --nproc_per_node=2 launch/train.py --dataset mnist --data-dir DIR
 See docs/training.md and --help.
 """
-from split_alexnet.cli import run_main
+from dataclasses import replace
+
+from split_alexnet import checkpoint as ckpt
+from split_alexnet import guard
+from split_alexnet.cli import log, run_main
 from split_alexnet.config import parse_config
 from split_alexnet.distributed import setup, teardown
 from split_alexnet.train import build, run
 
 
+def resume_settings(cfg, argv):
+    """A resume continues the checkpoint's run: its settings, but the flags given here (see guard)."""
+    found = ckpt.find_checkpoint(cfg.resume)      # the newest that verifies, from a run directory
+    meta = ckpt.read_meta(found)
+    cfg, lines = guard.resolve_resume(cfg, argv, meta.get("config") or {}, meta.get("batch", 0))
+    for line in lines:
+        log(line)
+    return replace(cfg, resume=found)
+
+
 def main(argv=None):
     cfg = parse_config(argv)
+    guard.check_out(cfg.out)                       # before any work
+    if cfg.resume:
+        cfg = resume_settings(cfg, argv)
     ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout) if cfg.layout == "split" else None
     try:
+        guard.start(ctx, cfg.peer_timeout)         # heartbeat watchdog, parent-death signal
+        world = ctx.world if ctx else 1
+        guard.agree(world, guard.config_fields(cfg), "the arguments")
         job = build(cfg, ctx)
+        guard.agree(world, guard.data_fields(job), "the data")
         run(job)
         return 0
     finally:
+        guard.stop()
         teardown()
 
 

@@ -5,17 +5,22 @@
                           "momentum": {param name: SGD momentum buffer}, "dropout": mask generator state}
   CKPT/single.pt          single layout: the same for the whole net
 
-Every file is written to a temporary name and renamed (os.replace); meta.pt, which lists the other
-files and their sizes, is written last, so a directory without it (or with a shorter file than it
-lists) is an interrupted save and is refused. Nothing is loaded into a model until every file has been
+Every file is written to a temporary name, fsynced, and renamed (os.replace), and the directory is
+fsynced; meta.pt, which lists the other files with their sizes and sha256 checksums, is written last, so a directory without it (or with a shorter file than it
+lists, or one whose checksum differs) is an interrupted save or a damaged file and is refused; the
+temporary files of an interrupted save are removed at the next save. Every file is loaded with
+torch.load(weights_only=True): a checkpoint holds data (tensors, dicts, lists, str, int, float), never
+code, and one that holds anything else is refused before it can run. Nothing is loaded into a model until every file has been
 read and checked against it. Weights and momentum buffers are cut along dim 0 exactly as
 model.shard_state_dict cuts them, so `cut`/`join` convert between layouts bit for bit.
 """
+import hashlib
 import os
+import re
 
 import torch
 
-from .cli import UsageError
+from .cli import UsageError, log
 from .model import join_state_dicts, shard_state_dict
 from .spec import Spec
 
@@ -32,9 +37,86 @@ def shard_names(meta):
 
 
 def atomic_save(obj, path):
+    """Write to PATH.tmpPID, fsync it, rename it to PATH, fsync the directory: PATH is either the old
+    file or the whole new one, also after a power cut."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_TMP = re.compile(r"^(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def remove_stale_temps(folders, names):
+    """Remove NAME.tmpPID files (NAME in `names`: the files this process writes) left by an interrupted
+    save in each folder, its checkpoints/ and their step* folders; a file whose writer is alive in
+    another process is kept. Returns the paths removed."""
+    removed = []
+    for folder in folders:
+        if not folder or not os.path.isdir(folder):
+            continue
+        dirs = [folder]
+        for sub in (folder, os.path.join(folder, "checkpoints")):
+            if os.path.isdir(sub):
+                dirs += [os.path.join(sub, d) for d in os.listdir(sub) if os.path.isdir(os.path.join(sub, d))]
+        for d in dict.fromkeys(dirs):
+            for fname in os.listdir(d):
+                m = _TMP.match(fname)
+                if not m or m["name"] not in names:
+                    continue
+                pid = int(m["pid"])
+                if pid != os.getpid() and _alive(pid):
+                    continue
+                try:
+                    os.remove(os.path.join(d, fname))
+                    removed.append(os.path.join(d, fname))
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def run_dir_of(path):
+    """The run directory of RUN/checkpoints/stepN (else PATH itself): where an interrupted save of the
+    run a resume starts from may have left its temporary files."""
+    parent = os.path.dirname(os.path.abspath(path)) if path else ""
+    if path and os.path.basename(parent) == "checkpoints":
+        return os.path.dirname(parent)
+    return path
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 # ---- what a stream's file holds ---------------------------------------------------------------
@@ -73,13 +155,16 @@ def save_meta(ckpt_dir, meta):
     """Last: lists every file with its size, which marks the checkpoint complete."""
     meta = dict(meta, format=FORMAT)
     meta["files"] = {n: os.path.getsize(os.path.join(ckpt_dir, n)) for n in shard_names(meta)}
+    meta["sha256"] = {n: sha256(os.path.join(ckpt_dir, n)) for n in shard_names(meta)}
     atomic_save(meta, os.path.join(ckpt_dir, "meta.pt"))
+    fsync_dir(os.path.dirname(os.path.abspath(ckpt_dir)))   # the step folder's own entry
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
 def find_checkpoint(path, what="--resume"):
-    """PATH is a checkpoint directory, or a run directory whose newest checkpoints/step* is taken."""
+    """PATH is a checkpoint directory, or a run directory whose newest checkpoints/step* that verifies
+    (sizes and checksums) is taken; the newer ones skipped are logged with the reason."""
     if not os.path.exists(path):
         raise UsageError(f"{what} {path}: no such file or directory: give a checkpoint directory "
                          f"(runs/<run>/checkpoints/step*) or a run directory")
@@ -88,13 +173,28 @@ def find_checkpoint(path, what="--resume"):
         done = sorted(d for d in os.listdir(sub) if os.path.isfile(os.path.join(sub, d, "meta.pt")))
         if not done:
             raise UsageError(f"{what} {path}: {sub} holds no complete checkpoint (none has meta.pt)")
-        path = os.path.join(sub, done[-1])
+        skipped = []
+        for d in reversed(done):
+            try:
+                read_meta(os.path.join(sub, d))
+            except UsageError as e:
+                skipped.append(f"{d} ({e})")
+                continue
+            for s in skipped:
+                log(f"{what}: skipped {s}")
+            return os.path.join(sub, d)
+        raise UsageError(f"{what} {path}: no checkpoint in {sub} verifies: " + "; ".join(skipped))
     return path
 
 
 def _torch_load(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except __import__("pickle").UnpicklingError as e:   # weights_only refused a global: code, not data
+        what = str(e).split("Unsupported global: GLOBAL ", 1)[-1].split()[0] if "Unsupported global" in str(e) \
+            else "a non-data object"
+        raise UsageError(f"checkpoint file {path} holds code, not only data ({what}): refused unrun; "
+                         f"it is not a split_alexnet checkpoint or was tampered with: use another") from None
     except Exception as e:  # truncated or not a torch file
         raise UsageError(f"checkpoint file {path} cannot be read ({type(e).__name__}): it is damaged or "
                          f"truncated; resume from another checkpoint") from None
@@ -114,6 +214,11 @@ def read_meta(ckpt_dir):
         if have != size:
             raise UsageError(f"checkpoint file {path} is {'missing' if have is None else f'{have} bytes'}, "
                              f"meta.pt says {size} bytes: the checkpoint is truncated; resume from another one")
+    for name, digest in meta.get("sha256", {}).items():     # checkpoints written before checksums: none
+        if sha256(os.path.join(ckpt_dir, name)) != digest:
+            raise UsageError(f"checkpoint file {os.path.join(ckpt_dir, name)} fails its sha256 checksum: it "
+                             f"is damaged; resume from another checkpoint (a run directory takes the newest "
+                             f"that verifies)")
     return meta
 
 

@@ -11,6 +11,10 @@ class UsageError(Exception):
     """Bad input: the launchers print its one-line message and exit with status 2."""
 
 
+class RankError(UsageError):
+    """Bad input found by one rank alone (no collective to share it): printed by the rank that raised it."""
+
+
 @dataclass(frozen=True)
 class Env:
     rank: int
@@ -29,6 +33,13 @@ def env():
                torchrun="RANK" in os.environ)
 
 
+def rendezvous():
+    """(MASTER_ADDR, MASTER_PORT, under torchrun's agent): where the rendezvous store listens. Under
+    torchrun the agent holds it (TORCHELASTIC_RUN_ID is set); launched by hand, rank 0 does."""
+    return (os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+            "TORCHELASTIC_RUN_ID" in os.environ)
+
+
 def log(*args, **kwargs):
     """Print from rank 0 only (the one place the launchers log through)."""
     if env().rank == 0:
@@ -40,7 +51,7 @@ def run_main(main):
     try:
         sys.exit(main())
     except UsageError as e:
-        if env().rank == 0:
+        if env().rank == 0 or isinstance(e, RankError):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -71,7 +71,14 @@ def active_meter():
     return _meter
 
 
+# The key of the last collective this process entered ("conv3/fwd"...): what guard's watchdog names
+# when a peer stops answering.
+last_exchange = None
+
+
 def _collective(key, nbytes, fn):
+    global last_exchange
+    last_exchange = key
     if _meter is None:
         return fn()
     _meter.count(key, nbytes)

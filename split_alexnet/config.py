@@ -66,6 +66,8 @@ class Config:
     devices: str
     backend: str
     timeout: float
+    peer_timeout: float
+    bad_images: str
     out: str
     save_every: int
     resume: str
@@ -133,8 +135,13 @@ def build_parser(add_help=True):
     p.add_argument("--devices", default="", help="streams layout: comma-separated, one per stream")
     p.add_argument("--backend", choices=["nccl", "gloo"], default="", help="split: default nccl with GPUs, "
                    "else gloo")
-    p.add_argument("--timeout", type=float, default=300.0,
-                   help="seconds a collective waits for a peer before the job ends")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a collective waits while every rank is alive (long data preparation, slow "
+                   "checkpoint writes); a rank that stops answering is found by --peer-timeout")
+    p.add_argument("--peer-timeout", type=float, default=60.0,
+                   help="split: seconds without a peer's heartbeat before the job ends naming it (0: off)")
+    p.add_argument("--bad-images", choices=["stop", "skip"], default="stop",
+                   help="an image file that fails to decode: stop naming it, or skip it (named once)")
     p.add_argument("--out", default="", help="default: a new folder under runs/")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end")
     p.add_argument("--resume", default="", help="a checkpoint (or run) directory to continue from")
@@ -166,6 +173,7 @@ def validate(cfg):
         (cfg.lighting >= 0, f"--lighting {cfg.lighting}: use 0 (off) or a sigma such as 0.1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: use 0 or more"),
         (cfg.timeout > 0, f"--timeout {cfg.timeout}: use a positive number of seconds"),
+        (cfg.peer_timeout >= 0, f"--peer-timeout {cfg.peer_timeout}: use 0 (off) or a number of seconds"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: use 0 (only at the end: off) or more"),
         (cfg.log_every >= 1 and cfg.eval_every >= 0, "--log-every must be >= 1 and --eval-every >= 0"),
         (cfg.split_test >= 0 and cfg.train_size >= 0 and cfg.val_size >= 0,

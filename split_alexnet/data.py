@@ -230,15 +230,34 @@ class Seeded(Dataset):
     """Wraps a data set so that item (epoch, i) is transformed under its own seed: random crops,
     flips and lighting depend only on (seed, epoch, i), not on which process or worker draws them."""
 
+    bad_images = "stop"   # an image that fails to decode: "stop" (UsageError naming it) or "skip"
+
     def __init__(self, dataset, transform, seed):
         self.dataset, self.transform, self.seed = dataset, transform, seed
 
     def __len__(self):
         return len(self.dataset)
 
+    def _read(self, i):
+        """Item i; an undecodable file stops the run naming it, or (skip) is replaced by the next item
+        that decodes, the same on every rank."""
+        for j in range(i, i + len(self.dataset)):
+            k = j % len(self.dataset)
+            try:
+                return self.dataset[k]
+            except (OSError, ValueError, SyntaxError) as e:   # PIL: truncated, unidentified, broken
+                samples = getattr(self.dataset, "samples", None)
+                name = samples[k][0] if samples else f"item {k}"
+                why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if self.bad_images == "stop":
+                    raise UsageError(f"cannot decode {name} ({why}): replace or remove it, or pass "
+                                     f"--bad-images skip") from None
+                _warn_once(f"warning: skipped {name}, which cannot be decoded ({why})")
+        raise UsageError("no image of the data set can be decoded")
+
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        img, label = self.dataset[i]
+        img, label = self._read(i)
         gen = torch.default_generator              # the transforms draw from it: seed it, then restore
         saved = gen.get_state()                    # (torch.random.fork_rng costs ~2 ms a call)
         try:
@@ -246,6 +265,16 @@ class Seeded(Dataset):
             return self.transform(img), label
         finally:
             gen.set_state(saved)
+
+
+_warned = set()
+
+
+def _warn_once(line):
+    if line not in _warned:
+        _warned.add(line)
+        import sys
+        print(line, file=sys.stderr, flush=True)
 
 
 class EpochSampler(Sampler):
@@ -310,8 +339,11 @@ def _imagefolder(data_dir, *, seed, download, split_test, train_size, val_size):
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"imagefolder: {str(e).splitlines()[0]}") from None
     if train.classes != val.classes:
-        raise UsageError(f"imagefolder: train/ has classes {len(train.classes)} and val/ "
-                         f"{len(val.classes)} different ones: give both the same class folders")
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise UsageError(f"imagefolder: train/ and val/ have different classes: only in train/: "
+                         f"{', '.join(only_train) or '-'}; only in val/: {', '.join(only_val) or '-'}: "
+                         f"give both the same class folders")
     return train, val, train.classes
 
 

@@ -5,7 +5,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import UsageError, env
+from .cli import RankError, UsageError, env, rendezvous
 from .spec import allowed_streams
 
 
@@ -45,6 +45,8 @@ def setup(backend=None, device=None, timeout_s=120):
     device = torch.device(device or "cpu")
     if proc.torchrun:  # launched by torchrun (even with one process)
         kwargs = dict(device_id=device) if backend == "nccl" else {}
+        if not rendezvous()[2]:                    # by hand: this job's own store, checked first
+            kwargs.update(store=hand_launch_store(rank, world, timeout_s), rank=rank, world_size=world)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     else:
         backend = "none"
@@ -55,3 +57,42 @@ def teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
+
+
+def hand_launch_store(rank, world, timeout_s, answer_s=10.0):
+    """Ranks started by hand (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set, no torchrun): rank 0
+    listens on MASTER_PORT, the others connect to it. A busy port, or a port held by another program
+    (which accepts the connection and never answers, where torch's store would wait forever), is
+    refused with one line instead."""
+    import socket
+    import threading
+    import time
+    addr, port, _ = rendezvous()
+    fix = (f"set MASTER_PORT to a free port on every rank, or launch with torchrun --standalone, which "
+           f"picks one")
+    if rank == 0:
+        try:
+            return dist.TCPStore(addr, port, world, True, timeout=timedelta(seconds=timeout_s))
+        except Exception as e:
+            if "EADDRINUSE" in str(e) or "address already in use" in str(e):
+                raise UsageError(f"MASTER_PORT {port} is in use by another program: {fix}") from None
+            raise
+    deadline = time.monotonic() + timeout_s
+    while True:                                    # rank 0 may not have started yet
+        try:
+            socket.create_connection((addr, port), timeout=5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RankError(f"rank {rank}: nothing listens on MASTER_ADDR:MASTER_PORT {addr}:{port} after "
+                                 f"{timeout_s:g} s: start rank 0 with the same MASTER_ADDR and MASTER_PORT") from None
+            time.sleep(0.5)
+    result = []
+    t = threading.Thread(target=lambda: result.append(
+        dist.TCPStore(addr, port, world, False, timeout=timedelta(seconds=timeout_s))), daemon=True)
+    t.start()
+    t.join(answer_s)
+    if not result:
+        raise RankError(f"rank {rank}: {addr}:{port} accepted the connection but did not answer as rank 0's "
+                         f"store within {answer_s:g} s: another program holds MASTER_PORT {port}; {fix}")
+    return result[0]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
+from . import guard
 from .cli import UsageError, log, stop_all_on_error
 from .config import Config
 from .data import EpochSampler, Seeded, build_datasets, build_transforms, dataset
@@ -98,6 +99,7 @@ def build(cfg, ctx=None):
                                                    train=True, **aug), cfg.seed)
     val_set = Seeded(val_raw, build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std,
                                                train=False, ten_crop=cfg.ten_crop, **aug), cfg.seed)
+    train_set.bad_images = val_set.bad_images = cfg.bad_images
     model, parts = build_model(cfg, spec, rank, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -146,6 +148,9 @@ def evaluate(job):
 
 def save_checkpoint(job, state):
     path = os.path.join(job.out, "checkpoints", f"step{state['step']:07d}")
+    guard.phase(f"checkpoint write at step {state['step']}")
+    ckpt.remove_stale_temps([job.out, ckpt.run_dir_of(job.cfg.resume)],
+                            set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
     ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()})
     if job.world > 1:
         dist.barrier()                             # every shard written before meta marks it complete
@@ -172,10 +177,13 @@ def resume(job, path):
     path, meta, states = stop_all_on_error(read, job.world)   # one rank's bad shard stops every rank
     for name, m in job.parts.items():
         ckpt.load_stream_state(m, job.optimizer, states[name])
+    # the checkpoint's (scheduled) lr, unless this run's --lr differs from the one the checkpoint's ran with
+    lr = job.cfg.lr if job.cfg.lr != meta.get("config", {}).get("lr", job.cfg.lr) else meta["lr"]
     for group in job.optimizer.param_groups:
-        group["lr"] = meta["lr"]
+        group["lr"] = lr
     if job.scheduler and meta["scheduler"]:
         job.scheduler.load_state_dict(meta["scheduler"])
+        job.scheduler.factor, job.scheduler.patience = job.cfg.lr_factor, job.cfg.lr_patience
     torch.set_rng_state(meta["torch_rng"])
     return path, {"step": meta["step"], "epoch": meta["epoch"], "batch": meta["batch"]}
 
@@ -197,6 +205,7 @@ def run(job):
     while state["step"] < total:
         t_prev = time.perf_counter()
         for x, y in epoch_loader(job, state):
+            guard.phase(f"training step {state['step'] + 1}")
             loss = train_step(job, x, y)
             state["step"] += 1
             state["batch"] += 1
@@ -252,6 +261,7 @@ def train_step(job, x, y):
 
 def evaluate_and_log(job, state, progress, scheduled=True):
     """Evaluate, record it, and step the plateau schedule on it if this evaluation was scheduled."""
+    guard.phase(f"evaluation at step {state['step']}")
     loss, top1, top5 = evaluate(job)
     row = dict(split="val", step=state["step"], epoch=state["epoch"], loss=loss, top1=top1, top5=top5)
     progress.metrics.write(row)
@@ -300,7 +310,18 @@ class Metrics:
         self.rows.append(row)
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
+
+
+def strict_json(row):
+    """NaN and Inf are not JSON: each becomes null, with KEY_nonfinite: true beside it."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            out[k], out[f"{k}_nonfinite"] = None, True
+        else:
+            out[k] = v
+    return out
 
 
 class Progress:

@@ -191,7 +191,7 @@ def test_bad_input_one_line(argv, message, capsys):
 def test_bad_checkpoints_one_line(tiny_checkpoint, tmp_path, capsys):
     args = TINY + ["--out", str(tmp_path / "o")]
     err = _bad(args + ["--image-size", "99", "--resume", tiny_checkpoint], capsys)
-    assert "another net: image_size 67 (this run: 99)" in err
+    assert "--image-size 99 on resume: the checkpoint's run used 67" in err   # (check_matches: test_checkpoint)
     err = _bad(args + ["--layout", "streams", "--resume", tiny_checkpoint], capsys)
     assert "holds the single layout and this run is streams: convert it first" in err
     f = os.path.join(tiny_checkpoint, "single.pt")
@@ -231,4 +231,6 @@ def test_split_resume_and_bad_shard(tmp_path):
         fh.truncate(os.path.getsize(shard) // 2)
     proc = _torchrun(TINY + ["--max-steps", "6", "--out", bad, "--resume", part, "--timeout", "60"], timeout=120)
     assert proc.returncode != 0
-    assert f"error: checkpoint file {shard} is" in proc.stderr and "truncated" in proc.stderr
+    # a run directory: no checkpoint verifies, and the message names the file and why
+    assert f"error: --resume {part}: no checkpoint in" in proc.stderr
+    assert f"checkpoint file {shard} is" in proc.stderr and "truncated" in proc.stderr

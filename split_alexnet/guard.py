@@ -1,0 +1,279 @@
+"""Holding up under faults and mistakes (docs/troubleshooting.md lists every message):
+
+- `agree`: after the process group forms, every rank compares what must be the same on all of them
+  (the resolved config but its rank-local fields, the spec, the data set's size and classes, torch's
+  version); a difference stops every rank with one line naming the fields and each rank's value.
+- `Watchdog`: a heartbeat through the rendezvous store (torchrun's agent holds it), separate from the
+  collective timeout (--timeout). A rank whose heartbeat stops for --peer-timeout seconds (killed,
+  stopped, its host gone) ends the job with a line naming it and the phase / exchange where this rank
+  waited. The heartbeat runs on its own thread, so long work on a live rank (data preparation,
+  evaluation, checkpoint writes) never trips it; only the collective timeout bounds a wait among live
+  ranks, which is why that one can be long.
+- `die_with_parent`: a rank ends when its torchrun agent dies (Linux parent-death signal); the
+  watchdog also ends it when the agent's store stops answering (the agent of another node).
+- `check_out`: an output directory that cannot be written is refused before any work.
+- `resolve_resume`: a resumed run takes the checkpoint's settings but the flags given on the command
+  line, which win where that is safe and are refused, with the fix, where it is not.
+"""
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .cli import UsageError, log, rendezvous
+
+EXIT_PEER = 3  # the exit status of a rank that ends the job because a peer stopped answering
+
+# ---- where this rank is (for the watchdog's message) -----------------------------------------------
+
+_phase = "start-up"
+
+
+def phase(name):
+    """Record what this rank is doing now ("training step 12", "evaluation", "checkpoint write")."""
+    global _phase
+    _phase = name
+
+
+def where():
+    from . import comm
+    exchange = comm.last_exchange
+    return _phase + (f" (last exchange: {exchange})" if exchange and _phase.startswith("training") else "")
+
+
+# ---- the same run on every rank --------------------------------------------------------------------
+
+# differ per rank or per node without changing what is computed
+RANK_LOCAL = ("data_dir", "download", "workers", "device", "devices", "quiet", "plot", "log_every")
+
+
+def config_fields(cfg):
+    from dataclasses import asdict
+    fields = {k: v for k, v in asdict(cfg).items() if k not in RANK_LOCAL}
+    fields["torch"] = torch.__version__
+    return fields
+
+
+def data_fields(job):
+    from .checkpoint import spec_dict
+    return dict(out=job.out, spec=spec_dict(job.spec), train_images=len(job.train_set),
+                val_images=len(job.val_set), classes=list(job.classes))
+
+
+def _show(value, limit=60):
+    s = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def disagreement(per_rank):
+    """None if every rank's dict is the same, else one line naming each differing field."""
+    digests = [hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+               for d in per_rank]
+    if len(set(digests)) == 1:
+        return None
+    keys = sorted(set().union(*per_rank))
+    parts = []
+    for k in keys:
+        values = [d.get(k) for d in per_rank]
+        if any(v != values[0] for v in values):
+            parts.append(f"{k} (" + ", ".join(f"rank {r}: {_show(v)}" for r, v in enumerate(values)) + ")")
+    return "; ".join(parts)
+
+
+def agree(world, fields, what="the run"):
+    """A collective: every rank gets UsageError naming the fields that differ between ranks."""
+    if world <= 1:
+        return
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, fields)
+    diff = disagreement(per_rank)
+    if diff:
+        raise UsageError(f"the ranks disagree on {what}: {diff}: start every rank with the same arguments, "
+                         f"data set and torch version")
+
+
+# ---- liveness ------------------------------------------------------------------------------------
+
+class Watchdog(threading.Thread):
+    """Beats `hb/RANK` in the rendezvous store every `beat` s and watches the others' beats."""
+
+    def __init__(self, rank, world, timeout, beat=1.0, prefix="split_alexnet"):
+        super().__init__(daemon=True, name="split_alexnet-watchdog")
+        self.rank, self.world, self.timeout, self.beat = rank, world, timeout, beat
+        self.prefix, self.stopped = prefix, threading.Event()
+        addr, port, _ = rendezvous()
+        # its own client: a short timeout of its own, and no lock shared with the process group's store
+        self.store = dist.TCPStore(addr, port, is_master=False,
+                                   timeout=timedelta(seconds=max(5.0, min(timeout, 30.0))))
+        self.store.set(f"{prefix}/pid/{rank}", f"{socket.gethostname()} {os.getpid()}")
+
+    def run(self):
+        others = [r for r in range(self.world) if r != self.rank]
+        seen = {r: (None, time.monotonic()) for r in others}
+        while not self.stopped.wait(self.beat):
+            try:
+                self.store.add(f"{self.prefix}/hb/{self.rank}", 1)
+                counts = {r: self.store.add(f"{self.prefix}/hb/{r}", 0) for r in others}
+            except Exception as e:  # the store's holder (torchrun's agent, or rank 0 by hand) is gone
+                if self.stopped.is_set():
+                    return
+                self.fail(f"the rendezvous store stopped answering ({type(e).__name__}): the torchrun "
+                          f"agent (or, launched by hand, rank 0) is gone; rank {self.rank} was in {where()}")
+            now = time.monotonic()
+            for r, count in counts.items():
+                if count != seen[r][0]:
+                    seen[r] = (count, now)
+                elif now - seen[r][1] > self.timeout:
+                    self.fail(f"rank {r} stopped answering: no heartbeat for {now - seen[r][1]:.0f} s "
+                              f"(--peer-timeout {self.timeout:g}){self._end_stopped(r)}; rank {self.rank} "
+                              f"waited in {where()}: see docs/troubleshooting.md")
+
+    def _end_stopped(self, r):
+        """A stopped (SIGSTOP) peer on this host cannot act on torchrun's SIGTERM, and torchrun waits
+        30 s before its SIGKILL: end it now, so the job ends at once."""
+        try:
+            host, pid = self.store.get(f"{self.prefix}/pid/{r}").decode().split()
+            if host != socket.gethostname():
+                return ""
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            if state in ("T", "t"):
+                os.kill(int(pid), signal.SIGKILL)
+                return f"; its process {pid} was stopped (SIGSTOP): ended it"
+        except Exception:
+            pass
+        return ""
+
+    def fail(self, message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_PEER)
+
+    def stop(self):
+        self.stopped.set()
+
+
+_watchdog = None
+
+
+def start(ctx, peer_timeout):
+    """Under torchrun with more than one rank: the parent-death signal and the heartbeat watchdog."""
+    global _watchdog
+    if ctx is None or ctx.backend == "none":
+        return None
+    die_with_parent()
+    if ctx.world > 1 and peer_timeout > 0:
+        _watchdog = Watchdog(ctx.rank, ctx.world, peer_timeout)
+        _watchdog.start()
+    return _watchdog
+
+
+def stop():
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
+
+
+def die_with_parent():
+    """Linux: SIGKILL this process when the process that started it (torchrun's agent) dies."""
+    _, _, agent = rendezvous()
+    if not agent or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent or parent == 1:   # the agent died before the signal was set
+        os._exit(EXIT_PEER)
+    return True
+
+
+# ---- output directory ------------------------------------------------------------------------------
+
+def check_out(out):
+    """Refuse an --out that is a file, or under a file, or in a directory this process cannot write."""
+    target = out or "runs"
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise UsageError(f"--out {target} is an existing file, not a directory: give a new directory")
+    parent = target
+    while not os.path.exists(parent):
+        parent = os.path.dirname(os.path.abspath(parent))
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out {target}: {parent} is a file, not a directory: give another --out")
+    try:   # try it: permissions, a read-only file system, a full disk
+        fd, probe = __import__("tempfile").mkstemp(prefix=".split_alexnet-probe-", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out {target}: cannot write in {parent} ({e.strerror}): give an --out in a "
+                         f"writable directory") from None
+
+
+# ---- resume: the checkpoint's settings, the command line's flags -----------------------------------
+
+# may change on resume: the explicit flag wins and is printed as changed
+RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedule", "lr_factor", "lr_patience",
+               "crop", "flip", "lighting", "ten_crop", "val_size", "eval_every", "save_every", "recipe",
+               "timeout", "peer_timeout", "bad_images")
+# never taken from the checkpoint: where this run writes, reads and runs
+RESUME_LOCAL = ("out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
+                "plot", "log_every", "layout", "streams")
+# cannot be honoured after the run started: field -> why, the fix
+RESUME_REFUSED = {
+    "seed": "the data order and augmentation come from the seed",
+    "dropout_seed": "the dropout masks continue from the checkpoint's generator",
+    "init": "the weights come from the checkpoint",
+    "dataset": "the checkpoint was trained on another data set",
+    "train_size": "the epoch's order depends on the training set's size",
+    "split_test": "the epoch's order depends on the training set's size",
+    "image_size": "the checkpoint's net takes another input size",
+}
+
+
+def explicit_flags(argv):
+    """The Config fields given on the command line."""
+    import argparse
+    from .config import build_parser
+    p = build_parser(add_help=False)
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    ns, _ = p.parse_known_args(argv)
+    return set(vars(ns))
+
+
+def resolve_resume(cfg, argv, saved, ckpt_batch):
+    """cfg with the checkpoint's settings (`saved`, its config) but the explicit flags. Returns
+    (cfg, lines to print). Raises UsageError for a flag that cannot be honoured on resume."""
+    from dataclasses import fields, replace
+    explicit = explicit_flags(argv)
+    changes, lines = {}, []
+    for f in fields(cfg):
+        k = f.name
+        if k in RESUME_LOCAL or k not in saved:
+            continue
+        mine, theirs = getattr(cfg, k), saved[k]
+        if k not in explicit:
+            changes[k] = theirs                    # the run continues with its own settings
+            continue
+        if mine == theirs:
+            continue
+        flag = "--" + k.replace("_", "-")
+        if k == "batch_size" and ckpt_batch:
+            raise UsageError(f"{flag} {mine} on resume: the checkpoint stopped mid-epoch (batch {ckpt_batch}) "
+                             f"with batch size {theirs}: drop {flag}, or resume from a checkpoint at an "
+                             f"epoch's end")
+        if k in RESUME_REFUSED:
+            raise UsageError(f"{flag} {mine} on resume: the checkpoint's run used {theirs}, and "
+                             f"{RESUME_REFUSED[k]}: drop {flag} (or start a new run)")
+        lines.append(f"resume: {flag} {mine} (the checkpoint's run: {theirs})")
+    return replace(cfg, **changes), lines
