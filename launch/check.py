@@ -4,8 +4,14 @@
   torchrun --nproc_per_node=4 launch/check.py --streams 2   # 2 streams x 2 replicas, global batch
   torchrun --nproc_per_node=4 launch/check.py --layout hybrid   # the 2014 hybrid over 4 ranks
   python launch/check.py                          # streams: every stream in this process
+  python launch/check.py --image-size 67 --num-classes 10 --reads conv4=all   # another connectivity
+
+Teaching switches (the exercises of docs/tutorial.md; each breaks one rule on purpose, so the check fails):
+  torchrun --nproc_per_node=2 launch/check.py --image-size 67 --num-classes 10 --exercise keep-own-slice
+  python launch/check.py --image-size 67 --num-classes 10 --exercise lrn-across-streams
 """
 import argparse
+import contextlib
 import time
 
 import torch
@@ -14,8 +20,9 @@ from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.check import AUTOCAST, criterion, format_table, run_check, verdict
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
+from split_alexnet.exercises import EXERCISES, switch
 from split_alexnet.precision import check_precision
-from split_alexnet.spec import Spec
+from split_alexnet.spec import Spec, parse_reads
 
 
 def parse_args(argv=None):
@@ -47,6 +54,12 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=120, help="seconds a collective may wait for a peer")
     p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
                    help="glibc: keep freed buffers for reuse (split_alexnet/allocator.py)")
+    p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
+                   help="compare the layouts with another connectivity, e.g. conv4=all")
+    p.add_argument("--exercise", choices=EXERCISES, default=None,
+                   help="TEACHING SWITCH, breaks the model on purpose (docs/tutorial.md, exercises): "
+                        "keep-own-slice (split layout: conv3..fc8's backward keeps its own slice instead "
+                        "of summing), lrn-across-streams (the single layout's LRN spans every stream)")
     return p.parse_args(argv)
 
 
@@ -73,6 +86,9 @@ def main(argv=None):
     if layout == "hybrid" and not proc.torchrun:
         raise UsageError("--layout hybrid runs one process per rank: launch it with "
                          "torchrun --nproc_per_node=4 launch/check.py --layout hybrid")
+    if args.exercise == "keep-own-slice" and layout != "split":
+        raise UsageError("--exercise keep-own-slice breaks the split layout's written-down rule: run it "
+                         "under torchrun --nproc_per_node=2 (in one process autograd sums by itself)")
     ctx = None
     if layout in ("split", "hybrid"):
         ctx = setup(args.backend, args.device, args.timeout, args.streams if layout == "split" else None)
@@ -84,7 +100,7 @@ def main(argv=None):
                              f"{'replicas' if layout == 'split' else 'ranks'}: use a multiple of {parts}")
         try:
             spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
-                        num_classes=args.num_classes)
+                        num_classes=args.num_classes).with_reads(**parse_reads(args.reads))
         except ValueError as e:
             raise UsageError(str(e)) from None
         device = ctx.device if ctx else torch.device(args.device or "cpu")
@@ -107,9 +123,12 @@ def main(argv=None):
         log(allocator)
         log(f"criterion: {criterion(dtype)} (see docs/equivalence.md)")
         t0 = time.perf_counter()
-        rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
-                         rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype, ctx=ctx,
-                         allreduce=args.allreduce)
+        if args.exercise:
+            log(f"TEACHING SWITCH --exercise {args.exercise}: the model is broken on purpose; expect FAIL")
+        with switch(args.exercise) if args.exercise else contextlib.nullcontext():
+            rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
+                             rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype, ctx=ctx,
+                             allreduce=args.allreduce)
         log(format_table(rows))
         log(verdict(rows, layout, streams, spec.image_size, time.perf_counter() - t0))
         bad = [r for r in rows if not r.ok]
