@@ -3,6 +3,7 @@
   torchrun --nproc_per_node=2 launch/bench.py                      # batch 64, 227 px, fp32: the table
   torchrun --nproc_per_node=2 launch/bench.py --sweep-batch 16,32,64,128 --out runs/sweep
   torchrun --nproc_per_node=2 launch/bench.py --profile runs/prof  # Perfetto / chrome://tracing traces
+  torchrun --nproc_per_node=4 launch/bench.py --layouts split,mesh,hybrid,ddp   # 1x4, 2x2, hybrid, DDP
   python launch/bench.py --layouts single,streams,torchvision  # one process (e.g. one GPU)
   python launch/bench.py --layouts single,torchvision --precision bf16   # autocast bf16
   python launch/bench.py --link --link-from runs/bench/bench.json      # two GPUs on paper (no steps)
@@ -22,6 +23,7 @@ import torch
 
 from split_alexnet.bench import (EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_ratios, format_table,
                                  run_bench, write_outputs)
+from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
 
@@ -38,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
                    "net (§3.2), one stream, one process: layouts single and torchvision")
     p.add_argument("--streams", type=int, default=None, help="streams of single/streams when run without "
-                   "torchrun, default 2 (--net half: 1; under torchrun: one per process)")
+                   "torchrun, default 2 (--net half: 1; under torchrun split has one per process); mesh: "
+                   "streams per replica; hybrid: the conv layers' groups")
     p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
     p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
@@ -53,6 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds a rank may wait for its peers "
                    "(the waiting ranks sit in a barrier while single runs on rank 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc: keep freed buffers for reuse, no page faults per step (split_alexnet/allocator.py); "
+                   "recorded in bench.json")
+    p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs for the "
+                   "single, streams and torchvision layouts (for GPUs: slower on CPU, benchmarks/README.md)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the single and torchvision layouts")
     g = p.add_argument_group("link model (--link: print predictions, run no steps; split_alexnet/bench/link.py)")
     g.add_argument("--link", action="store_true", help="predict a two-GPU split step for PCIe 2.0/4.0 and "
                    "NVLink 4 from measured compute and the spec's bytes; under torchrun also measure the "
@@ -166,6 +175,7 @@ def _ints(text, flag):
 
 def main(argv=None):
     args = parse_args(argv)
+    _, allocator = apply_keep_freed_memory(args.keep_freed_memory)   # every rank, before any tensor
     world = env().world
     if args.link:
         return link_main(args, world)
@@ -181,14 +191,19 @@ def main(argv=None):
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
                  warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, net=args.net,
-                 streams=args.streams or (1 if args.net == "half" else 2),
+                 streams=args.streams or (1 if args.net == "half" else 2), allocator=allocator,
+                 channels_last=args.channels_last, compile=args.compile,
                  command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast
     ctx = setup(args.backend, args.device, args.timeout)
     try:
+        log(allocator)
         result = run_bench(cfg, ctx)
         log(format_table(result["runs"], result["exchanges"]))
         log(format_ratios(result["ratios"], result["runs"]))
+        if result.get("bytes_model"):
+            log("")
+            log(result["bytes_model"]["text"])
         if ctx.rank == 0:
             write_outputs(result, args.out)
         log(f"wrote {os.path.join(args.out, 'bench.json')} and bench.png ({result['wall_s']:.0f} s; load "

@@ -1,27 +1,41 @@
 """Check that the layouts compute the same function as the single layout.
 
   torchrun --nproc_per_node=2 launch/check.py     # split: one process per stream (gloo on CPU, NCCL on GPUs)
+  torchrun --nproc_per_node=4 launch/check.py --streams 2   # 2 streams x 2 replicas, global batch
+  torchrun --nproc_per_node=4 launch/check.py --layout hybrid   # the 2014 hybrid over 4 ranks
   python launch/check.py                          # streams: every stream in this process
+  python launch/check.py --image-size 67 --num-classes 10 --reads conv4=all   # another connectivity
+
+Teaching switches (the exercises of docs/tutorial.md; each breaks one rule on purpose, so the check fails):
+  torchrun --nproc_per_node=2 launch/check.py --image-size 67 --num-classes 10 --exercise keep-own-slice
+  python launch/check.py --image-size 67 --num-classes 10 --exercise lrn-across-streams
 """
 import argparse
+import contextlib
 import time
 
 import torch
 
-from split_alexnet.check import criterion, format_table, run_check, verdict
+from split_alexnet.allocator import apply_keep_freed_memory
+from split_alexnet.check import AUTOCAST, criterion, format_table, run_check, verdict
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
-from split_alexnet.spec import Spec
+from split_alexnet.exercises import EXERCISES, switch
+from split_alexnet.precision import check_precision
+from split_alexnet.spec import Spec, parse_reads
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layout", choices=["split", "streams"], default=None,
-                   help="default: split under torchrun, streams otherwise")
+    p.add_argument("--layout", choices=["split", "streams", "hybrid"], default=None,
+                   help="default: split under torchrun, streams otherwise; hybrid: conv data parallel, fc "
+                   "model parallel over every process (docs/scaling.md)")
     p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
                    "net (§3.2), one stream: streams layout only (its one stream against the single layout)")
-    p.add_argument("--streams", type=int, default=None, help="streams for the streams layout, default 2 "
-                   "(--net half: 1; the split layout has one per process)")
+    p.add_argument("--streams", type=int, default=None, help="streams of the net, default 2 (--net half: 1): "
+                   "split: processes per replica (N processes run N / S replicas); hybrid: the conv layers' groups")
+    p.add_argument("--no-allreduce", dest="allreduce", action="store_false",
+                   help="leave the gradient all-reduce out (replicas, hybrid): the check must then FAIL")
     p.add_argument("--devices", default=None, help="streams layout: comma-separated devices, one per "
                    "stream (default: all on --device)")
     p.add_argument("--image-size", type=int, default=227)
@@ -32,20 +46,36 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="eval,train", help="eval, train (dropout on), or both")
     p.add_argument("--init", choices=["d2l", "paper"], default="d2l",
                    help="weights the layouts are compared at (see docs/equivalence.md)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
-                   help="precision of the logits and loss; gradients and SGD steps are always compared in float64 "
-                   "(fp32 cannot rule on them: see docs/equivalence.md)")
+    p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
+                   help="precision of the logits and loss: fp32 (float32), fp64 (float64), or bf16/fp16 "
+                   "through torch.autocast with fp32 weights; gradients and SGD steps are always compared "
+                   "in float64 (fp32 cannot rule on them: see docs/equivalence.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with NCCL, else cpu")
     p.add_argument("--backend", choices=["nccl", "gloo"], default=None)
     p.add_argument("--timeout", type=float, default=120, help="seconds a collective may wait for a peer")
+    p.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="glibc: keep freed buffers for reuse (split_alexnet/allocator.py)")
+    p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
+                   help="compare the layouts with another connectivity, e.g. conv4=all")
+    p.add_argument("--exercise", choices=EXERCISES, default=None,
+                   help="TEACHING SWITCH, breaks the model on purpose (docs/tutorial.md, exercises): "
+                        "keep-own-slice (split layout: conv3..fc8's backward keeps its own slice instead "
+                        "of summing), lrn-across-streams (the single layout's LRN spans every stream)")
     return p.parse_args(argv)
+
+
+# --precision's names (the bench's) and the torch dtype names --dtype took before it
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
 def main(argv=None):
     args = parse_args(argv)
+    _, allocator = apply_keep_freed_memory(args.keep_freed_memory)   # before any tensor of the check
     proc = env()
     layout = args.layout or ("split" if proc.torchrun else "streams")
+    args.streams = args.streams or (1 if args.net == "half" else 2)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"eval", "train"}:
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
@@ -54,14 +84,29 @@ def main(argv=None):
     if args.net == "half" and layout == "split":
         raise UsageError("--net half is the paper's one-GPU net (one stream): it has no split layout; "
                          "run python launch/check.py --net half (streams layout, one stream)")
+    if args.precision not in DTYPES:
+        raise UsageError(f"--precision {args.precision}: use fp32, bf16, fp16 or fp64")
+    dtype = DTYPES[args.precision]
     if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
-    ctx = setup(args.backend, args.device, args.timeout) if layout == "split" else None
+    if layout == "hybrid" and not proc.torchrun:
+        raise UsageError("--layout hybrid runs one process per rank: launch it with "
+                         "torchrun --nproc_per_node=4 launch/check.py --layout hybrid")
+    if args.exercise == "keep-own-slice" and layout != "split":
+        raise UsageError("--exercise keep-own-slice breaks the split layout's written-down rule: run it "
+                         "under torchrun --nproc_per_node=2 (in one process autograd sums by itself)")
+    ctx = None
+    if layout in ("split", "hybrid"):
+        ctx = setup(args.backend, args.device, args.timeout, args.streams if layout == "split" else None)
     try:
-        streams = ctx.world if layout == "split" else (args.streams or (1 if args.net == "half" else 2))
+        streams = args.streams
+        parts = ctx.replicas if layout == "split" else ctx.world if layout == "hybrid" else 1
+        if args.batch_size % parts:
+            raise UsageError(f"--batch-size {args.batch_size} does not split over {parts} "
+                             f"{'replicas' if layout == 'split' else 'ranks'}: use a multiple of {parts}")
         try:
             spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
-                        num_classes=args.num_classes, net=args.net)
+                        num_classes=args.num_classes, net=args.net).with_reads(**parse_reads(args.reads))
         except ValueError as e:
             raise UsageError(str(e)) from None
         device = ctx.device if ctx else torch.device(args.device or "cpu")
@@ -70,14 +115,26 @@ def main(argv=None):
             raise UsageError(f"--devices names {len(devices)} devices for {streams} streams: give one per stream")
         where = (f"{ctx.world} processes, {ctx.backend}, {device}" if ctx
                  else f"1 process, devices {', '.join(map(str, devices))}")
+        if layout == "split":
+            where += f"; {ctx.replicas} replica(s) x {ctx.streams} streams, the global batch split over replicas"
+        if layout == "hybrid":
+            where += f"; conv data parallel, fc6-fc8 cut {ctx.world} ways, the batch split over ranks"
+        if not args.allreduce:
+            where += "; NO gradient all-reduce (must fail)"
         log(f"check: {layout} vs single, {streams} streams ({where}), {spec.image_size} px, "
             f"{spec.in_channels} channels, {spec.num_classes} classes, batch {args.batch_size}, "
             f"{args.steps} SGD steps (lr 0.01, momentum 0.9, wd 5e-4), modes {','.join(modes)}, init {args.init}")
-        dtype = getattr(torch, args.dtype)
+        if dtype in AUTOCAST:
+            check_precision({torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype], device.type)
+        log(allocator)
         log(f"criterion: {criterion(dtype)} (see docs/equivalence.md)")
         t0 = time.perf_counter()
-        rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
-                         rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype)
+        if args.exercise:
+            log(f"TEACHING SWITCH --exercise {args.exercise}: the model is broken on purpose; expect FAIL")
+        with switch(args.exercise) if args.exercise else contextlib.nullcontext():
+            rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
+                             rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype, ctx=ctx,
+                             allreduce=args.allreduce)
         log(format_table(rows))
         log(verdict(rows, layout, streams, spec.image_size, time.perf_counter() - t0))
         bad = [r for r in rows if not r.ok]

@@ -5,12 +5,14 @@ or with --trace the shape after every step of a real forward pass, per stream.
   python launch/summary.py --in-channels 1 --num-classes 10 --image-size 224   # Fashion-MNIST, d2l's size
   python launch/summary.py --trace                           # a dummy image through the model, step by step
   python launch/summary.py --trace --layout single --image-size 67
+  python launch/summary.py --reads conv4=all                 # another connectivity: bytes and parameters
+  python launch/summary.py --streams 4 --precision bf16      # where the bytes go, and the crossover batch
   python launch/summary.py --net half                        # the paper's one-GPU comparison net (§3.2)
 """
 import argparse
 
 from split_alexnet.cli import UsageError, run_main
-from split_alexnet.spec import Spec
+from split_alexnet.spec import Spec, parse_reads
 from split_alexnet.summary import LAYOUTS, summary_table, trace_table
 
 
@@ -29,13 +31,24 @@ def main(argv=None):
     p.add_argument("--layout", choices=LAYOUTS, default="streams",
                    help="with --trace: single (one module), streams (one module per stream) or split "
                         "(the per-rank view, shown in one process)")
+    p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
+                   help="change what conv2..conv5 read, e.g. conv4=all (an exchange before conv4); "
+                        "the paper's: conv3=all, the others own")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="the activations' dtype, which sizes every exchange (gradients stay fp32)")
     args = p.parse_args(argv)
     try:
-        spec = Spec(streams=args.streams or (1 if args.net == "half" else 2), image_size=args.image_size,
-                    in_channels=args.in_channels, num_classes=args.num_classes, net=args.net)
+        paper = Spec(streams=args.streams or (1 if args.net == "half" else 2), image_size=args.image_size,
+                     in_channels=args.in_channels, num_classes=args.num_classes,
+                     dtype_bytes=4 if args.precision == "fp32" else 2, net=args.net)
+        spec = paper.with_reads(**parse_reads(args.reads))
     except ValueError as e:
         raise UsageError(str(e)) from None
     print(trace_table(spec, args.layout) if args.trace else summary_table(spec, args.batch_size))
+    if spec != paper and not args.trace:
+        print(f"\nagainst the paper's connectivity: {spec.params_total - paper.params_total:+,} parameters, "
+              f"{spec.bytes_per_image() - paper.bytes_per_image():+,} B per image sent forward by each stream, "
+              f"{len(spec.exchanges) - len(paper.exchanges):+d} exchange(s)")
     return 0
 
 

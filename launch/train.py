@@ -1,15 +1,19 @@
 """Train the 2012 two-stream AlexNet.
 
   torchrun --nproc_per_node=2 launch/train.py          # split: one process per stream, shapes data set
+  torchrun --nproc_per_node=4 launch/train.py --streams 2   # 2 replicas of the 2-stream net (docs/scaling.md)
   python launch/train.py --layout single               # the whole net in one process (grouped convs)
   python launch/train.py --layout streams              # every stream in this process
   torchrun --nproc_per_node=2 launch/train.py --dataset mnist --data-dir DIR
+  torchrun --nproc_per_node=2 launch/train.py --micro-batches 1   # the plain split (default: 2, overlapped)
+  python launch/train.py --layout single --device cuda --precision bf16 --channels-last --compile
 See docs/training.md and --help.
 """
 from dataclasses import replace
 
 from split_alexnet import checkpoint as ckpt
 from split_alexnet import guard
+from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.cli import log, run_main
 from split_alexnet.config import parse_config
 from split_alexnet.distributed import setup, teardown
@@ -28,10 +32,14 @@ def resume_settings(cfg, argv):
 
 def main(argv=None):
     cfg = parse_config(argv)
+    _, allocator = apply_keep_freed_memory(cfg.keep_freed_memory)   # every rank, before any tensor
+    if not cfg.quiet:
+        log(f"{allocator}; precision {cfg.precision}, micro-batches {cfg.micro_batches}, "
+            f"channels-last {cfg.channels_last}, compile {cfg.compile}")
     guard.check_out(cfg.out)                       # before any work
     if cfg.resume:
         cfg = resume_settings(cfg, argv)
-    ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout) if cfg.layout == "split" else None
+    ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout, cfg.streams) if cfg.layout == "split" else None
     try:
         guard.start(ctx, cfg.peer_timeout)         # heartbeat watchdog, parent-death signal
         world = ctx.world if ctx else 1

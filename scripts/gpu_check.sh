@@ -3,16 +3,18 @@
 #
 #   OUT=/tmp/out bash scripts/gpu_check.sh 2>&1 | tee /tmp/out/gpu_check.log
 #
-# Prints, each step timed: nvidia-smi -L; check (streams vs single on cuda: float32 and float64);
-# 100 training steps of the single and of the streams layout on cuda; the bench's single and streams
+# Prints, each step timed: nvidia-smi -L; check (streams vs single on cuda: fp32, bf16 and fp64);
+# 100 training steps of the single and of the streams layout on cuda, in fp32 and bf16; the bench's single and streams
 # layouts against torchvision's AlexNet on that GPU in fp32 and bf16 (autocast); the link model fed the
 # fp32 bench.json; and the split layout with two ranks on the one GPU over gloo (NCCL refuses two ranks
 # on one device: "Duplicate GPU detected"; gloo's CUDA collectives stage through host memory, so its
-# communication figures are not a GPU link's). Every command has a timeout and `|| echo FAILED`, so one
-# failure cannot eat the budget. Outputs go under ${OUT:-/tmp/out}.
+# communication figures are not a GPU link's). Every command has a timeout, and the whole script a
+# budget (GPU_CHECK_BUDGET, default 300 s: a step's timeout is cut to what is left, and steps past it
+# are skipped and listed), so one failure cannot eat the 5 minutes; checks and training run first.
+# Outputs go under ${OUT:-/tmp/out}.
 #
 # Dry run of everything but the GPU (catches typos; tiny sizes, cpu):
-#   GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 OUT=/tmp/gpu-dry bash scripts/gpu_check.sh
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 GPU_CHECK_BUDGET=1800 OUT=/tmp/gpu-dry bash scripts/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/out}
 DEV=${GPU_CHECK_DEVICE:-cuda}
@@ -21,13 +23,20 @@ mkdir -p "$OUT"
 if [ "$DEV" = cuda ]; then DEV0=cuda:0; else DEV0=$DEV; fi
 if [ -n "${GPU_CHECK_TINY:-}" ]; then   # the dry run: 67 px, batch 4, few steps
   SIZE="--image-size 67"; BATCH=4; STEPS=1; WARM=1; TRAIN_STEPS=3; CHECK="--image-size 67 --batch-size 4 --steps 1"
+  TRAIN="--train-size 64 --val-size 16 --batch-size 8"
 else
-  SIZE=""; BATCH=64; STEPS=10; WARM=2; TRAIN_STEPS=100; CHECK=""
+  SIZE=""; BATCH=64; STEPS=10; WARM=2; TRAIN_STEPS=100; CHECK=""; TRAIN=""
 fi
 T0=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-300}   # seconds for every step together; steps run in priority order
 
 step() {  # step SECONDS NAME cmd...: echo, run with a timeout, time it, never stop the script
   local limit=$1 name=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - T0) ))   # the whole script stays within BUDGET seconds
+  if [ $left -lt 10 ]; then
+    echo; echo "SKIPPED: $name (the ${BUDGET}s budget is spent)"; echo "$name,skipped,0" >> "$OUT/timings.csv"; return 0
+  fi
+  [ $limit -le $left ] || limit=$left
   echo; echo "=== $name  (timeout ${limit}s, t+$(( $(date +%s) - T0 ))s)"; echo "+ $*"
   local s=$(date +%s%N)
   timeout --kill-after=10 "$limit" "$@"; local rc=$?
@@ -50,13 +59,25 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 step 60 versions $PY -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-", "bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported())'
 
-# --- streams equals single, on the device
-step 120 check-fp32 $PY launch/check.py --device "$DEV0" --dtype float32 $CHECK
-step 120 check-fp64 $PY launch/check.py --device "$DEV0" --dtype float64 $CHECK
+# --- the CUDA tests of the suite (skipped on CPU): the fast LRN, single vs streams on one GPU, NCCL's refusal
+if [ "$DEV" = cuda ]; then
+  step 90 pytest-gpu $PY -m pytest -q -rs tests/test_lrn.py::test_cuda_matches_cpu \
+    tests/test_layouts.py::test_single_and_streams_on_one_gpu tests/test_distributed.py::test_nccl_follows_the_hardware
+fi
 
-# --- 100 training steps (shapes data set, generated: no network)
-step 150 train-single $PY launch/train.py --layout single --device "$DEV0" --max-steps $TRAIN_STEPS --quiet --out "$OUT/train-single"
-step 150 train-streams $PY launch/train.py --layout streams --device "$DEV0" --max-steps $TRAIN_STEPS --quiet --out "$OUT/train-streams"
+# --- streams equals single, on the device: fp32, bf16 (autocast: values in bf16, derivatives float64), fp64
+for prec in fp32 bf16 fp64; do
+  step 90 "check-$prec" $PY launch/check.py --device "$DEV0" --precision $prec $CHECK
+done
+
+# --- 100 training steps each (shapes data set, generated: no network), fp32 and bf16 (autocast);
+# the last log line is the mean images/s and the final validation
+for prec in fp32 bf16; do
+  for layout in single streams; do
+    step 75 "train-$layout-$prec" $PY launch/train.py --layout $layout --device "$DEV0" --precision $prec \
+      --max-steps $TRAIN_STEPS --log-every $TRAIN_STEPS $TRAIN --out "$OUT/train-$layout-$prec"
+  done
+done
 
 # --- the bench: single and streams against torchvision's AlexNet, fp32 and bf16 (autocast)
 for prec in fp32 bf16; do

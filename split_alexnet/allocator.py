@@ -44,3 +44,12 @@ def keep_freed_memory():
     if not (ok_mmap and ok_trim):
         return False, f"mallopt refused (M_MMAP_MAX: {ok_mmap}, M_TRIM_THRESHOLD: {ok_trim})"
     return True, "glibc: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB - 1"
+
+
+def apply_keep_freed_memory(enabled=True):
+    """What launch/train.py, check.py and bench.py call first in main(), on every rank (it is per
+    process): keep_freed_memory() unless --no-keep-freed-memory. Returns (applied, the line to log)."""
+    if not enabled:
+        return False, "allocator: default malloc (--no-keep-freed-memory)"
+    applied, why = keep_freed_memory()
+    return applied, f"allocator: {'keep freed memory' if applied else 'default malloc'}: {why}"

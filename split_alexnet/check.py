@@ -23,6 +23,7 @@ compares values in the requested dtype and derivatives (gradients, parameters af
 float64, where such a coincidence needs |z| ~ 1e-16 of the scale. A real bug (a missing sum over
 streams, a wrong slice, a mask off by one stream) is an O(1) relative error in float64 as in fp32.
 """
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -30,9 +31,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .model import AlexNet, shard_state_dict, split_from_single, streams_from_single
+from .precision import UNIT_ROUNDOFF, ieee_fp32
 
 RTOL, ATOL = 1e-4, 1e-7
-TOLERANCES = {torch.float32: (RTOL, ATOL), torch.float64: (1e-10, 1e-14)}
+# bf16/fp16 (autocast, --precision): weights stay fp32, each convolution and matmul accumulates in fp32
+# (oneDNN on CPU, cuBLAS/cuDNN on CUDA) and rounds its output to the half dtype once. The two layouts'
+# fp32 sums differ by fp32 round-off, which is nothing at half precision except where it flips that
+# final rounding: one half ulp (2u) of the entry. Such a difference passes on through the later
+# layers at about its size (ReLU, max-pool and LRN do not amplify it; a layer's weighted sum of
+# differences of random sign grows no faster than the layer's output), and each of the 8 layers adds
+# its own: 2u x 8 layers = 16u relative to the tensor's scale. The accumulation depth K does not
+# enter, because the accumulation is fp32; a backend accumulating in half precision would add
+# sqrt(K) u per layer and fail this on purpose. u = 2^-8 (bf16), 2^-11 (fp16).
+HALF_LAYERS_FACTOR = 2 * 8
+TOLERANCES = {torch.float32: (RTOL, ATOL), torch.float64: (1e-10, 1e-14),
+              torch.bfloat16: (HALF_LAYERS_FACTOR * UNIT_ROUNDOFF[torch.bfloat16], ATOL),
+              torch.float16: (HALF_LAYERS_FACTOR * UNIT_ROUNDOFF[torch.float16], ATOL)}
+AUTOCAST = (torch.bfloat16, torch.float16)  # compared under torch.autocast with fp32 weights
 DERIVATIVES_DTYPE = torch.float64  # gradients and SGD trajectories: see the error model above
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
 
@@ -52,16 +67,46 @@ class Row(NamedTuple):
         return self.abs_diff / self.tol
 
 
-def _build(layout, spec, state, seed, device, devices, rank):
+class _Plan(NamedTuple):
+    """What one rank compares: its input rows, the reference rows of its logits, and its parameters."""
+    rows: object         # slice(None), or (part, parts): the rows of the global batch this rank's net reads
+    out_rows: object     # the same for the rows of the reference logits its logits are compared with
+    loss_group: object   # the group whose mean of the per-rank losses is the global loss (or None)
+    params: object       # (get, ref) -> [(name, this rank's tensor, the reference's same part)]
+
+
+def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce=True):
     ref = AlexNet(spec=spec, dropout_seed=seed).to(device, state["conv1.weight"].dtype)
     ref.load_state_dict(state)
+    whole = slice(None)
     if layout == "streams":
         net = streams_from_single(ref, devices)
-        return ref, net, list(enumerate(net.streams))
+        return ref, net, _Plan(whole, whole, None, _shard_params(spec, list(enumerate(net.streams))))
+    if layout == "split" and ctx is not None and ctx.mesh is not None and ctx.replicas > 1:
+        from .mesh import split_replica_from_single, unwrap   # streams x replicas (mesh.py)
+        net = split_replica_from_single(ref, ctx, device, allreduce)
+        mine = (ctx.replica, ctx.replicas)
+        return ref, net, _Plan(mine, mine, ctx.replica_group,
+                               _shard_params(spec, [(ctx.stream_rank, unwrap(net).stream)]))
     if layout == "split":
-        net = split_from_single(ref, rank, device=device)
-        return ref, net, [(rank, net.stream)]
-    raise ValueError(f"unknown layout {layout!r}: use streams or split")
+        group = ctx.stream_group if ctx is not None else None
+        net = split_from_single(ref, rank, group, device=device)
+        return ref, net, _Plan(whole, whole, None, _shard_params(spec, [(rank, net.stream)]))
+    if layout == "hybrid":
+        from .hybrid import hybrid_from_single
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        net = hybrid_from_single(ref, rank, world, None, device, allreduce)
+        return ref, net, _Plan((rank, world), whole, None, _hybrid_params(net))
+    raise ValueError(f"unknown layout {layout!r}: use streams, split or hybrid")
+
+
+def _slice(rows, batch):
+    """rows: slice(None) (the whole batch) or (part, parts): that part's rows of the batch."""
+    if isinstance(rows, slice):
+        return rows
+    part, parts = rows
+    b = batch // parts
+    return slice(part * b, (part + 1) * b)
 
 
 def _diff(a, b):
@@ -69,23 +114,36 @@ def _diff(a, b):
     return (a - b).abs().max().item(), b.abs().max().item()
 
 
-def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives, seed, device, devices, rank):
-    """One mode in one dtype: [(mode, tensor, dtype, abs diff, reference max)] for what is asked."""
-    state = {k: v.to(dtype) for k, v in state.items()}
-    x = x.to(device, dtype)
+def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives, seed, device, devices, rank,
+             ctx=None, allreduce=True):
+    """One mode in one dtype: [(mode, tensor, dtype, abs diff, reference max)] for what is asked.
+    bf16/fp16: fp32 weights and input, forward and loss under torch.autocast (values only)."""
+    half = dtype in AUTOCAST
+    assert not (half and derivatives), "derivatives are compared in float64"
+    state = {k: v.to(torch.float32 if half else dtype) for k, v in state.items()}
+    x = x.to(device, torch.float32 if half else dtype)
+    device_type = torch.device(device).type
     name = str(dtype).replace("torch.", "")
-    ref, net, streams = _build(layout, spec, state, seed, device, devices, rank)
+    ref, net, plan = _build(layout, spec, state, seed, device, devices, rank, ctx, allreduce)
+    rows, out_rows = _slice(plan.rows, len(x)), _slice(plan.out_rows, len(x))
     for m in (ref, net):
         m.train(mode == "train")
     opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
             for m in (ref, net)]
     out = []
     for step in range(steps if derivatives else 1):
-        out_ref, out_net = ref(x), net(x)
-        loss_ref, loss = F.cross_entropy(out_ref, y), F.cross_entropy(out_net.to(device), y)
+        with torch.autocast(device_type, dtype=dtype) if half else contextlib.nullcontext():
+            out_ref, out_net = ref(x), net(x[rows])
+            loss_ref, loss = F.cross_entropy(out_ref, y), F.cross_entropy(out_net.to(device), y[out_rows])
+        if half:
+            assert out_ref.dtype == out_net.dtype == dtype, (out_ref.dtype, out_net.dtype)
         if step == 0 and values:
-            out.append((mode, "logits", name, *_diff(out_net, out_ref)))
-            out.append((mode, "loss", name, *_diff(loss, loss_ref)))
+            shown = loss.detach().clone()
+            if plan.loss_group is not None:           # replicas: the global loss is their losses' mean
+                dist.all_reduce(shown, group=plan.loss_group)
+                shown /= dist.get_world_size(plan.loss_group)
+            out.append((mode, "logits", name, *_diff(out_net, out_ref[out_rows])))
+            out.append((mode, "loss", name, *_diff(shown, loss_ref)))
         if not derivatives:
             break
         for opt in opts:
@@ -93,35 +151,41 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
         loss_ref.backward()
         loss.backward()
         if step == 0:
-            out += _compare_params(mode, "grad", name, ref, streams, spec, lambda p: p.grad)
+            out += _compare_params(mode, "grad", name, ref, plan.params, lambda p: p.grad)
         for opt in opts:
             opt.step()
     if derivatives:
-        out += _compare_params(mode, f"after {steps} SGD steps", name, ref, streams, spec, lambda p: p)
+        out += _compare_params(mode, f"after {steps} SGD steps", name, ref, plan.params, lambda p: p)
     return out
 
 
 def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed=0,
-              device="cpu", devices=None, rank=0, init="d2l", dtype=torch.float32):
-    """Compare `layout` against the single layout: logits and loss in `dtype`, gradients and parameters
-    after `steps` SGD steps in float64 (see the module docstring). Returns a list of `Row`.
+              device="cpu", devices=None, rank=0, init="d2l", dtype=torch.float32, ctx=None,
+              allreduce=True):
+    """Compare `layout` against the single layout: logits and loss in `dtype` (float32, float64, or
+    bfloat16/float16 under torch.autocast), gradients and parameters after `steps` SGD steps in float64
+    (see the module docstring). Returns a list of `Row`.
 
-    For the split layout every rank calls this; each compares its own shard and the per-tensor
-    maxima are reduced over ranks, so every rank returns the same rows.
+    For the split and hybrid layouts every rank calls this; each compares its own shard and the
+    per-tensor maxima are reduced over ranks, so every rank returns the same rows. With a ctx of
+    several replicas (distributed.Context) the split runs as streams x replicas on the global batch;
+    allreduce=False leaves the gradient all-reduce out (replicas' average, the hybrid's conv sum), which
+    must fail.
     """
     torch.manual_seed(seed)
     state = AlexNet(spec=spec, init=init).state_dict()  # seeded: the same on every rank
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
     y = torch.randint(0, spec.num_classes, (batch_size,), generator=gen).to(device)
-    args = (seed, device, devices, rank)
+    args = (seed, device, devices, rank, ctx, allreduce)
     results = []
-    for mode in modes:
-        if dtype != DERIVATIVES_DTYPE:
-            results += _compare(layout, spec, state, x, y, mode, steps, dtype, True, False, *args)
-        results += _compare(layout, spec, state, x, y, mode, steps, DERIVATIVES_DTYPE,
-                            dtype == DERIVATIVES_DTYPE, True, *args)
-    if layout == "split" and dist.is_initialized():
+    with ieee_fp32():  # the fp32 tolerance is for IEEE fp32, not the TF32 cuDNN uses by default on GPUs
+        for mode in modes:
+            if dtype != DERIVATIVES_DTYPE:
+                results += _compare(layout, spec, state, x, y, mode, steps, dtype, True, False, *args)
+            results += _compare(layout, spec, state, x, y, mode, steps, DERIVATIVES_DTYPE,
+                                dtype == DERIVATIVES_DTYPE, True, *args)
+    if layout in ("split", "hybrid") and dist.is_initialized():
         maxima = torch.tensor([r[3:] for r in results], dtype=torch.float64)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         results = [(*r[:3], a, b) for r, (a, b) in zip(results, maxima.tolist())]
@@ -133,16 +197,33 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     return rows
 
 
-def _compare_params(mode, what, dtype, ref, streams, spec, get):
-    """Each stream's parameter (or its grad) against the same shard of the single layout's."""
-    full = {n: get(p) for n, p in ref.named_parameters()}
-    shards = shard_state_dict(full, spec)
-    out = []
-    for name, _ in ref.named_parameters():
-        diffs = [_diff(get(dict(stream.named_parameters())[name]), shards[s][name]) for s, stream in streams]
-        suffix = ".grad" if what == "grad" else f" ({what})"
-        out.append((mode, name + suffix, dtype, max(d[0] for d in diffs), max(d[1] for d in diffs)))
-    return out
+def _shard_params(spec, streams):
+    """params(get, ref) for streams [(s, Stream)]: each stream's tensor against shard s of the reference."""
+    def params(get, ref):
+        shards = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, spec)
+        return [(name, get(dict(stream.named_parameters())[name]), shards[s][name])
+                for s, stream in streams for name, _ in ref.named_parameters()]
+    return params
+
+
+def _hybrid_params(net):
+    """params(get, ref) for a HybridAlexNet: conv whole, fc this rank's share of the reference's."""
+    def params(get, ref):
+        shard = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, net.fc_spec)[net.rank]
+        full = {n: get(p) for n, p in ref.named_parameters()}
+        own = {n: get(p) for n, p in net.conv.named_parameters()}
+        own.update({n: get(p) for n, p in net.fc.named_parameters()})
+        return [(n, own[n], full[n] if n in dict(net.conv.named_parameters()) else shard[n]) for n in full]
+    return params
+
+
+def _compare_params(mode, what, dtype, ref, params, get):
+    """This rank's parameters (or their grads) against the same parts of the single layout's."""
+    diffs = {}
+    for name, mine, theirs in params(get, ref):
+        diffs.setdefault(name, []).append(_diff(mine, theirs))
+    suffix = ".grad" if what == "grad" else f" ({what})"
+    return [(mode, name + suffix, dtype, max(d[0] for d in ds), max(d[1] for d in ds)) for name, ds in diffs.items()]
 
 
 def criterion(dtype):

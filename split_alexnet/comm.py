@@ -3,8 +3,10 @@
 The gradient rule (the paper's §3.2 split; docs/equivalence.md checks it): a gather whose result feeds
 DIFFERENT kernels on every stream (conv3, fc6, fc7, fc8) must sum the streams' gradients in backward
 (reduce-scatter); a gather whose result feeds the SAME computation on every stream (the logits -> one
-loss) keeps only its own slice. Gathers run along dim 1 (channels / features), in stream order; with
-one stream both are the identity. The Megatron-LM equivalents (megatron/core/tensor_parallel/mappings.py,
+loss) keeps only its own slice. Gathers run along dim 1 (channels / features) in stream order, or along
+`dim=0` (the batch: the hybrid layout's fc6, hybrid.py, where every rank's pool5 rows feed every rank's
+fc6 neurons, so the same rule applies: backward is a reduce-scatter of rows); with one rank both are the
+identity. The Megatron-LM equivalents (megatron/core/tensor_parallel/mappings.py,
 which gathers along the first or last dim):
 
 | here                          | forward    | backward        | Megatron-LM                                  |
@@ -89,33 +91,33 @@ def _world(group):
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
-def _gather_buffers(x, sizes):
+def _gather_buffers(x, sizes, dim=1):
     """x padded to the largest part (parts differ only for fc8's 2-D logits), receive buffers, bytes sent."""
     big = max(sizes)
     x = x.contiguous()
-    if x.shape[1] < big:
+    if x.shape[dim] < big:
         x = torch.nn.functional.pad(x, (0, big - x.shape[1]))
     sent = (len(sizes) - 1) * x.numel() * x.element_size()  # each part reaches the S-1 other streams
     return x, [torch.empty_like(x) for _ in sizes], sent
 
 
-def _scatter_buffers(grad, sizes, group):
+def _scatter_buffers(grad, sizes, group, dim=1):
     """grad cut into the streams' parts, this stream's receive buffer, bytes sent."""
-    chunks = [c.contiguous() for c in grad.split(sizes, dim=1)]
+    chunks = [c.contiguous() for c in grad.split(sizes, dim=dim)]
     out = torch.empty_like(chunks[dist.get_rank(group)])
     return chunks, out, grad.numel() * grad.element_size() - out.numel() * out.element_size()
 
 
-def _all_gather(x, sizes, group, key):
-    """Every stream's x concatenated on dim 1: (B, sizes[s], ...) -> (B, sum(sizes), ...)."""
-    x, parts, sent = _gather_buffers(x, sizes)
+def _all_gather(x, sizes, group, key, dim=1):
+    """Every stream's x concatenated on dim: (B, sizes[s], ...) -> (B, sum(sizes), ...) for dim 1."""
+    x, parts, sent = _gather_buffers(x, sizes, dim)
     _collective(key, sent, lambda: dist.all_gather(parts, x, group=group))
-    return torch.cat([p[:, :n] for p, n in zip(parts, sizes)], dim=1)
+    return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
 
 
-def _reduce_scatter(grad, sizes, group, key):
-    """grad summed over streams, this stream's slice of dim 1: (B, sum(sizes), ...) -> (B, sizes[s], ...)."""
-    chunks, out, sent = _scatter_buffers(grad, sizes, group)
+def _reduce_scatter(grad, sizes, group, key, dim=1):
+    """grad summed over streams, this stream's slice of dim: (B, sum(sizes), ...) -> (B, sizes[s], ...)."""
+    chunks, out, sent = _scatter_buffers(grad, sizes, group, dim)
     _collective(key, sent, lambda: dist.reduce_scatter(out, chunks, group=group))
     return out
 
@@ -129,13 +131,13 @@ class _GatherForDistinctKernels(torch.autograd.Function):
     """forward: all-gather, backward: reduce-scatter."""
 
     @staticmethod
-    def forward(ctx, x, group, name):
-        ctx.group, ctx.name, ctx.sizes = group, name, [x.shape[1]] * _world(group)
-        return _all_gather(x, ctx.sizes, group, f"{name}/fwd")
+    def forward(ctx, x, group, name, dim):
+        ctx.group, ctx.name, ctx.dim, ctx.sizes = group, name, dim, [x.shape[dim]] * _world(group)
+        return _all_gather(x, ctx.sizes, group, f"{name}/fwd", dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.sizes, ctx.group, f"{ctx.name}/bwd"), None, None
+        return _reduce_scatter(grad, ctx.sizes, ctx.group, f"{ctx.name}/bwd", ctx.dim), None, None, None
 
 
 class _GatherForSameComputation(torch.autograd.Function):
@@ -151,11 +153,11 @@ class _GatherForSameComputation(torch.autograd.Function):
         return _own_slice(grad, ctx.sizes, ctx.group), None, None, None
 
 
-def gather_for_distinct_kernels(x, group=None, name="exchange"):
-    """All streams' x (equal parts) concatenated on dim 1, for per-stream kernels; grads are summed."""
+def gather_for_distinct_kernels(x, group=None, name="exchange", dim=1):
+    """All streams' x (equal parts) concatenated on `dim`, for per-stream kernels; grads are summed."""
     if _world(group) == 1:
         return x
-    return _GatherForDistinctKernels.apply(x, group, name)
+    return _GatherForDistinctKernels.apply(x, group, name, dim)
 
 
 def gather_for_same_computation(x, sizes, group=None, name="logits"):

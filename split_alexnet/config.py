@@ -44,6 +44,9 @@ RECIPES = {
                 preprocess="channel", bias_lr_mult=1.0, bias_decay=True, ten_crop=False),
 }
 INITS = ("paper", "caffe", "kaiming", "d2l", "torch")
+# the split layout's --micro-batches default: split vs split-overlap at M = 2 and 4, batch 64, 227 px
+# (docs/benchmarks.md, "Micro-batches in training")
+DEFAULT_MICRO_BATCHES = 2
 
 
 @dataclass
@@ -94,6 +97,11 @@ class Config:
     quiet: bool
     log_every: int
     eval_every: int
+    precision: str = "fp32"
+    micro_batches: int = 1
+    channels_last: bool = False
+    compile: bool = False
+    keep_freed_memory: bool = True
 
 
 class _Parser(argparse.ArgumentParser):
@@ -133,7 +141,8 @@ def build_parser(add_help=True):
     p.add_argument("--init", choices=INITS, help="paper: N(0,0.01), biases 1; caffe: bvlc_alexnet's "
                    "(N(0,0.01), fc6/fc7 N(0,0.005), biases 0.1); kaiming: He normal, biases 0; d2l: Xavier; "
                    "torch: PyTorch's default")
-    p.add_argument("--batch-size", type=int, help="images per SGD step (every rank sees the whole batch)")
+    p.add_argument("--batch-size", type=int, help="images per SGD step, all replicas together (each replica "
+                   "takes its slice; the streams of a replica see the same slice)")
     p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
     p.add_argument("--net", choices=["paper", "half"], default="paper", help="paper: the two-GPU net; half: "
@@ -156,7 +165,8 @@ def build_parser(add_help=True):
     p.add_argument("--ten-crop", action=B, help="evaluate on 10 crops (4 corners + centre, mirrored), "
                    "softmax averaged")
     p.add_argument("--image-size", type=int, help="the model's input (>= 67)")
-    p.add_argument("--streams", type=int, default=2, help="single/streams layouts (split: one per process)")
+    p.add_argument("--streams", type=int, default=2, help="streams of the net; split: processes per replica "
+                   "(torchrun --nproc_per_node=N runs N / S replicas, docs/scaling.md)")
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--dropout-seed", type=int, default=0, help="dropout masks")
     p.add_argument("--workers", type=int, help="data loader processes per rank",
@@ -179,6 +189,17 @@ def build_parser(add_help=True):
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines but errors")
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines without a bar")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
+    g = p.add_argument_group("speed (docs/training.md)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="bf16/fp16: forward and loss under torch.autocast, fp32 weights; fp16 with a GradScaler")
+    g.add_argument("--micro-batches", type=int, default=None, metavar="M",
+                   help=f"split: micro-batches of the overlapped forward (overlap.py); 1: plain split "
+                   f"(default {DEFAULT_MICRO_BATCHES} for split, measured: docs/benchmarks.md)")
+    g.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs (for "
+                   "GPUs: slower on CPU, measured in benchmarks/README.md)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (single layout)")
+    g.add_argument("--keep-freed-memory", action=B, default=True,
+                   help="glibc: keep freed buffers for reuse, no page faults per step (allocator.py)")
     return p
 
 
@@ -189,7 +210,12 @@ def parse_config(argv=None):
     if first.net == "half":                        # the one-GPU net has one stream
         p.set_defaults(streams=1)
     cfg = Config(**vars(p.parse_args(argv)))
+    given_m = cfg.micro_batches is not None
+    replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
+    if not given_m:  # the overlapped forward runs one replica of the split (mesh.py's DDP is not combined)
+        cfg.micro_batches = DEFAULT_MICRO_BATCHES if cfg.layout == "split" and replicas <= 1 else 1
     validate(cfg)
+    validate_speed(cfg, given_m)
     return cfg
 
 
@@ -228,3 +254,30 @@ def validate(cfg):
     if cfg.layout == "split" and not proc.torchrun:
         raise UsageError("--layout split runs one process per stream: launch it with "
                          "torchrun --nproc_per_node=2 launch/train.py")
+
+
+def validate_speed(cfg, given_m=True):
+    """--micro-batches, --compile: where they apply (one line each, exit status 2)."""
+    m = cfg.micro_batches
+    if m < 1:
+        raise UsageError(f"--micro-batches {m}: use 1 (no micro-batches) or more")
+    if m > 1 and cfg.layout != "split":
+        raise UsageError(f"--micro-batches {m} overlaps the split layout's exchanges: --layout {cfg.layout} "
+                         f"has none (drop the flag, or use torchrun with --layout split)")
+    replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
+    if m > 1 and replicas > 1:
+        raise UsageError(f"--micro-batches {m} with {replicas} replicas: the overlapped forward is not combined "
+                         f"with the replicas' all-reduce (DDP) here: use --micro-batches 1, or one replica "
+                         f"(--nproc_per_node equal to --streams)")
+    if m > 1 and cfg.batch_size % m:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not divide into {m} micro-batches: use a "
+                         f"multiple of {m}{'' if given_m else f' (the split default --micro-batches {m})'} "
+                         f"or --micro-batches 1")
+    if cfg.compile and cfg.layout != "single":
+        raise UsageError(f"--compile: the {cfg.layout} layout's exchanges (comm.py's autograd Functions and "
+                         f"collectives) are not compiled here: use --layout single, or drop --compile")
+    if cfg.compile:
+        from .precision import compile_available
+        ok, why = compile_available()
+        if not ok:
+            raise UsageError(f"--compile: {why}: drop --compile")

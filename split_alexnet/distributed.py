@@ -1,4 +1,10 @@
-"""Process-group set-up for the split layout: one process per stream, NCCL on GPUs, gloo on CPU."""
+"""Process-group set-up: NCCL on GPUs, gloo on CPU, and the (replica, stream) device mesh.
+
+N processes hold N / S replicas of the S-stream net. Ranks are laid out replica-major,
+mesh = arange(N).reshape(replicas, streams): stream group r is the contiguous ranks [r*S, (r+1)*S),
+so with --nproc_per_node a multiple of S a stream group (the per-layer exchanges) never leaves a node,
+and the replica groups (one gradient all-reduce per step) are the ones that cross nodes.
+"""
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,20 +22,62 @@ class Context:
     local_rank: int
     device: torch.device
     backend: str  # "nccl", "gloo", or "none" for one process without torchrun
+    streams: int = 1    # S: processes per replica (one per stream; the hybrid: the world)
+    mesh: object = None  # DeviceMesh (replica, stream) under torchrun, else None
 
     @property
     def is_main(self):
         return self.rank == 0
 
+    @property
+    def replicas(self):
+        return self.world // self.streams
 
-def setup(backend=None, device=None, timeout_s=120):
-    """Join the torchrun job (or run alone): refuse bad world sizes and device plans before any work."""
+    @property
+    def stream_rank(self):
+        """Which stream this rank holds (its rank in the stream group)."""
+        return self.rank % self.streams
+
+    @property
+    def replica(self):
+        """Which replica this rank belongs to (its rank in the replica group)."""
+        return self.rank // self.streams
+
+    @property
+    def stream_group(self):
+        """The process group of this rank's replica: the exchanges run in it."""
+        return self.mesh["stream"].get_group() if self.mesh is not None else None
+
+    @property
+    def replica_group(self):
+        """The process group of this rank's stream across replicas: gradients are averaged in it."""
+        return self.mesh["replica"].get_group() if self.mesh is not None else None
+
+
+def check_world(world, streams):
+    """Refuse a world that does not hold whole replicas of a net of `streams` streams (one line)."""
+    if streams not in allowed_streams():
+        raise UsageError(f"--streams {streams}: the widths (96, 256, 384, 4096) divide into "
+                         f"{', '.join(map(str, allowed_streams()))} streams; use one of those")
+    if world % streams:
+        raise UsageError(f"{world} processes cannot hold replicas of the {streams}-stream net: use a "
+                         f"multiple of {streams} (e.g. torchrun --nproc_per_node={streams * max(1, world // streams)}) "
+                         f"or --streams {', '.join(str(s) for s in allowed_streams() if world % s == 0)}")
+
+
+def setup(backend=None, device=None, timeout_s=120, streams=None):
+    """Join the torchrun job (or run alone): refuse bad world sizes and device plans before any work.
+
+    streams: processes per replica (None: all of them, one replica). Under torchrun the
+    (replica, stream) DeviceMesh is built once here and returned in the Context."""
     proc = env()
     rank, world, local_rank, local_world = proc.rank, proc.world, proc.local_rank, proc.local_world
-    if world not in allowed_streams():
+    if streams is None and world not in allowed_streams():
         raise UsageError(f"{world} processes cannot hold the streams: the widths (96, 256, 384, 4096) "
                          f"divide into {', '.join(map(str, allowed_streams()))} streams; "
                          f"use torchrun --nproc_per_node=2 (the paper's split) or another of those")
+    streams = world if streams is None else streams
+    check_world(world, streams)
     backend = backend or ("nccl" if torch.cuda.is_available() and not (device or "").startswith("cpu")
                           else "gloo")
     if backend == "nccl":
@@ -48,9 +96,16 @@ def setup(backend=None, device=None, timeout_s=120):
         if not rendezvous()[2]:                    # by hand: this job's own store, checked first
             kwargs.update(store=hand_launch_store(rank, world, timeout_s), rank=rank, world_size=world)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        mesh = build_mesh(device.type, world // streams, streams)
     else:
-        backend = "none"
-    return Context(rank, world, local_rank, device, backend)
+        backend, mesh = "none", None
+    return Context(rank, world, local_rank, device, backend, streams, mesh)
+
+
+def build_mesh(device_type, replicas, streams):
+    """The (replica, stream) DeviceMesh over the initialised process group (ranks replica-major)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device_type, (replicas, streams), mesh_dim_names=("replica", "stream"))
 
 
 def teardown():

@@ -18,12 +18,20 @@ and s^-beta, and computes the windowed sums as sums of shifted slices of one cha
 doubling (n = 5: 3 adds, not 4); k/n is added to every entry of the padded buffer of squares, pads
 included, so the window's sum is s itself. beta = 0.75 (AlexNet's) takes s^-0.75 = rsqrt(s) * sqrt(rsqrt(s)),
 about 3x cheaper than pow on CPU. Every op is an ordinary tensor op: it runs on any device.
+
+Half precision (bf16/fp16 inputs, e.g. under torch.autocast): s, s^-beta and the backward's windowed
+sums are computed in fp32 from the half input (a window of 5 squares summed in bf16 would lose up to
+2^-8 of s per add, and fp16's x^2 overflows beyond |x| = 256), and y and dL/dx are returned in the
+input's dtype, so the activations after LRN (and the split's conv3 exchange) stay 2-byte tensors.
+What is saved for backward: x in its own dtype, s and s^-beta in fp32.
 """
 import torch
 from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
 __all__ = ["LRNFunction", "local_response_norm"]
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _window_sum(padded, size, channels):
@@ -69,23 +77,30 @@ class LRNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
         x = x.contiguous()
+        out_dtype = x.dtype
+        xc = x.float() if x.dtype in _HALF else x      # computed in fp32 for half inputs (docstring)
         channels, lo, hi = x.shape[1], size // 2, (size - 1) // 2
         # every padded channel holds k/size + alpha/size * x^2 (pads: k/size), so that the window's
         # sum of `size` entries is s itself: k folded in, no separate scale and shift passes
-        sq, mid = _padded(x, lo, hi, fill=k / size)
-        torch.addcmul(torch.tensor(k / size, dtype=x.dtype), x, x, value=alpha / size, out=mid)
+        sq, mid = _padded(xc, lo, hi, fill=k / size)
+        # the 0-dim k/size on x's device: CUDA's addcmul refuses a CPU scalar tensor as self (H100 run)
+        torch.addcmul(torch.tensor(k / size, dtype=xc.dtype, device=xc.device), xc, xc, value=alpha / size,
+                      out=mid)
         s = _window_sum(sq, size, channels)
         del sq, mid
         p = _neg_pow(s, beta)
         ctx.save_for_backward(x, s, p)
         ctx.lrn = (size, alpha, beta)
-        return x * p
+        return (xc * p).to(out_dtype)
 
     @staticmethod
     @once_differentiable                              # s, p were saved without history
     def backward(ctx, g):
         x, s, p = ctx.saved_tensors
         size, alpha, beta = ctx.lrn
+        out_dtype = x.dtype
+        if x.dtype != s.dtype:                         # a half input: fp32 here, its dtype out
+            x, g = x.to(s.dtype), g.to(s.dtype)
         channels, lo, hi = x.shape[1], size // 2, (size - 1) // 2
         gp = g * p                                     # g s^-beta, becomes dL/dx below
         t, mid = _padded(x, hi, lo)                    # the transposed window's padding
@@ -93,7 +108,8 @@ class LRNFunction(torch.autograd.Function):
         mid.div_(s)                                    # g x s^(-beta-1)
         u = _window_sum(t, size, channels)
         del t, mid
-        return gp.addcmul_(x, u, value=-2.0 * alpha * beta / size), None, None, None, None
+        dx = gp.addcmul_(x, u, value=-2.0 * alpha * beta / size)
+        return dx.to(out_dtype), None, None, None, None
 
 
 def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0):

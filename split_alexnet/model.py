@@ -111,6 +111,8 @@ class _Layers(nn.Module):
     """conv1..fc8 as plain nn.Conv2d / nn.Linear, for the whole net (stream=None: AlexNet) or one
     stream (Stream): the layers and layer_fn the layouts share."""
 
+    lrn_across_streams = False  # a teaching switch (split_alexnet/exercises.py): never set in training
+
     def __init__(self, spec, stream=None, dropout_seed=0, init="paper"):
         super().__init__()
         self.spec, self.stream = spec, stream
@@ -141,7 +143,7 @@ class _Layers(nn.Module):
         if layer.relu:
             x = F.relu(x)
         if layer.lrn:                             # within each stream, never across streams
-            groups = self.spec.streams if self.stream is None else 1
+            groups = self.spec.streams if self.stream is None and not self.lrn_across_streams else 1
             b, c, h, w = x.shape
             x = local_response_norm(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
         if layer.pool:

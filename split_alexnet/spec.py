@@ -1,8 +1,10 @@
 """The 2012 two-GPU AlexNet as data: one spec from which models, tables, byte counts and docs derive.
 
-Facts and sources: ../shared/reference/alexnet-2012.md (Krizhevsky et al. 2012, §3; cuda-convnet2).
+Sources: Krizhevsky, Sutskever, Hinton, "ImageNet Classification with Deep Convolutional Neural
+Networks", NIPS 2012, §3 (cited as §); Krizhevsky's cuda-convnet2 (its two-GPU layer config and
+layer.py); Caffe's models/bvlc_alexnet. docs/reproduction.md says where they disagree.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 MIN_IMAGE_SIZE = 67  # smallest input for which pool5 is still 1x1 (67 -> 15 -> 7 -> 3 -> 3 -> 1)
 
@@ -174,6 +176,42 @@ class Spec:
     def bytes_per_image(self):
         return sum(e.bytes for e in self.exchanges)
 
+    # ---- communication against data parallelism (docs/concepts.md derives these) ----
+
+    def bytes_per_image_step(self):
+        """What one stream sends per image in a training step: forward all-gathers plus backward
+        reduce-scatters (the logits' backward keeps its own slice and sends nothing)."""
+        return sum(e.bytes * (2 if e.backward == "reduce-scatter" else 1) for e in self.exchanges)
+
+    def ddp_bytes_per_step(self, grad_bytes=4):
+        """What one rank sends per step when data parallelism over `streams` ranks all-reduces the
+        whole net's gradients in a ring: 2 (W - 1) / W of them, whatever the batch."""
+        w = self.streams
+        return 2 * (w - 1) * self.params_total * grad_bytes // w
+
+    def crossover_batch(self, grad_bytes=4):
+        """The batch at which the split sends as many bytes per rank and step as data parallelism's
+        all-reduce: below it the split sends less. `dtype_bytes` sizes the activations, `grad_bytes`
+        the gradients (fp32 under autocast, so 4 unless the all-reduce itself is compressed)."""
+        per_image = self.bytes_per_image_step()
+        return self.ddp_bytes_per_step(grad_bytes) / per_image if per_image else float("inf")
+
+    def with_reads(self, **reads):
+        """This spec with other connectivity, e.g. `spec.with_reads(conv4="all")`: conv2..conv5 may
+        read "own" (their stream's maps: a grouped convolution) or "all" (an exchange first). conv1
+        reads the image and the fc layers read every stream (their fan-in assumes it)."""
+        names = {layer.name: layer for layer in self.layers}
+        for name, how in reads.items():
+            if name not in names:
+                raise ValueError(f"--reads {name}={how}: no layer {name!r}; use one of {', '.join(names)}")
+            if names[name].kind != "conv" or names[name].reads == "image":
+                raise ValueError(f"--reads {name}={how}: only conv2..conv5 may change what they read "
+                                 f"(conv1 reads the image, the fc layers read every stream)")
+            if how not in ("own", "all"):
+                raise ValueError(f"--reads {name}={how}: use own or all")
+        layers = tuple(replace(layer, reads=reads.get(layer.name, layer.reads)) for layer in self.layers)
+        return replace(self, layers=layers)
+
 
 @dataclass(frozen=True)
 class Exchange:
@@ -181,6 +219,17 @@ class Exchange:
     backward: str    # "reduce-scatter" (feeds per-stream kernels) or "split" (feeds a replicated loss)
     elements: int    # per image: one stream's part
     bytes: int       # per image, sent by one stream in the forward pass: (streams - 1) * part
+
+
+def parse_reads(text):
+    """"conv4=all,conv2=all" -> {"conv4": "all", "conv2": "all"} (the --reads flag of the launchers)."""
+    out = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, sep, how = item.partition("=")
+        if not sep:
+            raise ValueError(f"--reads {item}: write LAYER=own or LAYER=all, e.g. --reads conv4=all")
+        out[name.strip()] = how.strip()
+    return out
 
 
 def allowed_streams():

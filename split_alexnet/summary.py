@@ -50,9 +50,24 @@ def summary_table(spec: Spec, batch_size=128):
         out.append(f"{e.name:<8}{e.backward:<16}{e.elements:>15,}{e.bytes:>13,}{e.bytes * batch_size:>18,}")
     total = spec.bytes_per_image()
     out.append(f"{'total':<24}{'':>15}{total:>13,}{total * batch_size:>18,}")
-    out.append(f"(fp32; {spec.streams - 1} peer(s) per stream; data parallelism would all-reduce "
+    dtype = {4: "fp32", 2: "16-bit"}.get(spec.dtype_bytes, f"{spec.dtype_bytes}-byte")
+    out.append(f"({dtype} activations; {spec.streams - 1} peer(s) per stream; data parallelism would all-reduce "
                f"{spec.params_total:,} gradients = {4 * spec.params_total:,} bytes per step instead)")
+    out += ["", crossover_text(spec)]
     return "\n".join(out)
+
+
+def crossover_text(spec: Spec):
+    """Split bytes against data parallelism's all-reduce, per rank and step (docs/concepts.md)."""
+    w, per_image = spec.streams, spec.bytes_per_image_step()
+    if w == 1:
+        return "crossover: one stream sends nothing, and data parallelism over one rank neither"
+    lines = [f"per training step one stream sends {per_image:,} B per image (forward + backward); "
+             f"data parallelism over {w} ranks sends 2({w}-1)/{w} x {spec.params_total:,} gradients per rank:"]
+    for grad_bytes, what in ((4, "fp32 gradients"), (2, "16-bit gradients")):
+        lines.append(f"  {what}: {spec.ddp_bytes_per_step(grad_bytes):,} B per step; the split sends less "
+                     f"below a batch of {spec.crossover_batch(grad_bytes):,.1f} images (crossover)")
+    return "\n".join(lines)
 
 
 # ---- the trace: a dummy image through a real model, every step's output shape per stream ----

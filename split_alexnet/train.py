@@ -26,8 +26,12 @@ from .cli import UsageError, log, stop_all_on_error
 from .config import Config
 from .data import (EpochSampler, Seeded, build_datasets, build_paper_transforms, build_transforms,
                    cached_mean_image, dataset, mean_image, mean_image_path, paper_side)
+from .mesh import ReplicaSampler, replica_batch, split_replica_from_single, unwrap
 from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
+from . import precision
+from .overlap import overlapped_forward
 from .plots import plot_curves
+from .precision import check_precision
 from .spec import Spec
 
 # ---- build ----------------------------------------------------------------------------------------
@@ -47,9 +51,13 @@ class Job:
     rank: int = 0
     world: int = 1
     out: str = ""
+    scaler: object = None  # fp16: the GradScaler, made at the first step (train_step)
+    replicas: int = 1            # streams x replicas (mesh.py): each replica takes its slice of the batch
+    replica: int = 0
+    replica_group: object = None
 
 
-def build_model(cfg, spec, ctx_rank, device):
+def build_model(cfg, spec, ctx_rank, device, ctx=None):
     """The full AlexNet from cfg.seed on CPU, then this layout's part of it: split and single with the
     same seed start from the same weights."""
     torch.manual_seed(cfg.seed)
@@ -65,6 +73,9 @@ def build_model(cfg, spec, ctx_rank, device):
                              f"give one per stream")
         model = streams_from_single(full, devices)
         return model, {f"stream{s}.pt": m for s, m in enumerate(model.streams)}
+    if ctx is not None and ctx.mesh is not None:  # this rank's stream, one replica of the mesh (mesh.py)
+        model = split_replica_from_single(full, ctx, device)
+        return model, {f"stream{ctx.stream_rank}.pt": unwrap(model).stream}
     model = split_from_single(full, ctx_rank, None, device)
     return model, {f"stream{ctx_rank}.pt": model.stream}
 
@@ -129,6 +140,16 @@ class PlateauOnError:
         self.best, self.bad, self.drops = state["best"], state["bad"], state["drops"]
 
 
+def for_speed(cfg, model):
+    """--channels-last and --compile (single layout): the model the steps run; the parts stay the
+    uncompiled modules (checkpoints hold their plain state dicts)."""
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
 def _datasets_rank0_first(cfg, rank, world):
     """Rank 0 reads (or downloads) first; the others read after it, or all stop with its message."""
     def load(download):
@@ -144,7 +165,9 @@ def build(cfg, ctx=None):
         device = ctx.device
     else:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    streams = world if cfg.layout == "split" else cfg.streams
+    streams = cfg.streams
+    replicas = ctx.replicas if ctx is not None and cfg.layout == "split" else 1
+    replica_batch(cfg.batch_size, replicas)       # refused in one line unless the batch divides
     data = dataset(cfg.dataset)
     train_raw, val_raw, classes = _datasets_rank0_first(cfg, rank, world)
     try:
@@ -169,7 +192,9 @@ def build(cfg, ctx=None):
                                   ten_crop=cfg.ten_crop, **aug)
     train_set, val_set = Seeded(train_raw, train_tf, cfg.seed), Seeded(val_raw, val_tf, cfg.seed)
     train_set.bad_images = val_set.bad_images = cfg.bad_images
-    model, parts = build_model(cfg, spec, rank, device)
+    check_precision(cfg.precision, device.type)
+    model, parts = build_model(cfg, spec, rank, device, ctx)
+    model = for_speed(cfg, model)
     optimizer = build_optimizer(model, cfg)
     scheduler = PlateauOnError(optimizer, cfg.lr_factor, cfg.lr_patience, cfg.lr_drops) \
         if cfg.schedule == "plateau" else None
@@ -181,32 +206,45 @@ def build(cfg, ctx=None):
         raise UsageError(f"--out {out} already holds metrics.jsonl: give another --out (runs are "
                          f"never overwritten)")
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
-               rank, world, out)
+               rank, world, out, replicas, ctx.replica if replicas > 1 else 0,
+               ctx.replica_group if replicas > 1 else None)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(job):
-    """Validation loss, top-1 and top-5 (None with 5 classes or fewer) over the whole validation set."""
+    """Validation loss, top-1 and top-5 (None with 5 classes or fewer) over the whole validation set;
+    the forward in the training's --precision."""
     model, cfg = job.model, job.cfg
     model.eval()
-    loader = DataLoader(job.val_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
+    val_set = job.val_set            # replicas: each evaluates every replicas-th image, summed below
+    if job.replicas > 1:
+        val_set = torch.utils.data.Subset(val_set, range(job.replica, len(val_set), job.replicas))
+    loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
     k = min(5, job.spec.num_classes)
+    half = precision.autocast_dtype(cfg.precision)
     for x, y in loader:
         if x.dim() == 5:                           # ten crops: (B, 10, C, H, W), softmax averaged
             b = x.shape[0]
-            logits = model(x.flatten(0, 1).to(job.device))
+            with precision.autocast(job.device.type, half):
+                logits = model(x.flatten(0, 1).to(job.device))
             logp = logits.float().softmax(1).view(b, 10, -1).mean(1).clamp_min(1e-12).log()
         else:
-            logp = model(x.to(job.device)).float().log_softmax(1)
+            with precision.autocast(job.device.type, half):
+                logits = model(x.to(job.device))
+            logp = logits.float().log_softmax(1)
         y = y.to(logp.device)
         loss_sum += F.nll_loss(logp, y, reduction="sum").item()
         best = logp.topk(k, 1).indices
         top1 += (best[:, 0] == y).sum().item()
         top5 += (best == y[:, None]).any(1).sum().item()
         n += len(y)
+    if job.replicas > 1:
+        sums = torch.tensor([n, loss_sum, top1, top5], dtype=torch.float64)
+        dist.all_reduce(sums, group=job.replica_group)
+        n, loss_sum, top1, top5 = int(sums[0]), *sums[1:].tolist()
     model.train()
     return loss_sum / n, top1 / n, (top5 / n if job.spec.num_classes > 5 else None)
 
@@ -216,9 +254,10 @@ def evaluate(job):
 def save_checkpoint(job, state):
     path = os.path.join(job.out, "checkpoints", f"step{state['step']:07d}")
     guard.phase(f"checkpoint write at step {state['step']}")
-    ckpt.remove_stale_temps([job.out, ckpt.run_dir_of(job.cfg.resume)],
-                            set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
-    ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()})
+    if job.replica == 0:                           # one copy per stream: replica 0's (all hold the same)
+        ckpt.remove_stale_temps([job.out, ckpt.run_dir_of(job.cfg.resume)],
+                                set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
+        ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()})
     if job.world > 1:
         dist.barrier()                             # every shard written before meta marks it complete
     if job.rank == 0:
@@ -286,11 +325,13 @@ def run(job):
         for x, y in epoch_loader(job, state):
             guard.phase(f"training step {state['step'] + 1}")
             loss = train_step(job, x, y)
+            if job.replicas > 1:                   # the global batch's loss: the replicas' mean
+                loss = _replica_mean(job, loss)
             state["step"] += 1
             state["batch"] += 1
             now = time.perf_counter()
-            n_images += len(y)
-            progress.step(state, loss, len(y) / (now - t_prev), n_images / (now - t_start))
+            n_images += cfg.batch_size
+            progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start))
             t_prev = now
             end_of_epoch = state["batch"] == steps_per_epoch
             scheduled = bool(cfg.eval_every and state["step"] % cfg.eval_every == 0
@@ -324,18 +365,57 @@ def epoch_loader(job, state):
     """The batches of epoch state["epoch"] from batch state["batch"] on: the same on every rank."""
     cfg = job.cfg
     sampler = EpochSampler(len(job.train_set), cfg.seed, state["epoch"], state["batch"] * cfg.batch_size)
-    return DataLoader(job.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+    if job.replicas > 1:                           # replica r loads only its rows of each global batch
+        sampler = ReplicaSampler(len(job.train_set), cfg.seed, state["epoch"], cfg.batch_size, job.replicas,
+                                 job.replica, state["batch"] * cfg.batch_size)
+    return DataLoader(job.train_set, batch_size=cfg.batch_size // job.replicas, sampler=sampler, drop_last=True,
                       num_workers=cfg.workers, pin_memory=job.device.type == "cuda")
 
 
 def train_step(job, x, y):
-    """One SGD step on the batch; returns its loss."""
-    logits = job.model(x.to(job.device, non_blocking=True))          # (B, classes)
-    loss = F.cross_entropy(logits, y.to(logits.device))
+    """One SGD step on the batch; returns its loss. --precision bf16/fp16: forward and loss under
+    autocast (fp32 weights, gradients and SGD); fp16 scales the loss (GradScaler). --micro-batches M > 1
+    (split): the overlapped forward (overlap.py), the same function in another summation order."""
+    cfg = job.cfg
+    x = x.to(job.device, non_blocking=True)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with precision.autocast(job.device.type, precision.autocast_dtype(cfg.precision)):
+        if cfg.micro_batches > 1:
+            logits = overlapped_forward(job.model, x, cfg.micro_batches)      # (B, classes)
+        else:
+            logits = job.model(x)                                          # (B, classes)
+        loss = F.cross_entropy(logits.float(), y.to(logits.device))
     job.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    job.optimizer.step()
+    if cfg.precision != "fp16":
+        loss.backward()
+        job.optimizer.step()
+        return loss.item()
+    if job.scaler is None:
+        job.scaler = torch.amp.GradScaler(job.device.type)
+    job.scaler.scale(loss).backward()
+    if job.world > 1:
+        _skip_together(job)
+    job.scaler.step(job.optimizer)                 # skipped when a gradient overflowed
+    job.scaler.update()
     return loss.item()
+
+
+def _skip_together(job):
+    """fp16, split: every rank holds only its shard's gradients, so one rank may overflow alone. Then
+    every rank must skip the step and lower the scale, or the shards part: agree on it (one MAX
+    all-reduce), and mark a local gradient inf where only a peer overflowed, for the scaler to see."""
+    grads = [p.grad for p in job.model.parameters() if p.grad is not None]
+    bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().reshape(1)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() and all(torch.isfinite(g).all() for g in grads):
+        grads[0].fill_(float("inf"))
+
+
+def _replica_mean(job, value):
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, group=job.replica_group)
+    return t.item() / job.replicas
 
 
 def evaluate_and_log(job, state, progress, scheduled=True):
@@ -373,7 +453,7 @@ def announce(job, progress, steps_per_epoch, resumed_from, state):
     cfg = job.cfg
     progress.say(f"train: {'' if cfg.net == 'paper' else 'net half (one-GPU, §3.2), '}{cfg.layout} layout, "
                  f"{job.spec.streams} streams"
-                 f"{f' ({job.world} processes)' if cfg.layout == 'split' else ''} on {job.device}; "
+                 f"{f' ({job.world} processes: {job.replicas} replica(s) x {job.spec.streams} streams)' if cfg.layout == 'split' else ''} on {job.device}; "
                  f"{cfg.dataset} ({len(job.train_set)} train / {len(job.val_set)} val images, "
                  f"{len(job.classes)} classes) at {cfg.image_size} px, {job.spec.in_channels} channel(s)")
     progress.say(f"recipe {cfg.recipe}: init {cfg.init}, SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight "

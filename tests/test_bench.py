@@ -180,8 +180,8 @@ def test_quick_bench_writes_documented_json_and_plot(tmp_path):
 
 def test_bf16_halves_the_exchanged_bytes(tmp_path):
     """--precision bf16 (autocast): every exchange carries 2-byte activations, forward and backward, so
-    the split sends half of fp32's bytes for the same config (conv3's input too: LRN's output is cast back
-    to the autocast dtype); ddp still all-reduces fp32 gradients."""
+    the split sends half of fp32's bytes for the same config (conv3's input too: the model's LRN returns its
+    input's dtype); ddp still all-reduces fp32 gradients."""
     out = tmp_path / "bench"
     proc = _torchrun(["launch/bench.py", "--image-size", "67", "--batch-size", "4", "--steps", "1",
                       "--warmup", "0", "--layouts", "split,ddp", "--precision", "bf16", "--out", str(out)])
@@ -213,8 +213,8 @@ def test_bad_config_refused_with_the_fix(change, world, device, words):
 
 
 def test_precision_without_autocast_support_is_refused(monkeypatch):
-    from split_alexnet.bench import config
-    monkeypatch.setattr(config, "autocast_works", lambda device_type, dtype: False)
+    from split_alexnet import precision   # the one place train, check and bench ask
+    monkeypatch.setattr(precision, "autocast_works", lambda device_type, dtype: False)
     with pytest.raises(UsageError) as e:
         check_config(Config(batch_sizes=[4], precision="fp16"), 2, "cpu")
     assert "use --precision bf16 or fp32 on cpu" in str(e.value) and "\n" not in str(e.value)

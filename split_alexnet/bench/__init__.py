@@ -10,6 +10,11 @@ Layouts (docs/benchmarks.md):
                  wait().
 - streams        (on request) StreamsAlexNet: every stream in rank 0's process on its device, one
                  after the other: the in-process two-stream layout, e.g. on one GPU.
+- mesh           (on request) W / --streams replicas of the --streams-stream split on a (replica, stream)
+                 mesh, DDP over the replica group (mesh.py); each replica its slice of the batch.
+- hybrid         (on request) the 2014 hybrid: conv data parallel, fc model parallel (hybrid.py).
+                 scaling.py: every multi-process layout's bytes per step as a line in the batch, and
+                 the batch range where each sends the fewest (printed; docs/scaling.md).
 - ddp            torch DDP of the single net over the same ranks: each rank takes batch/world images of
                  the same global batch, so every layout processes the same images per step.
 - torchvision    the peer: torchvision.models.alexnet (224 px, scaled like the others for smaller

@@ -2,15 +2,14 @@
 import os
 from dataclasses import dataclass
 
-import torch
-
 from ..cli import UsageError
+from ..precision import PRECISIONS, check_precision, compile_available
 from ..spec import Spec
 
 LAYOUTS = ("single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all")
-EXTRA_LAYOUTS = ("streams",)  # on request: every stream in one process, on one device
+EXTRA_LAYOUTS = ("streams", "mesh", "hybrid")  # on request: streams (one process, one device); mesh
+# (W / --streams replicas of the --streams-stream net) and hybrid (conv data parallel, fc model parallel)
 ONE_PROCESS = ("single", "streams", "torchvision", "torchvision-all")  # run on rank 0 (or alone)
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TORCHVISION_MIN_SIZE = 63  # torchvision's alexnet: 63 px -> 15 -> 7 -> 3 -> 3 -> 1 (adaptive pool after)
 
 
@@ -34,6 +33,9 @@ class Config:
     command: str = ""
     streams: int = 2               # one process (no torchrun): the streams of single/streams layouts
     net: str = "paper"             # "half": the paper's one-GPU comparison net (one stream, one process)
+    allocator: str = ""            # launch/bench.py's apply_keep_freed_memory line (bench.json)
+    channels_last: bool = False    # single, streams, torchvision: channels_last weights and inputs
+    compile: bool = False          # single, torchvision: torch.compile
 
     @property
     def autocast_dtype(self):
@@ -59,28 +61,13 @@ def threads_per_rank(world):
     return max(1, cores() // max(world, 1))
 
 
-def autocast_works(device_type, dtype):
-    """Whether torch.autocast(device_type, dtype) really computes a convolution in dtype here."""
-    import warnings
-    if device_type == "cuda":
-        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an unsupported dtype warns and disables autocast
-            with torch.autocast(device_type, dtype=dtype):
-                out = torch.nn.functional.conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3))
-        return out.dtype == dtype
-    except (RuntimeError, ValueError):
-        return False
-
-
 def check_config(cfg, world, device_type):
     """Refuse bad input before any work: one line naming the problem and the fix."""
-    if cfg.precision not in PRECISIONS:
-        raise UsageError(f"--precision {cfg.precision}: use fp32, bf16 or fp16")
-    if cfg.autocast_dtype is not None and not autocast_works(device_type, cfg.autocast_dtype):
-        raise UsageError(f"--precision {cfg.precision}: torch {torch.__version__} has no {device_type} "
-                         f"autocast to {cfg.precision}: use --precision bf16 or fp32 on {device_type}")
+    check_precision(cfg.precision, device_type)
+    if cfg.compile:
+        ok, why = compile_available()
+        if not ok:
+            raise UsageError(f"--compile: {why}: drop --compile")
     bad = [l for l in cfg.layouts if l not in LAYOUTS + EXTRA_LAYOUTS]
     if bad or not cfg.layouts:
         raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(LAYOUTS + EXTRA_LAYOUTS)}")
@@ -95,6 +82,11 @@ def check_config(cfg, world, device_type):
             raise UsageError(f"batch size {b}: use a positive batch size")
         if "ddp" in cfg.layouts and b % world:
             raise UsageError(f"batch {b} does not split over {world} ddp ranks: use a multiple of {world}")
+        if "hybrid" in cfg.layouts and b % world:
+            raise UsageError(f"batch {b} does not split over {world} hybrid ranks: use a multiple of {world}")
+        if "mesh" in cfg.layouts and (world % cfg.streams or b % (world // cfg.streams)):
+            raise UsageError(f"mesh: {world} processes as replicas of {cfg.streams} streams need a world "
+                             f"that is a multiple of --streams and a batch that is a multiple of the replicas")
         if "split-overlap" in cfg.layouts and b % cfg.micro_batches:
             raise UsageError(f"batch {b} does not divide into {cfg.micro_batches} micro-batches: use a "
                              f"multiple of {cfg.micro_batches} or change --micro-batches")

@@ -26,12 +26,10 @@ def lrn_labelled():
     `F.local_response_norm` (torch.nn.functional), and, where model.py imports its own LRN function as
     `local_response_norm` (split_alexnet/lrn.py), that name in split_alexnet.model. Both are wrapped if
     present, so the LRN is labelled in every layout (single, streams, split, split-overlap, ddp) without
-    touching the model; nested "lrn" ranges (one calling the other) count once. Under autocast
-    F.local_response_norm's own ops run in fp32 (autocast's fp32 list holds avg_pool3d on CPU and pow on
-    CUDA), so its output is fp32; the wrapper casts it back to its input's dtype, so that the
-    activations after LRN, and so the conv3 exchange, carry the autocast dtype like every other layer's
-    (what a half-precision LRN returns). Outside autocast the cast is a no-op. A model whose LRN is
-    reached by neither name is not labelled: the bench then reports no LRN share (null), never 0.
+    touching the model; nested "lrn" ranges (one calling the other) count once. The wrapper only
+    labels: the model's LRN (split_alexnet/lrn.py) itself returns its input's dtype under autocast
+    (computed in fp32 inside), so the bench times what training runs. A model whose LRN is reached by
+    neither name is not labelled: the bench then reports no LRN share (null), never 0.
     """
     from .. import model
     targets = [(F, "local_response_norm")]
@@ -42,7 +40,7 @@ def lrn_labelled():
     def wrap(original):
         def labelled(x, *args, **kwargs):
             with record_function(LRN_LABEL):
-                return original(x, *args, **kwargs).to(x.dtype)
+                return original(x, *args, **kwargs)
         return labelled
 
     for (mod, name), original in zip(targets, originals):
@@ -91,10 +89,10 @@ class AllReduceStats:
         self.bytes, self.last_issue, self.intervals = 0, 0.0, []
 
 
-def _ddp_hook(stats, bucket):
+def _ddp_hook(stats, bucket, group=None):
     """DDP's default all-reduce, with bytes counted and the time each bucket is in flight recorded."""
     buf = bucket.buffer()
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     stats.bytes += 2 * (world - 1) * buf.numel() * buf.element_size() // world  # ring all-reduce
     t0 = time.perf_counter()
     stats.last_issue = t0
@@ -103,7 +101,12 @@ def _ddp_hook(stats, bucket):
         stats.intervals.append((t0, time.perf_counter()))
         return fut.value()
 
-    return default_hooks.allreduce_hook(None, bucket).then(done)
+    return default_hooks.allreduce_hook(group, bucket).then(done)
+
+
+def _replica_hook(state, bucket):
+    """_ddp_hook in the mesh's replica group: state is (AllReduceStats, group)."""
+    return _ddp_hook(state[0], bucket, state[1])
 
 
 @dataclass
@@ -120,7 +123,27 @@ class Run:
     samples: dict = field(default_factory=dict)   # batch -> list of per-step measure.Step
     memory: dict = field(default_factory=dict)    # batch -> memory dict (measure.MEM_KEYS)
     image_size: int = None                        # its own input size (torchvision); None: the spec's
+    rows: tuple = None                            # (part, parts): the rows of the global batch it reads
+    net_spec: Spec = None                         # mesh / hybrid: the net's spec (its stream count)
     lrn_share: dict = field(default_factory=dict)  # batch -> LRN's share of the step (profiled), per step
+
+
+def for_speed(cfg, layout, net, forward):
+    """--channels-last (single, streams, torchvision) and --compile (single, torchvision): the net and
+    the forward a Run times. The split layouts stay as they are (their exchanges are comm.py's
+    autograd Functions, not compiled here)."""
+    if net is None:
+        return net, forward
+    cl = cfg.channels_last and layout in ("single", "streams", "torchvision", "torchvision-all")
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    if cfg.compile and layout in ("single", "torchvision", "torchvision-all"):
+        compiled = torch.compile(net)  # the whole forward (no per-layer profiler labels)
+        return net, (lambda n, x: compiled(x.contiguous(memory_format=fmt)))
+    if cl:
+        return net, (lambda n, x, f=forward: f(n, x.contiguous(memory_format=fmt)))
+    return net, forward
 
 
 def build_runs(cfg, spec, ctx):
@@ -132,6 +155,7 @@ def build_runs(cfg, spec, ctx):
         if ctx.rank in ranks:
             if not isinstance(net, nn.parallel.DistributedDataParallel):
                 net = net.to(ctx.device)  # fp32 weights; --precision bf16/fp16 is autocast
+                net, forward = for_speed(cfg, layout, net, forward)
             opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         else:
             net, opt = None, None
@@ -151,7 +175,7 @@ def build_runs(cfg, spec, ctx):
                 run = make("single", f"single ({per_rank} thr)", 1, (0,), one, labelled_forward)
                 if cores() != per_rank:  # the whole machine: the same model, every core
                     runs.append(Run("single", f"single ({cores()} thr)", cores(), 1, (0,),
-                                    run.net, run.opt, labelled_forward))
+                                    run.net, run.opt, run.forward))
             else:
                 make("single", "single", 1, (0,), one, labelled_forward)
         elif layout == "streams":
@@ -170,6 +194,26 @@ def build_runs(cfg, spec, ctx):
             run = make("ddp", "ddp", ctx.world, every_rank, ddp, lambda n, x: n(x))
             run.allreduce = AllReduceStats()
             ddp.register_comm_hook(run.allreduce, _ddp_hook)
+        elif layout == "mesh":  # streams x replicas: its own (replica, stream) mesh over the same ranks
+            import dataclasses
+            from ..distributed import build_mesh
+            from ..mesh import wrap_replicas
+            sub = dataclasses.replace(ctx, streams=cfg.streams,
+                                      mesh=build_mesh(ctx.device.type, ctx.world // cfg.streams, cfg.streams))
+            net_spec = Spec(streams=cfg.streams, image_size=spec.image_size, dtype_bytes=spec.dtype_bytes)
+            net = SplitAlexNet(net_spec, sub.stream_rank, sub.stream_group, dropout_seed=cfg.seed).to(ctx.device)
+            net = wrap_replicas(net, sub)
+            run = make("mesh", f"mesh {sub.replicas}x{sub.streams}", ctx.world, every_rank, net, lambda n, x: n(x))
+            run.rows, run.net_spec = (sub.replica, sub.replicas), net_spec
+            if sub.replicas > 1:
+                run.allreduce = AllReduceStats()
+                net.register_comm_hook((run.allreduce, sub.replica_group), _replica_hook)
+        elif layout == "hybrid":  # conv data parallel, fc model parallel (hybrid.py)
+            from ..hybrid import HybridAlexNet, sum_conv_grads
+            net_spec = Spec(streams=cfg.streams, image_size=spec.image_size, dtype_bytes=spec.dtype_bytes)
+            net = sum_conv_grads(HybridAlexNet(net_spec, ctx.rank, ctx.world, dropout_seed=cfg.seed).to(ctx.device))
+            run = make("hybrid", f"hybrid W={ctx.world}", ctx.world, every_rank, net, lambda n, x: n(x))
+            run.rows, run.net_spec = (ctx.rank, ctx.world), net_spec
         elif layout in ("torchvision", "torchvision-all"):
             # the peer: torchvision.models.alexnet (no LRN, no groups, 224 px), untouched, on rank 0
             import torchvision
@@ -177,10 +221,10 @@ def build_runs(cfg, spec, ctx):
             threads = per_rank if layout == "torchvision" else cores()
             label = f"{layout} ({threads} thr)" if ctx.device.type == "cpu" else layout
             if ctx.rank == 0:
-                net = net.to(ctx.device)
+                net, forward = for_speed(cfg, layout, net.to(ctx.device), lambda n, x: n(x))
                 opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
             else:
-                opt = None
-            runs.append(Run(layout, label, threads, 1, (0,), net, opt, lambda n, x: n(x),
+                opt, forward = None, None
+            runs.append(Run(layout, label, threads, 1, (0,), net, opt, forward,
                             image_size=torchvision_image_size(spec.image_size)))
     return runs

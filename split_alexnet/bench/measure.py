@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
-from .. import comm
+from .. import comm, precision
 from . import profile
 from .config import threads_per_rank
 
@@ -23,8 +23,9 @@ MEM_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", 
 
 
 def exchange_keys(spec):
-    """"conv3/fwd", "conv3/bwd", ..., "logits/bwd", and "allreduce/bwd" (ddp)."""
-    return [f"{e.name}/{d}" for e in spec.exchanges for d in ("fwd", "bwd")] + ["allreduce/bwd"]
+    """"conv3/fwd", "conv3/bwd", ..., "logits/bwd", "allreduce/bwd" (ddp, mesh) and "conv-allreduce/bwd" (hybrid)."""
+    return ([f"{e.name}/{d}" for e in spec.exchanges for d in ("fwd", "bwd")] + ["allreduce/bwd"] +
+            ["conv-allreduce/bwd"])
 
 
 @dataclass
@@ -117,8 +118,7 @@ def step(run, x, y, clock, track_memory=False, autocast_dtype=None):
     sync = torch.cuda.synchronize if cuda else None  # a collective's own time
     with comm.metered(sync) as meter, record_function(f"step:{run.label}"):
         t0 = clock()
-        with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with precision.autocast(x.device.type, autocast_dtype):
             if saved:
                 with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                     out = run.forward(run.net, x)
@@ -190,6 +190,11 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
                 if run.layout == "ddp":  # each rank its slice of the same global batch
                     n = batch // ctx.world
                     xr, yr = x[ctx.rank * n:(ctx.rank + 1) * n], y[ctx.rank * n:(ctx.rank + 1) * n]
+                elif run.rows:  # mesh: its replica's rows; hybrid: its rows in, the whole batch's logits out
+                    part, parts = run.rows
+                    n = batch // parts
+                    xr = x[part * n:(part + 1) * n]
+                    yr = y if run.layout == "hybrid" else y[part * n:(part + 1) * n]
                 torch.set_num_threads(run.threads)
                 c1 = time.process_time()
                 rec = step(run, xr, yr, clock, track_memory=(i == 0), autocast_dtype=cfg.autocast_dtype)

@@ -1,41 +1,96 @@
-"""bench.png: seconds per step by phase per layout; with a sweep, images/s and peak memory against batch."""
+"""bench.png: seconds per step by phase per layout; with a sweep, images/s and peak memory against batch.
+
+Read honestly: every y axis starts at zero; the error bars span the recorded min and max over the
+measured steps (images/s min/max, and the step time they imply); one colour per layout in every panel;
+the figure's title says what ran (device, cores, ranks, threads, allocator, size, precision, steps) and
+each panel's title says which batch its numbers are for.
+"""
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+           "#bcbd22", "#17becf")
+PHASES = (("fwd compute", lambda r: r["breakdown"]["fwd_compute_s"], 1.0, ""),
+          ("bwd compute", lambda r: r["breakdown"]["bwd_compute_s"], 0.65, "//"),
+          ("communication (exposed)", lambda r: r["comm_s"], 0.4, "xx"),
+          ("optimizer", lambda r: r["breakdown"]["optimizer_s"], 0.2, ".."))
+
+
+def layout_colours(result):
+    """{label: colour}, in the order the labels first appear: the same colour in every panel."""
+    labels = dict.fromkeys(r["label"] for r in result["runs"])
+    return {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels)}
+
+
+def describe(result):
+    """The run in one line: what a reader needs to compare this figure with another."""
+    alloc = result.get("allocator") or "allocator not recorded"
+    if isinstance(alloc, dict):
+        alloc = alloc.get("name") or alloc.get("reason") or str(alloc)
+    return (f"{result['device']}; {result['world']} rank(s) ({result['backend']}), "
+            f"{result['threads_per_rank']} thread(s) per rank; {alloc}; {result['image_size']} px, "
+            f"{result.get('precision', result.get('dtype'))}; {result['warmup']} warm-up + {result['steps']} "
+            f"measured steps per layout; {result.get('date', '')}")
+
+
+def step_range(r):
+    """(fastest, slowest) step seconds, from the recorded images/s max and min."""
+    b = r["batch_size"]
+    return b / r["images_per_s_max"], b / r["images_per_s_min"]
 
 
 def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    colours = layout_colours(result)
     main = [r for r in result["runs"] if r["batch_size"] == result["batch_size"]]
     sweep = sorted({r["batch_size"] for r in result["runs"]})
     ncols = 3 if len(sweep) > 1 else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, ncols, figsize=(6.2 * ncols, 5.2), squeeze=False)
     ax = axes[0][0]
-    parts = [("fwd compute", lambda r: r["breakdown"]["fwd_compute_s"]),
-             ("bwd compute", lambda r: r["breakdown"]["bwd_compute_s"]),
-             ("communication (exposed)", lambda r: r["comm_s"]),
-             ("optimizer", lambda r: r["breakdown"]["optimizer_s"])]
     labels = [r["label"] for r in main]
+    xs = range(len(main))
     bottom = [0.0] * len(main)
-    for name, get in parts:
+    for name, get, alpha, hatch in PHASES:
         vals = [get(r) for r in main]
-        ax.bar(labels, vals, bottom=bottom, label=name)
+        ax.bar(xs, vals, bottom=bottom, color=[colours[l] for l in labels], alpha=alpha, hatch=hatch,
+               edgecolor=[colours[l] for l in labels], linewidth=0.8)
         bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.set_ylabel("seconds per step (median)")
-    ax.set_title(f"batch {result['batch_size']}, {result['image_size']} px, {result['dtype']}, "
-                 f"{result['device']}")
-    ax.tick_params(axis="x", rotation=20)
-    ax.legend(fontsize=8)
+    lo_hi = [step_range(r) for r in main]
+    med = [r["step_s"] for r in main]
+    ax.errorbar(xs, med, yerr=[[max(0.0, m - lo) for m, (lo, _) in zip(med, lo_hi)],
+                               [max(0.0, hi - m) for m, (_, hi) in zip(med, lo_hi)]],
+                fmt="_", color="black", capsize=4, label="step time: median, min–max")
+    ax.set_xticks(list(xs), labels, rotation=20)
+    for tick, label in zip(ax.get_xticklabels(), labels):
+        tick.set_color(colours[label])
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("seconds per step (median phases)")
+    ax.set_title(f"batch {result['batch_size']}: seconds per step by phase", fontsize=10)
+    handles = [Patch(facecolor="#888888", alpha=a, hatch=h, label=n) for n, _, a, h in PHASES]
+    handles.append(ax.get_legend_handles_labels()[0][0])
+    ax.legend(handles=handles, fontsize=8, loc="upper left")
     if ncols > 1:
-        for ax, key, ylabel in ((axes[0][1], "images_per_s", "images/s (median)"),
+        for ax, key, ylabel in ((axes[0][1], "images_per_s", "images/s (median, min–max)"),
                                 (axes[0][2], "peak_mem_bytes", "peak memory per device (MiB)")):
-            for label in dict.fromkeys(r["label"] for r in result["runs"]):
-                pts = sorted((r["batch_size"], r[key]) for r in result["runs"] if r["label"] == label)
-                ys = [v / 2**20 if key == "peak_mem_bytes" else v for _, v in pts]
-                ax.plot([b for b, _ in pts], ys, marker="o", label=label)
+            for label in colours:
+                pts = sorted((r["batch_size"], r) for r in result["runs"] if r["label"] == label)
+                bs = [b for b, _ in pts]
+                if key == "images_per_s":
+                    ys = [r[key] for _, r in pts]
+                    err = [[max(0.0, y - r["images_per_s_min"]) for y, (_, r) in zip(ys, pts)],
+                           [max(0.0, r["images_per_s_max"] - y) for y, (_, r) in zip(ys, pts)]]
+                    ax.errorbar(bs, ys, yerr=err, marker="o", capsize=3, color=colours[label], label=label)
+                else:
+                    ax.plot(bs, [r[key] / 2**20 for _, r in pts], marker="o", color=colours[label], label=label)
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("batch size")
+            ax.set_xticks(sweep, [str(b) for b in sweep])
+            ax.set_xlabel("batch size (every batch of the sweep)")
             ax.set_ylabel(ylabel)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{ylabel.split(' (')[0]} against batch {', '.join(map(str, sweep))}", fontsize=10)
             ax.legend(fontsize=8)
+    fig.suptitle(describe(result), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -32,7 +32,7 @@ def run_bench(cfg, ctx):
         f"{','.join(map(str, cfg.batch_sizes))}; {cfg.warmup} warm-up + {cfg.steps} measured steps each, "
         f"interleaved; load average {load_before[0]:.2f}")
     t0 = time.perf_counter()
-    with lrn_labelled():  # a profiler range "lrn" around each LRN (and its output in the autocast dtype)
+    with lrn_labelled():  # a profiler range "lrn" around each LRN
         for i, batch in enumerate(cfg.batch_sizes):
             measure(runs, spec, batch, cfg, ctx, profile_dir=cfg.profile if i == 0 else None)
             log(f"  batch {batch} done ({time.perf_counter() - t0:.0f} s)")
@@ -42,10 +42,18 @@ def run_bench(cfg, ctx):
     (rss,) = over_ranks([_rss_peak_bytes()], ctx.device, dist.ReduceOp.MAX)
     device = (torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda"
               else f"{platform.machine()} CPU, {cores()} cores")
+    bytes_table = None
+    if ctx.world > 1:  # bytes per step of the multi-process layouts and where each sends the fewest
+        from .scaling import MULTI, cheapest_ranges, format_bytes_table, line
+        streams = cfg.streams if ctx.world % cfg.streams == 0 else ctx.world
+        bytes_table = dict(text=format_bytes_table(spec, ctx.world, streams, main),
+                           lines={l: line(l, spec, ctx.world, streams) for l in MULTI},
+                           cheapest=cheapest_ranges(spec, ctx.world, streams))
     return dict(
-        device=device, backend=ctx.backend, batch_size=main, image_size=cfg.image_size,
+        device=device, bytes_model=bytes_table, backend=ctx.backend, batch_size=main, image_size=cfg.image_size,
         streams=spec.streams, dtype=cfg.precision, precision=cfg.precision, world=ctx.world, threads_per_rank=per_rank,
-        micro_batches=cfg.micro_batches, warmup=cfg.warmup, steps=cfg.steps,
+        micro_batches=cfg.micro_batches, warmup=cfg.warmup, steps=cfg.steps, allocator=cfg.allocator,
+        channels_last=cfg.channels_last, compile=cfg.compile,
         sweep=cfg.batch_sizes if len(cfg.batch_sizes) > 1 else None,
         torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         command=cfg.command, load_average_before=load_before, load_average_after=os.getloadavg(),

@@ -4,9 +4,12 @@ from statistics import median
 from .measure import exchange_keys
 
 
-def spec_bytes_per_step(spec, layout, batch, world):
+def spec_bytes_per_step(spec, layout, batch, world, streams=2):
     """What each rank sends per step, from the spec (split: activations in spec.dtype_bytes; ddp: a ring
-    all-reduce of the fp32 gradients)."""
+    all-reduce of the fp32 gradients; mesh, hybrid: scaling.py)."""
+    if layout in ("mesh", "hybrid"):
+        from .scaling import bytes_at
+        return int(round(bytes_at(layout, spec, world, batch, streams)))
     if layout in ("split", "split-overlap"):
         return batch * sum(e.bytes * (2 if e.backward == "reduce-scatter" else 1) for e in spec.exchanges)
     if layout == "ddp":  # the gradients: fp32 whatever the precision (autocast keeps fp32 weights)
@@ -28,7 +31,8 @@ def summarise(run, spec, batch, world):
         step_s=median(s.step_s for s in steps),
         comm_s=median(f + b for f, b in zip(comm_fwd, comm_bwd)),
         bytes_sent_per_step=int(median([sum(s.bytes[k] for k in keys) for s in steps])),
-        spec_bytes_sent_per_step=spec_bytes_per_step(spec, run.layout, batch, world),
+        spec_bytes_sent_per_step=spec_bytes_per_step(spec, run.layout, batch, world,
+                                                     run.net_spec.streams if run.net_spec else 2),
         peak_mem_bytes=int(mem.get("cuda_peak_bytes") or mem["tracked_bytes"]),
         memory={k: int(v) for k, v in mem.items()},
         breakdown=dict(

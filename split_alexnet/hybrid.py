@@ -1,0 +1,131 @@
+"""The 2014 hybrid (Krizhevsky, "One weird trick for parallelizing convolutional neural networks",
+arXiv 1404.5997): data parallel in the convolutional layers, model parallel in the fully connected ones.
+
+W ranks, global batch B, each rank's slice b = B / W (rank r: rows [r*b, (r+1)*b)):
+
+    conv1..conv5   every rank holds ALL conv weights (the same spec: conv2/4/5 grouped by spec.streams,
+                   LRN within each group, as the single layout) and runs them on its b images
+    fc6            all-gather pool5 along the BATCH dim -> (B, 9216) on every rank; rank r runs its
+                   4096 / W fc6 neurons on the whole batch
+    fc7, fc8       the split's exchanges over W ranks (gather features, dim 1), on the whole batch
+    logits         (B, classes) on every rank; every rank computes the same global-batch loss
+
+Backward, by comm.py's rule. pool5's gathered rows feed DIFFERENT kernels on every rank (each rank's
+fc6 share), so the gradient of rank r's rows is the sum over ranks of their fc6 shares' contributions:
+a reduce-scatter along the batch dim (comm.gather_for_distinct_kernels(..., dim=0)). The fc weights
+need nothing more: each rank owns its neurons and saw the whole batch.
+
+The conv gradients: SUM over ranks, not the mean. Every rank's loss is the global-batch mean
+L = (1/B) sum_i l_i, and rank r's backward reaches the conv weights only through its own rows, so its
+conv gradient is g_r = (1/B) sum_{i in slice r} dl_i/dw, and the single layout's gradient is
+sum_r g_r. (DDP divides by W because each replica's loss is its own slice's mean (1/b) sum; here the
+1/B is already in the loss.) sum_conv_grads does that all-reduce per parameter as soon as backward has
+accumulated its gradient (async, overlapped with the rest of backward, waited for at backward's end).
+
+Bytes per step each rank sends (ring all-reduce, spec.dtype_bytes): bytes_per_step below.
+"""
+import dataclasses
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import comm
+from .model import Stream, _check_input, _Layers, shard_state_dict
+
+
+def fc_spec(spec, world):
+    """The spec whose streams are the W shares of the fc layers (the conv layers are not cut)."""
+    return dataclasses.replace(spec, streams=world)
+
+
+def conv_layers(spec):
+    return [layer for layer in spec.layers if layer.kind == "conv"]
+
+
+class HybridAlexNet(nn.Module):
+    """Rank `rank` of `world`: `conv` holds conv1..conv5 whole, `fc` this rank's share of fc6..fc8."""
+
+    def __init__(self, spec, rank=0, world=1, group=None, *, dropout_seed=0, init="paper"):
+        super().__init__()
+        self.spec, self.rank, self.world, self.group = spec, rank, world, group
+        self.fc_spec = fc_spec(spec, world)
+        self.conv = _Layers(dataclasses.replace(spec, layers=tuple(conv_layers(spec))), None, dropout_seed, init)
+        self.fc = Stream(self.fc_spec, rank, dropout_seed, init)
+        for layer in conv_layers(spec):              # the fc share's own (thin) conv layers: not used
+            delattr(self.fc, layer.name)
+
+    @property
+    def dropout(self):                                # only fc6, fc7 drop: masks over the whole batch
+        return self.fc.dropout
+
+    def forward(self, x):                             # (b, C, H, W): this rank's slice of the batch
+        _check_input(self.spec, x)
+        for layer in self.spec.layers:
+            if layer.kind == "conv":
+                x = self.conv.layer_fn(layer, x)
+                continue
+            if layer.name == "fc6":                   # (b, 256, 6, 6) -> (B, 9216): the batch, gathered
+                x = comm.gather_for_distinct_kernels(x.flatten(1), self.group, "fc6", dim=0)
+            else:                                     # (B, 4096 / W) -> (B, 4096): the features
+                x = comm.gather_for_distinct_kernels(x, self.group, layer.name)
+            x = self.fc.layer_fn(layer, x)
+        sizes = self.fc_spec.out_sizes(self.spec.layers[-1])
+        return comm.gather_for_same_computation(x, sizes, self.group, "logits")  # (B, classes), every rank
+
+
+def sum_conv_grads(net, group=None):
+    """All-reduce (SUM) every conv gradient over `group` as soon as backward has accumulated it; the end
+    of backward waits for them all (DDP's overlap, unbucketed, and without DDP's 1 / W: see above)."""
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    if world == 1:
+        return net
+    pending = []
+
+    def wait_all():
+        for work in pending:
+            work.wait()
+        pending.clear()
+
+    def hook(p):
+        if not pending:                               # the first conv gradient of this backward
+            torch.autograd.Variable._execution_engine.queue_callback(wait_all)
+        meter, nbytes = comm.active_meter(), p.grad.numel() * p.grad.element_size()
+        if meter is not None:                         # a ring all-reduce sends 2 (W - 1) / W of it
+            meter.count("conv-allreduce/bwd", 2 * (world - 1) * nbytes // world)
+        pending.append(dist.all_reduce(p.grad, group=group, async_op=True))
+
+    for p in net.conv.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+    return net
+
+
+def hybrid_from_single(model, rank, world, group=None, device="cpu", allreduce=True):
+    """Rank `rank`'s HybridAlexNet holding exactly a single-layout AlexNet's conv weights and its fc share."""
+    with torch.random.fork_rng(devices=[]):
+        net = HybridAlexNet(model.spec, rank, world, group, dropout_seed=model.dropout.seed)
+    net.to(device, model.conv1.weight.dtype)
+    state = model.state_dict()
+    fc_names = [layer.name for layer in model.spec.layers if layer.kind == "fc"]
+    net.conv.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] not in fc_names})
+    share = shard_state_dict(state, net.fc_spec)[rank]
+    net.fc.load_state_dict({k: v for k, v in share.items() if k.split(".")[0] in fc_names})  # its fc share
+    return sum_conv_grads(net, group) if allreduce else net
+
+
+def bytes_per_step(spec, batch, world):
+    """{part: bytes} each rank sends per step (forward + backward), from the spec."""
+    if world == 1:
+        return {}
+    shapes = {s.layer.name: s for s in spec.shapes}
+    d, b = spec.dtype_bytes, batch // world
+    conv_params = sum(shapes[layer.name].params_total for layer in conv_layers(spec))
+    pool5 = shapes["fc6"].in_channels                       # 256 * 6 * 6 features per image
+    fs = fc_spec(spec, world)
+    out = {"conv-allreduce": 2 * (world - 1) * conv_params * 4 // world,  # fp32 gradients
+           "fc6": 2 * (world - 1) * b * pool5 * d}                      # all-gather + reduce-scatter
+    for prev, layer in zip(spec.layers, spec.layers[1:]):
+        if layer.kind == "fc" and layer.name != "fc6":                  # features of the whole batch
+            out[layer.name] = 2 * (world - 1) * batch * (spec.width(prev) // world) * d
+    out["logits"] = (world - 1) * batch * max(fs.out_sizes(spec.layers[-1])) * d  # forward only
+    return out

@@ -1,0 +1,213 @@
+"""Docs that cannot rot: every relative link resolves, the spec's numbers quoted in the docs are the
+spec's, and every fenced shell command runs (the quick ones, at small sizes; the long ones are listed
+as skipped, each with its reason)."""
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from split_alexnet.spec import Spec
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+
+
+def _rel(p):
+    return str(p.relative_to(REPO))
+
+
+# ---- links and paths (fast) ----
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+PATH = re.compile(r"`((?:split_alexnet|launch|docs|tests|benchmarks|scripts)/[\w./-]+\.(?:py|md|png|cfg|sh))`")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_rel)
+def test_every_relative_link_and_image_resolves(doc):
+    text = doc.read_text()
+    bad = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        if not (doc.parent / target.split("#")[0]).exists():
+            bad.append(target)
+    for path in PATH.findall(text):
+        if not (REPO / path).exists():
+            bad.append(path)
+    assert not bad, f"{_rel(doc)}: these do not resolve: {bad}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_rel)
+def test_the_docs_stand_on_their_own(doc):
+    text = doc.read_text()
+    assert "../shared" not in text, "a path outside the repository"
+    for words in ("the issue", "issue's", "seed chapter", "work order", "this session"):
+        assert words not in text.lower(), f"{_rel(doc)}: {words!r} (words of how the project was made)"
+
+
+def test_the_docs_link_the_concepts_first():
+    assert "docs/concepts.md" in (REPO / "README.md").read_text()
+    assert "docs/glossary.md" in (REPO / "README.md").read_text()
+    head = (REPO / "docs" / "tutorial.md").read_text()[:1200]
+    assert "(concepts.md)" in head and "(glossary.md)" in head
+    assert "not a CUDA stream" in (REPO / "docs" / "glossary.md").read_text()
+
+
+# ---- numbers from the spec (fast) ----
+
+def _numbers():
+    p, s4, s8, bf = Spec(), Spec(streams=4), Spec(streams=8), Spec(dtype_bytes=2)
+    small = Spec(image_size=67, num_classes=10)
+    ex = {e.name: e.bytes for e in p.exchanges}
+
+    def reads(name):
+        return p.with_reads(**{name: "all"})
+
+    def added(name):
+        return reads(name).params_total - p.params_total
+
+    def before(name):
+        return {e.name: e.bytes for e in reads(name).exchanges}[name]
+
+    n = "{:,}".format
+    c = "{:,.1f}".format
+    return [  # (docs that quote it, the text quoted, the spec's value formatted)
+        (["README.md", "docs/tutorial.md", "docs/concepts.md", "docs/reproduction.md"], "60,965,224", n(p.params_total)),
+        (["docs/tutorial.md", "docs/reproduction.md"], "30,482,612", n(p.params_per_stream(0))),
+        (["docs/reproduction.md"], "62,378,344", n(Spec(streams=1).params_total)),
+        (["docs/tutorial.md", "docs/concepts.md", "docs/benchmarks.md"], "86,528", n(ex["conv3"])),
+        (["docs/concepts.md", "docs/benchmarks.md"], "18,432", n(ex["fc6"])),
+        (["docs/concepts.md", "docs/benchmarks.md"], "8,192", n(ex["fc7"])),
+        (["docs/concepts.md", "docs/benchmarks.md"], "2,000", n(ex["logits"])),
+        (["docs/tutorial.md", "docs/concepts.md", "docs/benchmarks.md"], "123,344", n(p.bytes_per_image())),
+        (["docs/concepts.md", "docs/benchmarks.md"], "121,344", n(p.bytes_per_image_step() - p.bytes_per_image())),
+        (["docs/concepts.md", "docs/benchmarks.md"], "244,688", n(p.bytes_per_image_step())),
+        (["docs/concepts.md", "docs/benchmarks.md"], "243,860,896", n(p.ddp_bytes_per_step())),
+        (["docs/tutorial.md", "docs/concepts.md", "docs/benchmarks.md", "docs/glossary.md"], "997",
+         str(round(p.crossover_batch()))),
+        (["docs/benchmarks.md"], "1,993", n(round(bf.crossover_batch()))),
+        (["docs/concepts.md", "docs/tutorial.md"], "996.6", c(p.crossover_batch())),
+        (["docs/concepts.md", "docs/tutorial.md"], "985.1", c(s4.crossover_batch())),
+        (["docs/concepts.md"], "979.3", c(s8.crossover_batch())),
+        (["docs/concepts.md", "docs/tutorial.md"], "1,993.2", c(bf.crossover_batch())),
+        (["docs/concepts.md"], "367,032", n(s4.bytes_per_image_step())),
+        (["docs/concepts.md"], "361,551,984", n(s4.ddp_bytes_per_step())),
+        (["docs/concepts.md"], "428,204", n(s8.bytes_per_image_step())),
+        (["docs/concepts.md"], "419,337,688", n(s8.ddp_bytes_per_step())),
+        (["docs/concepts.md"], "122,344", n(bf.bytes_per_image_step())),
+        (["docs/concepts.md"], "121,930,448", n(p.ddp_bytes_per_step(grad_bytes=2))),
+        (["docs/concepts.md"], "43,028", n(small.bytes_per_image_step())),
+        (["docs/concepts.md"], "80,836,136", n(small.ddp_bytes_per_step())),
+        (["docs/concepts.md"], "1,878.7", c(small.crossover_batch())),
+        (["docs/concepts.md"], "139,968", n(before("conv2"))),
+        (["docs/concepts.md"], "307,200", n(added("conv2"))),
+        (["docs/concepts.md", "docs/tutorial.md"], "129,792", n(before("conv4"))),
+        (["docs/concepts.md", "docs/tutorial.md"], "663,552", n(added("conv4"))),
+        (["docs/concepts.md"], "442,368", n(added("conv5"))),
+        (["docs/tutorial.md"], "185,016", n(s4.bytes_per_image())),
+        (["docs/tutorial.md"], "15,064,666", n(s4.params_per_stream(0))),
+        (["docs/tutorial.md"], "20,209,034", n(small.params_total)),
+        (["docs/tutorial.md"], "24,200", n(2 * p.shapes[0].out_hw ** 2 * 4)),
+        (["docs/tutorial.md"], "5,832", n(2 * p.shapes[1].out_hw ** 2 * 4)),
+        (["docs/concepts.md"], "128×13×13", "×".join(map(str, (p.shapes[1].out_per_stream, 13, 13)))),
+        (["docs/concepts.md"], "48×27×27", "×".join(map(str, (p.shapes[0].out_per_stream, p.shapes[0].post_hw,
+                                                               p.shapes[0].post_hw)))),
+    ]
+
+
+@pytest.mark.parametrize("docs,quoted,value", _numbers(), ids=lambda x: x if isinstance(x, str) else None)
+def test_the_numbers_the_docs_quote_are_the_specs(docs, quoted, value):
+    assert quoted == value, f"the docs quote {quoted}, the spec gives {value}"
+    for doc in docs:
+        assert quoted in (REPO / doc).read_text(), f"{doc} no longer quotes {quoted}: update this test"
+
+
+# ---- every fenced shell command (slow) ----
+
+FENCE = re.compile(r"^[ \t]*```(\w*)\n(.*?)^[ \t]*```", re.M | re.S)
+SMALL = {"--image-size": "67", "--num-classes": "10", "--batch-size": "2", "--steps": "1"}
+
+
+def commands():
+    """(doc, command) for every command line in a fenced shell block (bash/sh, or an untagged block
+    whose lines are all commands); transcripts (`$ ...`) and output are not commands."""
+    out = []
+    for doc in DOCS:
+        for lang, body in FENCE.findall(doc.read_text()):
+            lines = [re.split(r"\s#\s", l.strip() + " ", maxsplit=1)[0].strip() for l in body.splitlines()]
+            lines = [l for l in lines if l and not l.startswith("#")]
+            if lang in ("bash", "sh", "shell") or (lang == "" and lines and all(
+                    l.startswith(("python ", "torchrun ")) for l in lines)):
+                out += [(_rel(doc), l) for l in lines if not l.startswith("$")]
+    first = {}
+    for doc, command in out:  # each command once, under the first doc that shows it
+        first.setdefault(command, doc)
+    return [(doc, command) for command, doc in first.items()]
+
+
+def plan(command):
+    """(argv with small sizes, None) to run it, or (None, why it is skipped)."""
+    if "pip install" in command or "pytest" in command:
+        return None, "installs packages or runs the test suite itself"
+    words = shlex.split(command)
+    if not words or words[0] not in ("python", "torchrun"):
+        return None, "not a python or torchrun command"
+    if "--help" in words:
+        pass
+    elif "runs/RUN" in command or "/tmp/single" in command or "--resume" in words:
+        return None, "needs a checkpoint from an earlier run (tests/test_checkpoint.py covers it)"
+    elif any(w.endswith("train.py") for w in words):
+        return None, "trains for minutes (tests/test_train.py and tests/test_exercises.py train small)"
+    elif any(w.endswith("bench.py") for w in words) and "--link" not in words:
+        return None, "measures for minutes (tests/test_bench.py and tests/test_exercises.py run small benches)"
+    elif "--exercise" in words:
+        return None, "a teaching switch that fails on purpose (tests/test_exercises.py checks how)"
+    elif "--link-from" in words:
+        return None, "reads the bench.json of an earlier bench run"
+    elif "--timeline" in words:
+        return None, "reads the traces of an earlier bench run (tests/test_exercises.py runs the pair)"
+    elif "--device" in words or "cuda" in command:
+        return None, "needs a GPU"
+    elif "/tmp/ex-" in command:
+        return None, "an exercise (tests/test_exercises.py runs it)"
+    argv = list(words)
+    if any(w.endswith("check.py") for w in words) and "--help" not in words:
+        for flag, value in SMALL.items():
+            if flag in argv:
+                argv[argv.index(flag) + 1] = value
+            else:
+                argv += [flag, value]
+        argv += ["--modes", "eval"]
+    if any(w.endswith("figures.py") for w in words) and "--out" not in argv:
+        argv += ["--out", "{tmp}"]
+    return argv, None
+
+
+COMMANDS = commands()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("doc,command", COMMANDS, ids=[f"{d}: {c}" for d, c in COMMANDS])
+def test_every_documented_command_runs(doc, command, tmp_path):
+    argv, why = plan(command)
+    if argv is None:
+        pytest.skip(f"{command!r} ({doc}): {why}")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] == "python":
+        argv = [sys.executable] + argv[1:]
+    else:
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"] + argv[1:]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    expected = 2 if "--nproc_per_node=3" in command else 0  # the documented refusal
+    assert out.returncode == expected, f"{command} ({doc}) exited {out.returncode}:\n{(out.stdout + out.stderr)[-3000:]}"
+
+
+def test_the_command_list_is_not_empty_and_names_its_skips():
+    assert len(COMMANDS) > 20
+    reasons = [plan(c)[1] for _, c in COMMANDS]
+    assert any(r is None for r in reasons) and any(r for r in reasons)

@@ -1,0 +1,140 @@
+"""The teaching helpers: Spec.with_reads and the crossover, the timeline (figure 3) from a real trace,
+the honest bench plot, the teaching switches' wiring."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from split_alexnet import comm
+from split_alexnet.exercises import keep_own_slice, lrn_across_streams, switch
+from split_alexnet.model import AlexNet, Stream
+from split_alexnet.spec import Spec, parse_reads
+from split_alexnet.timeline import draw_timeline, load, timeline
+
+REPO = Path(__file__).resolve().parents[1]
+TRACES = REPO / "tests" / "fixtures" / "timeline"
+
+
+def test_crossover_is_the_documented_997_and_moves_with_dtype_not_streams():
+    p = Spec()
+    assert p.bytes_per_image_step() == 123_344 + 121_344
+    assert p.ddp_bytes_per_step() == 4 * p.params_total  # 2 (W-1)/W = 1 at W = 2
+    assert round(p.crossover_batch()) == 997
+    assert Spec(dtype_bytes=2).crossover_batch() == pytest.approx(2 * p.crossover_batch())
+    assert Spec(dtype_bytes=2).crossover_batch(grad_bytes=2) == pytest.approx(p.crossover_batch())
+    assert abs(Spec(streams=4).crossover_batch() / p.crossover_batch() - 1) < 0.02
+    assert Spec(streams=1).crossover_batch() == float("inf")
+
+
+def test_with_reads_adds_an_exchange_and_the_models_follow():
+    spec = Spec(image_size=67, num_classes=10).with_reads(**parse_reads("conv4=all"))
+    assert [e.name for e in spec.exchanges] == ["conv3", "conv4", "fc6", "fc7", "fc8", "logits"]
+    net = AlexNet(spec=spec)
+    assert net.conv4.groups == 1 and net.conv5.groups == 2
+    assert sum(p.numel() for p in net.parameters()) == spec.params_total
+    assert Stream(spec, 0).conv4.weight.shape == (192, 384, 3, 3)
+    with pytest.raises(ValueError, match="only conv2..conv5"):
+        Spec().with_reads(fc6="own")
+    with pytest.raises(ValueError, match="own or all"):
+        Spec().with_reads(conv4="some")
+    with pytest.raises(ValueError, match="LAYER=own"):
+        parse_reads("conv4")
+
+
+def test_the_summary_launcher_compares_with_the_paper(capsys):
+    mod_spec = importlib.util.spec_from_file_location("summary_launcher", REPO / "launch" / "summary.py")
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    assert mod.main(["--reads", "conv2=all", "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "+307,200 parameters" in out and "+69,984 B per image" in out  # 48x27x27 x 2 B
+    assert "16-bit activations" in out
+
+
+def test_the_switches_are_off_outside_their_block():
+    backward = comm._GatherForDistinctKernels.__dict__["backward"]
+    with keep_own_slice():
+        assert comm._GatherForDistinctKernels.__dict__["backward"] is not backward
+    assert comm._GatherForDistinctKernels.__dict__["backward"] is backward
+    x = torch.randn(2, 3, 67, 67)
+    torch.manual_seed(0)
+    net = AlexNet(spec=Spec(image_size=67, num_classes=10)).eval()
+    ref = net(x)
+    with lrn_across_streams():
+        crossed = net(x)
+    assert not torch.equal(ref, crossed) and torch.allclose(ref, crossed, rtol=1e-3)
+    assert torch.equal(net(x), ref)
+    with pytest.raises(ValueError):
+        switch("no-such-exercise")
+
+
+def test_the_timeline_reads_both_ranks_and_draws(tmp_path):
+    lanes = timeline(load(TRACES))
+    assert list(lanes) == ["split", "split-overlap"]
+    for layout, ranks in lanes.items():
+        assert [l.rank for l in ranks] == [0, 1]
+        for l in ranks:
+            step = l.end - l.start
+            assert 0 < l.total("compute") < step
+            assert l.transfer and all(k in ("all-gather", "reduce-scatter") for *_, k in l.transfer)
+            assert {k for *_, k in l.transfer} == {"all-gather", "reduce-scatter"}
+            assert all(l.start - 1e-6 <= a <= b <= l.end + 1e-6 for a, b, _ in l.compute)
+        # a collective completes only when both ranks have issued it: one of them waited
+        assert sum(l.total("wait") for l in ranks) > 0
+    fig = draw_timeline(lanes, "test")
+    from split_alexnet.figures import save
+    save(fig, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="--profile"):
+        load(tmp_path)
+
+
+def test_the_committed_timeline_is_listed():
+    assert (REPO / "docs" / "figures" / "timeline.png").is_file()
+    assert "(timeline.png)" in (REPO / "docs" / "figures" / "README.md").read_text()
+
+
+def _result():
+    runs = []
+    for b in (8, 16):
+        for i, label in enumerate(("split", "ddp")):
+            runs.append(dict(label=label, layout=label, batch_size=b, step_s=1.0 + i, images_per_s=b / (1.0 + i),
+                             images_per_s_min=b / (1.2 + i), images_per_s_max=b / (0.9 + i), comm_s=0.1,
+                             peak_mem_bytes=2**20 * b,
+                             breakdown=dict(fwd_compute_s=0.3, bwd_compute_s=0.5, optimizer_s=0.1)))
+    return dict(runs=runs, batch_size=8, image_size=67, dtype="fp32", precision="fp32", device="x86_64 CPU, 2 cores",
+                world=2, backend="gloo", threads_per_rank=1, warmup=1, steps=3, date="2026-11-28")
+
+
+def test_the_bench_plot_is_honest(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from split_alexnet.bench import plot as bench_plot
+    saved = {}
+    real_savefig = plt.Figure.savefig
+
+    def grab(fig, path, **kw):
+        saved["fig"] = fig
+        return real_savefig(fig, path, **kw)
+
+    plt.Figure.savefig = grab
+    try:
+        bench_plot.plot(_result(), tmp_path / "b.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    fig = saved["fig"]
+    title = fig._suptitle.get_text()
+    for words in ("2 cores", "1 thread(s) per rank", "allocator", "67 px", "fp32"):
+        assert words in title
+    axes = fig.axes
+    assert all(ax.get_ylim()[0] == 0 for ax in axes)
+    assert "batch 8" in axes[0].get_title()
+    colours = bench_plot.layout_colours(_result())
+    for ax in axes[1:]:
+        for line in ax.get_lines():
+            if line.get_label() in colours:
+                assert matplotlib.colors.to_hex(line.get_color()) == colours[line.get_label()]
+    assert bench_plot.step_range(_result()["runs"][0]) == pytest.approx((0.9, 1.2))
