@@ -56,6 +56,10 @@ def test_paper_recipe_defaults():
     he = parse_config(["--recipe", "paper-he"])   # the paper's recipe with one change
     assert {k: v for k, v in vars(he).items() if k not in ("init", "recipe")} == \
         {k: v for k, v in vars(cfg).items() if k not in ("init", "recipe")} and he.init == "kaiming"
+    default = parse_config([])                    # the default: the paper's with Caffe's init
+    assert (default.recipe, default.init) == ("paper-caffe", "caffe")
+    assert {k: v for k, v in vars(default).items() if k not in ("init", "recipe")} == \
+        {k: v for k, v in vars(cfg).items() if k not in ("init", "recipe")}
     d2l = parse_config(["--recipe", "d2l"])
     assert (d2l.preprocess, d2l.ten_crop, d2l.bias_lr_mult, d2l.bias_decay) == ("channel", False, 1.0, True)
     assert paper_side(227) == 256 and paper_side(67) == 76
