@@ -206,8 +206,8 @@ def build(cfg, ctx=None):
         raise UsageError(f"--out {out} already holds metrics.jsonl: give another --out (runs are "
                          f"never overwritten)")
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
-               rank, world, out, replicas, ctx.replica if replicas > 1 else 0,
-               ctx.replica_group if replicas > 1 else None)
+               rank, world, out, replicas=replicas, replica=ctx.replica if replicas > 1 else 0,
+               replica_group=ctx.replica_group if replicas > 1 else None)
 
 
 # ---- evaluation -----------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def commands():
     out = []
     for doc in DOCS:
         for lang, body in FENCE.findall(doc.read_text()):
+            body = re.sub(r"\\\n\s*", " ", body)          # a continued line is one command
             lines = [re.split(r"\s#\s", l.strip() + " ", maxsplit=1)[0].strip() for l in body.splitlines()]
             lines = [l for l in lines if l and not l.startswith("#")]
             if lang in ("bash", "sh", "shell") or (lang == "" and lines and all(
