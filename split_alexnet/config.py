@@ -37,6 +37,10 @@ RECIPES = {
     # the paper's recipe with one change, He initialisation (same input pipeline, biases, schedule and
     # ten-crop). At the paper's input scale it diverges at lr 0.01 within 5 steps (docs/training.md).
     "paper-he": {**_PAPER, "init": "kaiming"},
+    # the shapes demo's default, sized for a CPU in minutes: the paper's recipe with He's init on
+    # standardised input (per-channel mean and std, where He's init learns within tens of steps) and a
+    # centre-crop evaluation; paper-caffe sits at chance for ~420 of the demo's 600 steps (docs/training.md).
+    "paper-he-std": {**_PAPER, "init": "kaiming", "preprocess": "channel", "ten_crop": False},
     # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized and standardised per
     # channel, 3 epochs, one parameter group, centre evaluation.
     "d2l": dict(lr=0.01, momentum=0.0, weight_decay=0.0, init="d2l", batch_size=128, epochs=3,
@@ -132,9 +136,10 @@ def build_parser(add_help=True):
                    "the test files but their last N images, validate on those N (when only t10k-* exist)")
     p.add_argument("--train-size", type=int, default=0, help="shapes/random: images per epoch")
     p.add_argument("--val-size", type=int, default=0, help="shapes/random: validation images")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper-caffe",
-                   help="paper-caffe: the paper's with Caffe's init; paper: as published; paper-he: the paper's "
-                   "with He init; d2l: the seed's")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="default: the data set's (paper-caffe; shapes: paper-he-std). paper-caffe: the paper's "
+                   "with Caffe's init; paper: as published; paper-he: the paper's with He init; paper-he-std: "
+                   "with He init on standardised input, centre-crop eval (a CPU demo); d2l: the d2l chapter's")
     p.add_argument("--lr", type=float, help="SGD learning rate")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay")
@@ -206,7 +211,8 @@ def build_parser(add_help=True):
 def parse_config(argv=None):
     first, _ = build_parser(add_help=False).parse_known_args(argv)   # which recipe, which data set
     p = build_parser()
-    p.set_defaults(**{**RECIPES[first.recipe], **DATASETS[first.dataset].defaults})
+    recipe = first.recipe or DATASETS[first.dataset].recipe
+    p.set_defaults(recipe=recipe, **{**RECIPES[recipe], **DATASETS[first.dataset].defaults})
     if first.net == "half":                        # the one-GPU net has one stream
         p.set_defaults(streams=1)
     cfg = Config(**vars(p.parse_args(argv)))

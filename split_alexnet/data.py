@@ -469,6 +469,7 @@ class DataSet:
     load: Callable       # (data_dir, *, seed, download, split_test, train_size, val_size) -> (train, val, classes)
     files: bool = True   # read from --data-dir: its mean image is cached there; generated sets (shapes,
     #                      random) compute theirs in memory at every start
+    recipe: str = "paper-caffe"  # --recipe's default for this set
 
 
 # The shapes demo is sized for a 2-core CPU (67 px, 600 steps of 64), with the paper's lr per image
@@ -477,7 +478,7 @@ class DataSet:
 _RESIZED = dict(image_size=227)
 DATASETS = {d.name: d for d in (
     DataSet("shapes", 3, (0.5, 0.5, 0.5), (0.3, 0.3, 0.3),
-            dict(image_size=67, epochs=3, batch_size=64, lr=0.005), _shapes, files=False),
+            dict(image_size=67, epochs=3, batch_size=64, lr=0.005), _shapes, files=False, recipe="paper-he-std"),
     DataSet("mnist", 1, (0.1307,), (0.3081,), _RESIZED, partial(_idx, "mnist")),
     DataSet("fashion-mnist", 1, (0.2860,), (0.3530,), _RESIZED, partial(_idx, "fashion-mnist")),
     DataSet("cifar10", 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _RESIZED, _cifar10),

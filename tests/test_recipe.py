@@ -56,10 +56,15 @@ def test_paper_recipe_defaults():
     he = parse_config(["--recipe", "paper-he"])   # the paper's recipe with one change
     assert {k: v for k, v in vars(he).items() if k not in ("init", "recipe")} == \
         {k: v for k, v in vars(cfg).items() if k not in ("init", "recipe")} and he.init == "kaiming"
-    default = parse_config([])                    # the default: the paper's with Caffe's init
+    default = parse_config(["--dataset", "random"])  # the default: the paper's with Caffe's init
+    paper = parse_config(["--dataset", "random", "--recipe", "paper"])
     assert (default.recipe, default.init) == ("paper-caffe", "caffe")
     assert {k: v for k, v in vars(default).items() if k not in ("init", "recipe")} == \
-        {k: v for k, v in vars(cfg).items() if k not in ("init", "recipe")}
+        {k: v for k, v in vars(paper).items() if k not in ("init", "recipe")}
+    demo = parse_config([])                       # shapes, the CPU demo: He's init on standardised input
+    assert (demo.recipe, demo.init, demo.preprocess, demo.ten_crop) == ("paper-he-std", "kaiming", "channel", False)
+    assert {k: v for k, v in vars(demo).items() if k not in ("init", "recipe", "preprocess", "ten_crop")} == \
+        {k: v for k, v in vars(cfg).items() if k not in ("init", "recipe", "preprocess", "ten_crop")}
     d2l = parse_config(["--recipe", "d2l"])
     assert (d2l.preprocess, d2l.ten_crop, d2l.bias_lr_mult, d2l.bias_decay) == ("channel", False, 1.0, True)
     assert paper_side(227) == 256 and paper_side(67) == 76
