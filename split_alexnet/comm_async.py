@@ -33,11 +33,16 @@ class Pending:
         self.work = None
 
     def result(self):
-        """The gathered tensor (all streams' parts concatenated on dim 1); waits for the all-gather."""
-        if self.value is None:
-            wait = _WaitGatherKeepSlice if self.keep_slice else _WaitGatherStartReduceScatter
-            self.value = wait.apply(self, *self.parts)
-        return self.value
+        """The gathered tensor (all streams' parts concatenated on dim 1); waits for the all-gather.
+        Call it once. The Pending keeps no tensor afterwards: the autograd nodes hold it (ctx.pending),
+        so a Pending holding their outputs would close a reference cycle through the graph that Python's
+        garbage collector does not see, and every step's activations would leak (measured: the split's
+        training with --micro-batches 2 grew by ~15 MB/s per rank)."""
+        if self.value is not None:                  # one stream: nothing was exchanged (_done)
+            return self.value
+        wait = _WaitGatherKeepSlice if self.keep_slice else _WaitGatherStartReduceScatter
+        value, self.parts = wait.apply(self, *self.parts), None
+        return value
 
 
 def _count(key, nbytes):
