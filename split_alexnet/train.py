@@ -379,8 +379,9 @@ def finish(job, progress, state, last_val, n_images, seconds):
         progress.say(f"done: {state['step']} steps in {seconds:.0f} s "
                      f"({summary['images_per_s']:.1f} img/s); val loss {last_val['loss']:.4f} top1 {last_val['top1']:.4f} "
                      f"top5 {_fmt(last_val['top5'])}; out {job.out}")
-    for line in next_steps(job):
-        progress.say(line)
+    if not progress.quiet:                         # rank 0: what the folder holds, how to go on
+        for line in next_steps(job):
+            progress.say(line)
     return summary
 
 
