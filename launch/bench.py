@@ -37,9 +37,11 @@ def parse_args(argv=None):
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated: {','.join(LAYOUTS)} "
                    f"(the default), or {','.join(EXTRA_LAYOUTS)} (every stream in one process, one device); "
                    "one process without torchrun: single (default) and streams only")
-    p.add_argument("--streams", type=int, default=2, help="streams of single/streams when run without "
-                   "torchrun (under torchrun split has one per process); mesh: streams per replica; hybrid: "
-                   "the conv layers' groups")
+    p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
+                   "net (§3.2), one stream, one process: layouts single and torchvision")
+    p.add_argument("--streams", type=int, default=None, help="streams of single/streams when run without "
+                   "torchrun, default 2 (--net half: 1; under torchrun split has one per process); mesh: "
+                   "streams per replica; hybrid: the conv layers' groups")
     p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
     p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
@@ -185,10 +187,14 @@ def main(argv=None):
     layouts = tuple(l for l in args.layouts.split(",") if l)
     if world == 1 and args.layouts == ",".join(LAYOUTS):
         layouts = ("single", "torchvision")  # the default without torchrun
+    if args.net == "half" and world > 1:
+        raise UsageError("--net half is the paper's one-GPU net: it runs in one process; use "
+                         "python launch/bench.py --net half (layouts single, torchvision)")
     gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
                  warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
-                 profile=args.profile, out=args.out, seed=args.seed, streams=args.streams, allocator=allocator,
+                 profile=args.profile, out=args.out, seed=args.seed, net=args.net,
+                 streams=args.streams or (1 if args.net == "half" else 2), allocator=allocator,
                  channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
                  command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast

@@ -30,8 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--layout", choices=["split", "streams", "hybrid"], default=None,
                    help="default: split under torchrun, streams otherwise; hybrid: conv data parallel, fc "
                    "model parallel over every process (docs/scaling.md)")
-    p.add_argument("--streams", type=int, default=2, help="streams of the net: split: processes per "
-                   "replica (N processes run N / S replicas); hybrid: the conv layers' groups")
+    p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
+                   "net (§3.2), one stream: streams layout only (its one stream against the single layout)")
+    p.add_argument("--streams", type=int, default=None, help="streams of the net, default 2 (--net half: 1): "
+                   "split: processes per replica (N processes run N / S replicas); hybrid: the conv layers' groups")
     p.add_argument("--no-allreduce", dest="allreduce", action="store_false",
                    help="leave the gradient all-reduce out (replicas, hybrid): the check must then FAIL")
     p.add_argument("--devices", default=None, help="streams layout: comma-separated devices, one per "
@@ -73,11 +75,15 @@ def main(argv=None):
     _, allocator = apply_keep_freed_memory(args.keep_freed_memory)   # before any tensor of the check
     proc = env()
     layout = args.layout or ("split" if proc.torchrun else "streams")
+    args.streams = args.streams or (1 if args.net == "half" else 2)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"eval", "train"}:
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
     if args.batch_size < 1 or args.steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
+    if args.net == "half" and layout == "split":
+        raise UsageError("--net half is the paper's one-GPU net (one stream): it has no split layout; "
+                         "run python launch/check.py --net half (streams layout, one stream)")
     if args.precision not in DTYPES:
         raise UsageError(f"--precision {args.precision}: use fp32, bf16, fp16 or fp64")
     dtype = DTYPES[args.precision]
@@ -100,7 +106,7 @@ def main(argv=None):
                              f"{'replicas' if layout == 'split' else 'ranks'}: use a multiple of {parts}")
         try:
             spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
-                        num_classes=args.num_classes).with_reads(**parse_reads(args.reads))
+                        num_classes=args.num_classes, net=args.net).with_reads(**parse_reads(args.reads))
         except ValueError as e:
             raise UsageError(str(e)) from None
         device = ctx.device if ctx else torch.device(args.device or "cpu")

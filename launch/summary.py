@@ -7,6 +7,7 @@ or with --trace the shape after every step of a real forward pass, per stream.
   python launch/summary.py --trace --layout single --image-size 67
   python launch/summary.py --reads conv4=all                 # another connectivity: bytes and parameters
   python launch/summary.py --streams 4 --precision bf16      # where the bytes go, and the crossover batch
+  python launch/summary.py --net half                        # the paper's one-GPU comparison net (§3.2)
 """
 import argparse
 
@@ -17,7 +18,9 @@ from split_alexnet.summary import LAYOUTS, summary_table, trace_table
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--streams", type=int, default=2)
+    p.add_argument("--net", choices=["paper", "half"], default="paper",
+                   help="paper: the two-GPU net; half: the paper's one-GPU comparison net (§3.2), one stream")
+    p.add_argument("--streams", type=int, default=None, help="default: 2 (--net half: 1)")
     p.add_argument("--image-size", type=int, default=227)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=1000)
@@ -35,8 +38,9 @@ def main(argv=None):
                    help="the activations' dtype, which sizes every exchange (gradients stay fp32)")
     args = p.parse_args(argv)
     try:
-        paper = Spec(streams=args.streams, image_size=args.image_size, in_channels=args.in_channels,
-                     num_classes=args.num_classes, dtype_bytes=4 if args.precision == "fp32" else 2)
+        paper = Spec(streams=args.streams or (1 if args.net == "half" else 2), image_size=args.image_size,
+                     in_channels=args.in_channels, num_classes=args.num_classes,
+                     dtype_bytes=4 if args.precision == "fp32" else 2, net=args.net)
         spec = paper.with_reads(**parse_reads(args.reads))
     except ValueError as e:
         raise UsageError(str(e)) from None

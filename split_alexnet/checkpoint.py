@@ -25,7 +25,7 @@ from .model import join_state_dicts, shard_state_dict
 from .spec import Spec
 
 FORMAT = 1
-SPEC_FIELDS = ("streams", "image_size", "in_channels", "num_classes")
+SPEC_FIELDS = ("streams", "image_size", "in_channels", "num_classes", "net")
 
 
 def spec_dict(spec):
@@ -139,7 +139,11 @@ def load_stream_state(module, optimizer, state):
         p = params[name]
         if optimizer is not None:
             optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
-    module.dropout.load_state(state["dropout"])
+    module.dropout.load_state(state["dropout"], device=_device_of(module))
+
+
+def _device_of(module):
+    return next(module.parameters()).device
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -233,7 +237,7 @@ def read_meta(ckpt_dir):
 
 def check_matches(meta, spec, layout, ckpt_dir):
     """Refuse a checkpoint of another net or of the other kind of layout, before anything is loaded."""
-    want, have = spec_dict(spec), meta["spec"]
+    want, have = spec_dict(spec), {"net": "paper", **meta["spec"]}   # older checkpoints: the paper's net
     if have != want:
         diff = ", ".join(f"{k} {have.get(k)} (this run: {want[k]})" for k in want if have.get(k) != want[k])
         raise UsageError(f"checkpoint {ckpt_dir} is of another net: {diff}; train with the same "

@@ -15,19 +15,37 @@ from .cli import UsageError, env
 from .data import DATASETS
 
 # Every value here can be overridden by its flag (--lr, --momentum, ...), and the data set's defaults
-# (data.DATASETS[name].defaults) apply over the recipe's.
-# §4-5 of the paper: SGD with momentum and weight decay, lr / 10 on a validation plateau, N(0, 0.01)
-# weights with biases 1 in conv2/4/5, fc6, fc7, random crops + flips + PCA lighting.
+# (data.DATASETS[name].defaults) apply over the recipe's. The paper (§2, §4, §5) and cuda-convnet2's
+# two-GPU configuration, row by row in docs/reproduction.md:
+# - input: shorter side to 256, the central 256x256, minus the training set's mean image, raw 0-255
+#   pixels (no std division): --preprocess paper;
+# - random crops and mirrors, PCA lighting sigma 0.1 (on the 0-255 scale);
+# - SGD momentum 0.9, weight decay 5e-4 on the weights; biases at 2x the lr and no weight decay
+#   (cuda-convnet2's epsB = 2 epsW, wc = 0 on biases; Caffe: lr_mult 2, decay_mult 0);
+# - lr 0.01 / 10 when the validation error (top-1) stops improving, three times in all (--lr-drops 3);
+# - N(0, 0.01) weights, biases 1 in conv2/4/5, fc6, fc7; 90 epochs of 128;
+# - ten-crop evaluation (4 corners + centre and their mirrors, softmax averaged).
 _PAPER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="paper", batch_size=128, epochs=90,
-              schedule="plateau", crop=True, flip=True, lighting=0.1)
+              schedule="plateau", lr_patience=5, lr_drops=3, crop=True, flip=True, lighting=0.1,
+              preprocess="paper", bias_lr_mult=2.0, bias_decay=False, ten_crop=True)
 RECIPES = {
     "paper": _PAPER,
-    # the default: the paper's recipe with He initialisation. The paper's N(0, 0.01) with biases 1 gave a
-    # flat loss here (as Caffe's readme says it did there), and so did Xavier: see docs/training.md.
+    # the default: the paper's recipe with one change, Caffe's bvlc_alexnet init (N(0, 0.01), fc6/fc7
+    # N(0, 0.005), biases 0.1). At the paper's input scale (0-255 minus the mean image) it was the one of
+    # the three inits that left the flat start; see docs/training.md, "The init question".
+    "paper-caffe": {**_PAPER, "init": "caffe"},
+    # the paper's recipe with one change, He initialisation (same input pipeline, biases, schedule and
+    # ten-crop). At the paper's input scale it diverges at lr 0.01 within 5 steps (docs/training.md).
     "paper-he": {**_PAPER, "init": "kaiming"},
-    # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized, 3 epochs.
+    # the shapes demo's default, sized for a CPU in minutes: the paper's recipe with He's init on
+    # standardised input (per-channel mean and std, where He's init learns within tens of steps) and a
+    # centre-crop evaluation; paper-caffe sits at chance for ~420 of the demo's 600 steps (docs/training.md).
+    "paper-he-std": {**_PAPER, "init": "kaiming", "preprocess": "channel", "ten_crop": False},
+    # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized and standardised per
+    # channel, 3 epochs, one parameter group, centre evaluation.
     "d2l": dict(lr=0.01, momentum=0.0, weight_decay=0.0, init="d2l", batch_size=128, epochs=3,
-                schedule="none", crop=False, flip=False, lighting=0.0),
+                schedule="none", lr_patience=0, lr_drops=0, crop=False, flip=False, lighting=0.0,
+                preprocess="channel", bias_lr_mult=1.0, bias_decay=True, ten_crop=False),
 }
 INITS = ("paper", "caffe", "kaiming", "d2l", "torch")
 # the split layout's --micro-batches default: split vs split-overlap at M = 2 and 4, batch 64, 227 px
@@ -56,6 +74,11 @@ class Config:
     schedule: str
     lr_factor: float
     lr_patience: int
+    lr_drops: int
+    bias_lr_mult: float
+    bias_decay: bool
+    preprocess: str
+    net: str
     crop: bool
     flip: bool
     lighting: float
@@ -114,8 +137,10 @@ def build_parser(add_help=True):
                    "the test files but their last N images, validate on those N (when only t10k-* exist)")
     p.add_argument("--train-size", type=int, default=0, help="shapes/random: images per epoch")
     p.add_argument("--val-size", type=int, default=0, help="shapes/random: validation images")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default="paper-he",
-                   help="paper-he: the paper's with He init; paper: as published; d2l: the seed's")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="default: the data set's (paper-caffe; shapes: paper-he-std). paper-caffe: the paper's "
+                   "with Caffe's init; paper: as published; paper-he: the paper's with He init; paper-he-std: "
+                   "with He init on standardised input, centre-crop eval (a CPU demo); d2l: the d2l chapter's")
     p.add_argument("--lr", type=float, help="SGD learning rate")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay")
@@ -126,15 +151,25 @@ def build_parser(add_help=True):
                    "takes its slice; the streams of a replica see the same slice)")
     p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
+    p.add_argument("--net", choices=["paper", "half"], default="paper", help="paper: the two-GPU net; half: "
+                   "the paper's one-GPU comparison net (§3.2: conv1-4 halved, conv5 and fc kept; one stream)")
     p.add_argument("--schedule", choices=["none", "plateau"], help="plateau: lr * --lr-factor when the "
-                   "validation loss stops improving for --lr-patience evaluations")
+                   "validation top-1 error has not improved for more than --lr-patience evaluations, at most "
+                   "--lr-drops times")
     p.add_argument("--lr-factor", type=float, default=0.1, help="plateau: lr multiplier")
-    p.add_argument("--lr-patience", type=int, default=0,
-                   help="plateau: evaluations without improvement before the lr drops")
-    p.add_argument("--crop", action=B, help="random crops from a resize to size*256/224 (eval: centre crop)")
+    p.add_argument("--lr-patience", type=int,
+                   help="plateau: evaluations without a new best top-1 error that are tolerated; one more drops the lr")
+    p.add_argument("--lr-drops", type=int, help="plateau: at most this many drops (the paper: 3)")
+    p.add_argument("--bias-lr-mult", type=float, help="biases' lr over the weights' (cuda-convnet2, Caffe: 2)")
+    p.add_argument("--bias-decay", action=B, help="weight decay on the biases too (cuda-convnet2, Caffe: no)")
+    p.add_argument("--preprocess", choices=["paper", "channel"], help="paper: shorter side to size*256/227, "
+                   "central square, 0-255 minus the training set's mean image; channel: resize to a square, "
+                   "[0,1] standardised per channel by the data set's mean and std")
+    p.add_argument("--crop", action=B, help="random crops from the size*256/227 square (eval: centre crop)")
     p.add_argument("--flip", action=B, help="random horizontal flips")
     p.add_argument("--lighting", type=float, help="PCA colour lighting sigma (0: off; RGB only)")
-    p.add_argument("--ten-crop", action="store_true", help="evaluate on 10 crops, softmax averaged")
+    p.add_argument("--ten-crop", action=B, help="evaluate on 10 crops (4 corners + centre, mirrored), "
+                   "softmax averaged")
     p.add_argument("--image-size", type=int, help="the model's input (>= 67)")
     p.add_argument("--streams", type=int, default=2, help="streams of the net; split: processes per replica "
                    "(torchrun --nproc_per_node=N runs N / S replicas, docs/scaling.md)")
@@ -180,7 +215,10 @@ def build_parser(add_help=True):
 def parse_config(argv=None):
     first, _ = build_parser(add_help=False).parse_known_args(argv)   # which recipe, which data set
     p = build_parser()
-    p.set_defaults(**{**RECIPES[first.recipe], **DATASETS[first.dataset].defaults})
+    recipe = first.recipe or DATASETS[first.dataset].recipe
+    p.set_defaults(recipe=recipe, **{**RECIPES[recipe], **DATASETS[first.dataset].defaults})
+    if first.net == "half":                        # the one-GPU net has one stream
+        p.set_defaults(streams=1)
     cfg = Config(**vars(p.parse_args(argv)))
     given_m = cfg.micro_batches is not None
     replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
@@ -208,6 +246,13 @@ def validate(cfg):
         (cfg.log_every >= 1 and cfg.eval_every >= 0, "--log-every must be >= 1 and --eval-every >= 0"),
         (cfg.split_test >= 0 and cfg.train_size >= 0 and cfg.val_size >= 0,
          "--split-test, --train-size and --val-size must be 0 or more"),
+        (cfg.lr_patience >= 0 and cfg.lr_drops >= 0, "--lr-patience and --lr-drops must be 0 or more"),
+        (cfg.bias_lr_mult > 0, f"--bias-lr-mult {cfg.bias_lr_mult}: use a positive number such as 2"),
+        (cfg.net != "half" or cfg.layout != "split",
+         "--net half is the paper's one-GPU net: it has one stream and no split; run it with "
+         "python launch/train.py --net half (single layout)"),
+        (cfg.net != "half" or cfg.streams == 1, f"--net half has one stream, not --streams {cfg.streams}: "
+         f"leave --streams out"),
     ]
     for ok, message in checks:
         if not ok:

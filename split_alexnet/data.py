@@ -227,8 +227,12 @@ class TensorImages(Dataset):
 
 # ---- transforms ------------------------------------------------------------------------------------
 
-# PCA of ImageNet RGB pixels in [0, 1] (fb.resnet.torch; reference sheet, "Training recipe").
+# PCA of ImageNet RGB pixels in [0, 1] (fb.resnet.torch; reference sheet, "Training recipe"). The shift
+# eigvec @ (alpha * eigval) is added to pixels, so eigval is in the pixels' units: on the 0-255 scale of
+# --preprocess paper it is 255 x these (55.46, 4.794, 1.148: MXNet's image.CreateAugmenter pca_noise, "for
+# an image with range [0, 255]"), the same shift relative to the pixel range.
 PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
+PCA_EIGVAL_255 = PCA_EIGVAL * 255
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
                            [-0.5808, -0.0045, -0.8140],
                            [-0.5836, -0.6948, 0.4203]])  # columns are the eigenvectors
@@ -272,6 +276,106 @@ def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, l
     if ten_crop and not train:
         return _Stack(v2.Compose(t + [v2.TenCrop(image_size)]))
     return v2.Compose(t)
+
+
+# ---- the paper's input (§2): shorter side to 256, the central 256x256, minus the mean image, 0-255 ----
+
+def paper_side(image_size):
+    """The square the paper's crops are cut from: 256 for 227-px crops (Caffe's crop_size 227 from its
+    256x256 images), scaled with the input: 67 px -> 76."""
+    return round(image_size * 256 / 227)
+
+
+def _paper_base(side):
+    """Shorter side to `side` (aspect ratio kept), the central side x side, float on the 0-255 scale."""
+    return [v2.ToImage(), v2.Resize(side, antialias=True), v2.CenterCrop(side), v2.ToDtype(torch.float32)]
+
+
+class SubtractMean(v2.Transform):
+    """Subtract the mean image (C, side, side), before any crop or flip: what cuda-convnet2 and Caffe do
+    (Caffe subtracts mean[h_off + h, w_off + w] at the crop's source position)."""
+
+    def __init__(self, mean):
+        super().__init__()
+        self.mean = mean
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point():
+            return inpt
+        return inpt - self.mean.to(inpt.dtype)
+
+
+def build_paper_transforms(image_size, in_channels, mean_image, *, train, crop, flip, lighting, ten_crop=False):
+    """--preprocess paper: raw pixels (0-255) minus the training set's mean image, no std division.
+    Training: a random (crop) or the centre image_size crop of the paper_side square, mirrored at random
+    (flip), PCA lighting with the eigenvalues on the 0-255 scale. Evaluation: the centre crop, or the
+    ten crops stacked: (10, C, H, W)."""
+    side = paper_side(image_size)
+    t = _paper_base(side) + [SubtractMean(mean_image)]
+    if train:
+        t.append(v2.RandomCrop(image_size) if crop else v2.CenterCrop(image_size))
+        if flip:
+            t.append(v2.RandomHorizontalFlip())
+        if lighting > 0 and in_channels == 3:
+            t.append(Lighting(lighting, eigval=PCA_EIGVAL_255))
+        return v2.Compose(t)
+    if ten_crop:
+        return _Stack(v2.Compose(t + [v2.TenCrop(image_size)]))
+    return v2.Compose(t + [v2.CenterCrop(image_size)])
+
+
+@torch.no_grad()
+def mean_image(train_set, side):
+    """The mean over the training set of its images after _paper_base: (C, side, side), float32, 0-255."""
+    base = v2.Compose(_paper_base(side))
+    total, n = None, 0
+    for i in range(len(train_set)):
+        img = base(train_set[i][0]).double()
+        total = img if total is None else total + img
+        n += 1
+    return (total / n).float()
+
+
+def mean_image_path(name, data_dir, side, split_test=0, train_len=0):
+    """Where the mean image of data set `name` at `side` px is cached: beside the data set's files."""
+    part = f"-first{train_len}" if split_test else ""   # --split-test: the training part of the test files
+    return os.path.join(data_dir, f"{name}-mean-{side}{part}.pt")
+
+
+def _sources(data_dir):
+    """What the cache must be newer than: the entries directly in data_dir but the caches themselves."""
+    return [os.path.join(data_dir, e) for e in os.listdir(data_dir) if "-mean-" not in e]
+
+
+def cached_mean_image(path, train_set, side, channels):
+    """The mean image from `path` if it is there (refused with one line when it has another shape or is
+    older than the data), else computed from train_set and saved there as a plain tensor (in memory only
+    when the folder cannot be written). Returns (mean, what happened)."""
+    want = (channels, side, side)
+    if os.path.isfile(path):
+        try:
+            mean = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"mean image {path} cannot be read ({type(e).__name__}): delete it and it is "
+                             f"computed again") from None
+        if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != want:
+            shape = tuple(mean.shape) if isinstance(mean, torch.Tensor) else type(mean).__name__
+            raise UsageError(f"mean image {path} has shape {shape}, this run needs {want}: it belongs to "
+                             f"other data or another --image-size; delete it and it is computed again")
+        newer = [s for s in _sources(os.path.dirname(path) or ".") if os.path.getmtime(s) > os.path.getmtime(path)]
+        if newer:
+            raise UsageError(f"mean image {path} is older than {newer[0]}: the data changed after it was "
+                             f"computed; delete it and it is computed again")
+        return mean, f"read {path}"
+    mean = mean_image(train_set, side)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(mean.clone(), tmp)
+        os.replace(tmp, path)
+        return mean, f"computed from {len(train_set)} training images, saved to {path}"
+    except OSError:
+        return mean, f"computed from {len(train_set)} training images (in memory: {os.path.dirname(path)} " \
+                     f"cannot be written)"
 
 
 class _Stack:
@@ -428,6 +532,9 @@ class DataSet:
     std: tuple
     defaults: dict       # training flags' defaults for this set, over the recipe's (a flag overrides both)
     load: Callable       # (data_dir, *, seed, download, split_test, train_size, val_size) -> (train, val, classes)
+    files: bool = True   # read from --data-dir: its mean image is cached there; generated sets (shapes,
+    #                      random) compute theirs in memory at every start
+    recipe: str = "paper-caffe"  # --recipe's default for this set
 
 
 # The shapes demo is sized for a 2-core CPU (67 px, 600 steps of 64), with the paper's lr per image
@@ -436,12 +543,12 @@ class DataSet:
 _RESIZED = dict(image_size=227)
 DATASETS = {d.name: d for d in (
     DataSet("shapes", 3, (0.5, 0.5, 0.5), (0.3, 0.3, 0.3),
-            dict(image_size=67, epochs=3, batch_size=64, lr=0.005), _shapes),
+            dict(image_size=67, epochs=3, batch_size=64, lr=0.005), _shapes, files=False, recipe="paper-he-std"),
     DataSet("mnist", 1, (0.1307,), (0.3081,), _RESIZED, partial(_idx, "mnist")),
     DataSet("fashion-mnist", 1, (0.2860,), (0.3530,), _RESIZED, partial(_idx, "fashion-mnist")),
     DataSet("cifar10", 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), _RESIZED, _cifar10),
     DataSet("imagefolder", 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), _RESIZED, _imagefolder),
-    DataSet("random", 3, (0.5, 0.5, 0.5), (0.29, 0.29, 0.29), _RESIZED, _random),
+    DataSet("random", 3, (0.5, 0.5, 0.5), (0.29, 0.29, 0.29), _RESIZED, _random, files=False),
 )}
 
 

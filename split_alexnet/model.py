@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm
+from .cli import UsageError
 from .lrn import local_response_norm
 from .spec import LRN, POOL, Spec
 
@@ -37,9 +38,12 @@ class DropoutMasks:
         self.seed, self.gen = seed, None
 
     def generator(self, device):
-        if self.gen is None or self.gen.device != torch.device(device):  # first use, or a new device
+        device = torch.device(device)
+        if self.gen is None:                       # first use: seeded on the device the masks are drawn on
             self.gen = torch.Generator(device=device)
             self.gen.manual_seed(self.seed)
+        elif self.gen.device != device:            # the stream moved: its sequence moves with it
+            self.gen = _moved(self.gen, device)
         return self.gen
 
     def draw(self, batch, full_width, keep, device):
@@ -56,11 +60,51 @@ class DropoutMasks:
         """The generator's device and state (for checkpoints), or None before the first mask."""
         return None if self.gen is None else (str(self.gen.device), self.gen.get_state())
 
-    def load_state(self, state):
-        if state is not None:
-            device, st = state
-            self.gen = torch.Generator(device=device)
-            self.gen.set_state(st)
+    def load_state(self, state, device=None):
+        """Continue the sequence of a saved generator on `device` (default: the one it was saved from).
+        A CUDA state loads on any CUDA device (it is a seed and an offset, not tied to one GPU: a
+        single-GPU run resumed as two streams on cuda:0 and cuda:1 keeps every stream's masks); a
+        CPU state on the CPU. Across kinds there is no such state (mt19937 on the CPU, Philox on CUDA
+        draw other sequences): refused with one line (check_dropout_state)."""
+        if state is None:
+            return
+        saved, st = _unpack_dropout(state)
+        target = torch.device(device) if device is not None else saved
+        check_dropout_state(state, target)
+        self.gen = torch.Generator(device=target)
+        self.gen.set_state(st)
+
+
+def _unpack_dropout(state):
+    """(device, generator state) from a checkpoint's dropout entry: a (device, state) pair or a dict."""
+    if isinstance(state, dict):
+        return torch.device(state["device"]), state["state"]
+    device, st = state
+    return torch.device(device), st
+
+
+def _moved(gen, device):
+    """The generator's sequence on another device of its kind; a new seeded one across kinds."""
+    new = torch.Generator(device=device)
+    if gen.device.type == device.type:
+        new.set_state(gen.get_state())
+    else:                                          # CPU <-> CUDA: no state carries over; start afresh
+        new.manual_seed(gen.initial_seed())
+    return new
+
+
+def check_dropout_state(state, device, where="the dropout state"):
+    """One line (UsageError) if a saved dropout generator cannot continue on `device`."""
+    if state is None:
+        return
+    saved, device = _unpack_dropout(state)[0], torch.device(device)
+    if saved.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{where}: its dropout masks come from a CUDA generator ({saved}) and this machine "
+                         f"has no CUDA device: resume it on a GPU (a CPU generator draws other masks)")
+    if saved.type != device.type:
+        raise UsageError(f"{where}: its dropout masks come from a {saved.type} generator ({saved}) and this "
+                         f"run draws them on {device}: resume on a {saved.type} device (the {device.type} "
+                         f"generator draws other masks)")
 
 
 class _Layers(nn.Module):

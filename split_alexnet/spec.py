@@ -41,6 +41,23 @@ LAYERS = (
 # alpha by size, and so did Krizhevsky's code (layer.py: scale /= size), so alpha=1e-4 here equals
 # what ran; the paper's formula read literally would be alpha=5e-4 in torch's terms. Applied within
 # each stream only: the window never crosses the stream boundary.
+# The paper's one-GPU comparison net (§3.2 and its footnote): "a net with half as many kernels in each
+# convolutional layer trained on one GPU", except that "the one-GPU net actually has the same number of
+# kernels as the two-GPU net in the final convolutional layer. [...] we did not halve the size of the final
+# convolutional layer (nor the fully-connected layers which follow)". One stream, no groups: conv1-conv4
+# halved (48, 128, 192, 192), conv5 and fc6-fc8 as in the two-GPU net (256, 4096, 4096, classes).
+LAYERS_HALF = (
+    Layer("conv1", "conv", 48, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True),
+    Layer("conv2", "conv", 128, kernel=5, pad=2, reads="own", lrn=True, pool=True),
+    Layer("conv3", "conv", 192, kernel=3, pad=1, reads="all"),
+    Layer("conv4", "conv", 192, kernel=3, pad=1, reads="own"),
+    Layer("conv5", "conv", 256, kernel=3, pad=1, reads="own", pool=True),
+    Layer("fc6", "fc", 4096, reads="all", dropout=0.5),
+    Layer("fc7", "fc", 4096, reads="all", dropout=0.5),
+    Layer("fc8", "fc", 1000, reads="all", relu=False),
+)
+NETS = {"paper": LAYERS, "half": LAYERS_HALF}   # --net: the two-GPU net, or §3.2's one-GPU net
+
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 POOL = dict(kernel_size=3, stride=2)
 PAPER_NEURONS = (253_440, 186_624, 64_896, 64_896, 43_264, 4096, 4096, 1000)  # first is an erratum
@@ -75,9 +92,17 @@ class Spec:
     in_channels: int = 3
     num_classes: int = 1000
     dtype_bytes: int = 4
-    layers: tuple = field(default=LAYERS, repr=False)
+    net: str = "paper"   # "paper": the two-GPU net (LAYERS); "half": §3.2's one-GPU net (LAYERS_HALF)
+    layers: tuple = field(default=None, repr=False)   # None: NETS[net]
 
     def __post_init__(self):
+        if self.net not in NETS:
+            raise ValueError(f"unknown net {self.net!r}: use {' or '.join(NETS)}")
+        if self.layers is None:
+            object.__setattr__(self, "layers", NETS[self.net])
+        if self.net == "half" and self.streams != 1:
+            raise ValueError(f"--net half is the paper's one-GPU net (§3.2): it has one stream, not "
+                             f"{self.streams}; use --streams 1 and the single layout")
         check_streams(self.streams)
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image size {self.image_size} is too small for AlexNet: "

@@ -12,7 +12,9 @@ def _ops(layer):
 
 def summary_table(spec: Spec, batch_size=128):
     s = spec.streams
-    out = [f"AlexNet (2012), {s} stream{'s' if s > 1 else ''}, {spec.image_size}x{spec.image_size} px, "
+    net = (" the paper's one-GPU comparison net (§3.2: conv1-conv4 halved, conv5 and fc6-fc8 kept)"
+           if spec.net == "half" else "")
+    out = [f"AlexNet (2012){net}, {s} stream{'s' if s > 1 else ''}, {spec.image_size}x{spec.image_size} px, "
            f"{spec.in_channels} input channel(s), {spec.num_classes} classes",
            "",
            f"{'layer':<7}{'reads':<7}{'kernel':<12}{'output per stream':<22}{'then':<42}"
@@ -37,7 +39,7 @@ def summary_table(spec: Spec, batch_size=128):
     if any(len(set(spec.out_sizes(r.layer))) > 1 for r in spec.shapes):
         out.append(f"* fc8's {spec.num_classes} classes do not divide by {s}: streams hold "
                    f"{spec.out_sizes(spec.layers[-1])} outputs (the first stream's shape is shown)")
-    if (spec.image_size, spec.in_channels, spec.num_classes) == (227, 3, 1000):
+    if (spec.image_size, spec.in_channels, spec.num_classes, spec.net) == (227, 3, 1000, "paper"):
         out.append(f"neurons as in the paper (§3.5): {', '.join(f'{n:,}' for n in PAPER_NEURONS)}; "
                    f"its first figure, 253,440, is an erratum for 55*55*96 = 290,400")
     out += ["", "exchanges (what one stream sends to the others, forward; the backward moves the same "

@@ -24,9 +24,10 @@ from . import checkpoint as ckpt
 from . import guard
 from .cli import UsageError, log, stop_all_on_error
 from .config import Config
-from .data import EpochSampler, Seeded, build_datasets, build_transforms, dataset
+from .data import (EpochSampler, Seeded, build_datasets, build_paper_transforms, build_transforms,
+                   cached_mean_image, dataset, mean_image, mean_image_path, paper_side)
 from .mesh import ReplicaSampler, replica_batch, split_replica_from_single, unwrap
-from .model import AlexNet, init_weights, split_from_single, streams_from_single
+from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
 from . import precision
 from .overlap import overlapped_forward
 from .plots import plot_curves
@@ -79,6 +80,66 @@ def build_model(cfg, spec, ctx_rank, device, ctx=None):
     return model, {f"stream{ctx_rank}.pt": model.stream}
 
 
+def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
+    """The training set's mean image for --preprocess paper: rank 0 reads or computes and caches it,
+    then the other ranks read it (data sets in files); generated data sets compute it on every rank."""
+    side = paper_side(cfg.image_size)
+    train_raw = Seeded(train_raw, lambda img: img, cfg.seed)   # read as training reads: --bad-images applies
+    train_raw.bad_images = cfg.bad_images
+    if not dataset(cfg.dataset).files:
+        return mean_image(train_raw, side), f"computed from {len(train_raw)} generated training images"
+    path = mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw))
+    result = stop_all_on_error(lambda: cached_mean_image(path, train_raw, side, channels) if rank == 0
+                               else None, world)
+    return result if rank == 0 else cached_mean_image(path, train_raw, side, channels)
+
+
+def build_optimizer(model, cfg):
+    """SGD with two parameter groups: the weights (group 0: lr, weight decay), and the biases (group 1:
+    lr x --bias-lr-mult, weight decay only with --bias-decay), as cuda-convnet2 (epsB = 2 epsW, no wc on
+    biases) and Caffe's bvlc_alexnet (lr_mult 2, decay_mult 0) train them. Every layout names its
+    parameters conv1.weight ... fc8.bias, so the rule is the same for the whole net and for each stream."""
+    named = list(model.named_parameters())
+    weights = [p for n, p in named if not n.endswith("bias")]
+    biases = [p for n, p in named if n.endswith("bias")]
+    return torch.optim.SGD([
+        dict(params=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, name="weights"),
+        dict(params=biases, lr=cfg.lr * cfg.bias_lr_mult,
+             weight_decay=cfg.weight_decay if cfg.bias_decay else 0.0, name="biases"),
+    ], lr=cfg.lr, momentum=cfg.momentum)
+
+
+class PlateauOnError:
+    """The paper's schedule (§5): divide the lr (every group's) by 10 when the validation error rate
+    stops improving with the current rate, at most max_drops times (the paper: three).
+
+    step(error) after each scheduled evaluation, with the top-1 error: an error below the best so far
+    is an improvement; after more than `patience` evaluations in a row without one, every group's lr is
+    multiplied by `factor` and the count starts again (the best error is kept)."""
+
+    def __init__(self, optimizer, factor=0.1, patience=5, max_drops=3):
+        self.optimizer, self.factor, self.patience, self.max_drops = optimizer, factor, patience, max_drops
+        self.best, self.bad, self.drops = math.inf, 0, 0
+
+    def step(self, error):
+        if error < self.best:
+            self.best, self.bad = error, 0
+            return False
+        self.bad += 1
+        if self.bad <= self.patience or self.drops >= self.max_drops:
+            return False
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.factor
+        self.drops, self.bad = self.drops + 1, 0
+        return True
+
+    def state_dict(self):
+        return dict(best=self.best, bad=self.bad, drops=self.drops)
+
+    def load_state_dict(self, state):
+        self.best, self.bad, self.drops = state["best"], state["bad"], state["drops"]
+
+
 def for_speed(cfg, model):
     """--channels-last and --compile (single layout): the model the steps run; the parts stay the
     uncompiled modules (checkpoints hold their plain state dicts)."""
@@ -111,26 +172,32 @@ def build(cfg, ctx=None):
     train_raw, val_raw, classes = _datasets_rank0_first(cfg, rank, world)
     try:
         spec = Spec(streams=streams, image_size=cfg.image_size, in_channels=data.channels,
-                    num_classes=len(classes))
+                    num_classes=len(classes), net=cfg.net)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if len(train_raw) // cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_raw)} training images: "
                          f"use a smaller batch")
     aug = dict(crop=cfg.crop, flip=cfg.flip, lighting=cfg.lighting)
-    train_set = Seeded(train_raw, build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std,
-                                                   train=True, **aug), cfg.seed)
-    val_set = Seeded(val_raw, build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std,
-                                               train=False, ten_crop=cfg.ten_crop, **aug), cfg.seed)
+    if cfg.preprocess == "paper":
+        mean, how = _mean_image_rank0_first(cfg, train_raw, spec.in_channels, rank, world)
+        if rank == 0 and not cfg.quiet:
+            log(f"mean image {tuple(mean.shape)}: {how}")
+        train_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=True, **aug)
+        val_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=False,
+                                        ten_crop=cfg.ten_crop, **aug)
+    else:
+        train_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=True, **aug)
+        val_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=False,
+                                  ten_crop=cfg.ten_crop, **aug)
+    train_set, val_set = Seeded(train_raw, train_tf, cfg.seed), Seeded(val_raw, val_tf, cfg.seed)
     train_set.bad_images = val_set.bad_images = cfg.bad_images
     check_precision(cfg.precision, device.type)
     model, parts = build_model(cfg, spec, rank, device, ctx)
     model = for_speed(cfg, model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scheduler = (torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=cfg.lr_factor,
-                                                            patience=cfg.lr_patience)
-                 if cfg.schedule == "plateau" else None)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = PlateauOnError(optimizer, cfg.lr_factor, cfg.lr_patience, cfg.lr_drops) \
+        if cfg.schedule == "plateau" else None
     out = [cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.layout}-{cfg.dataset}")]
     if world > 1:                                  # rank 0's clock names the run for every rank
         dist.broadcast_object_list(out, src=0)
@@ -197,7 +264,7 @@ def save_checkpoint(job, state):
         ckpt.save_meta(path, dict(
             layout=job.cfg.layout, streams=job.spec.streams, spec=ckpt.spec_dict(job.spec),
             step=state["step"], epoch=state["epoch"], batch=state["batch"],
-            lr=job.optimizer.param_groups[0]["lr"],
+            lr=job.optimizer.param_groups[0]["lr"], lrs=[g["lr"] for g in job.optimizer.param_groups],
             scheduler=job.scheduler.state_dict() if job.scheduler else None,
             torch_rng=torch.get_rng_state(), config=asdict(job.cfg)))
     if job.world > 1:
@@ -212,17 +279,29 @@ def resume(job, path):
         meta = ckpt.read_meta(found)
         ckpt.check_matches(meta, job.spec, job.cfg.layout, found)
         expected = {name: {k: v.shape for k, v in m.state_dict().items()} for name, m in job.parts.items()}
-        return found, meta, ckpt.load_files(found, meta, list(job.parts), expected)
+        devices = {name: ckpt._device_of(m) for name, m in job.parts.items()}
+        states = ckpt.load_files(found, meta, list(job.parts), expected)
+        for name, state in states.items():    # a CUDA generator on a CPU-only machine: one line, here
+            check_dropout_state(state.get("dropout"), devices[name], os.path.join(found, name))
+        return found, meta, states
     path, meta, states = stop_all_on_error(read, job.world)   # one rank's bad shard stops every rank
     for name, m in job.parts.items():
         ckpt.load_stream_state(m, job.optimizer, states[name])
-    # the checkpoint's (scheduled) lr, unless this run's --lr differs from the one the checkpoint's ran with
-    lr = job.cfg.lr if job.cfg.lr != meta.get("config", {}).get("lr", job.cfg.lr) else meta["lr"]
-    for group in job.optimizer.param_groups:
+    # every group's (scheduled) lr from the checkpoint, unless this run's --lr differs from the one the
+    # checkpoint's ran with: then this run's, as the groups were built (biases at --bias-lr-mult times it)
+    if job.cfg.lr != meta.get("config", {}).get("lr", job.cfg.lr):
+        lrs = [g["lr"] for g in job.optimizer.param_groups]
+    else:
+        lrs = meta.get("lrs") or [meta["lr"]] * len(job.optimizer.param_groups)   # older: one group
+    if len(lrs) != len(job.optimizer.param_groups):
+        raise UsageError(f"checkpoint {path} holds {len(lrs)} parameter groups, this run "
+                         f"{len(job.optimizer.param_groups)}: resume with the recipe it was trained with")
+    for group, lr in zip(job.optimizer.param_groups, lrs):
         group["lr"] = lr
     if job.scheduler and meta["scheduler"]:
         job.scheduler.load_state_dict(meta["scheduler"])
         job.scheduler.factor, job.scheduler.patience = job.cfg.lr_factor, job.cfg.lr_patience
+        job.scheduler.max_drops = job.cfg.lr_drops
     torch.set_rng_state(meta["torch_rng"])
     return path, {"step": meta["step"], "epoch": meta["epoch"], "batch": meta["batch"]}
 
@@ -361,7 +440,10 @@ def evaluate_and_log(job, state, progress, scheduled=True):
     row = dict(split="val", step=state["step"], epoch=state["epoch"], loss=loss, top1=top1, top5=top5)
     progress.metrics.write(row)
     if job.scheduler and scheduled:                # not the extra evaluation where a run stops: a
-        job.scheduler.step(loss)                   # resumed run must see the same schedule
+        if job.scheduler.step(1.0 - top1):         # resumed run must see the same schedule
+            progress.say(f"lr / {1 / job.cfg.lr_factor:g} (validation top-1 error has not improved for "
+                         f"{job.cfg.lr_patience + 1} evaluations; drop {job.scheduler.drops} of "
+                         f"{job.cfg.lr_drops}): lr {job.optimizer.param_groups[0]['lr']:g}")
     progress.say(f"val  step {state['step']} epoch {state['epoch']}: loss {loss:.4f} top1 {top1:.4f} "
                  f"top5 {_fmt(top5)}")
     return row
@@ -419,13 +501,16 @@ def next_steps(job):
 def announce(job, progress, steps_per_epoch, resumed_from, state):
     """The run in two lines: layout, data and devices; recipe and schedule."""
     cfg = job.cfg
-    progress.say(f"train: {cfg.layout} layout, {job.spec.streams} streams"
+    progress.say(f"train: {'' if cfg.net == 'paper' else 'net half (one-GPU, §3.2), '}{cfg.layout} layout, "
+                 f"{job.spec.streams} streams"
                  f"{f' ({job.world} processes: {job.replicas} replica(s) x {job.spec.streams} streams)' if cfg.layout == 'split' else ''} on {job.device}; "
                  f"{cfg.dataset} ({len(job.train_set)} train / {len(job.val_set)} val images, "
                  f"{len(job.classes)} classes) at {cfg.image_size} px, {job.spec.in_channels} channel(s)")
     progress.say(f"recipe {cfg.recipe}: init {cfg.init}, SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight "
-                 f"decay {cfg.weight_decay:g}, batch {cfg.batch_size}, {cfg.epochs} epochs of {steps_per_epoch} "
-                 f"steps{f' (stop at step {cfg.max_steps})' if cfg.max_steps else ''}, schedule {cfg.schedule}, "
+                 f"decay {cfg.weight_decay:g} (biases: lr x{cfg.bias_lr_mult:g}, decay {cfg.bias_decay}), "
+                 f"input {cfg.preprocess}, batch {cfg.batch_size}, {cfg.epochs} epochs of {steps_per_epoch} "
+                 f"steps{f' (stop at step {cfg.max_steps})' if cfg.max_steps else ''}, schedule {cfg.schedule}"
+                 f"{f' (top-1, patience {cfg.lr_patience}, at most {cfg.lr_drops} drops)' if cfg.schedule == 'plateau' else ''}, "
                  f"crop {cfg.crop}, flip {cfg.flip}, lighting {cfg.lighting:g}, ten-crop {cfg.ten_crop}, "
                  f"seed {cfg.seed}; out {job.out}")
     if resumed_from:

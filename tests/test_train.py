@@ -16,10 +16,16 @@ from split_alexnet.train import build, run
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MNIST_DIR = os.path.join(ROOT, "tests", "fixtures", "mnist")
 # MNIST at 67 px (upsampled from 28): the fixture's first 2,500 images train (3 epochs of 39 steps), the
-# last 500 are held out. No flips (digits are not mirror-symmetric); random crops from 77 px stay on.
+# last 500 are held out. No flips (digits are not mirror-symmetric); random crops from 77 px stay on. These
+# tests are about the layouts, not the recipe: they pin the recipe they were measured with, which learns
+# in 117 steps: He init on per-channel standardised input, one rule for weights and biases, centre-crop
+# evaluation (at the paper's 0-255 input the paper's and Caffe's inits need hundreds of steps and He's
+# diverges: docs/training.md). With the biases at 2x the lr the split and single losses still agree, but
+# the early steps are rougher and fp32 order differences grow faster: 1.4e-5 relative at step 5, measured.
 MNIST_ARGS = ["--dataset", "mnist", "--data-dir", MNIST_DIR, "--split-test", "500", "--image-size", "67",
               "--epochs", "3", "--batch-size", "64", "--no-flip", "--seed", "0", "--dropout-seed", "0",
-              "--micro-batches", "1"]
+              "--recipe", "paper-he", "--preprocess", "channel", "--no-ten-crop", "--bias-lr-mult", "1",
+              "--bias-decay", "--micro-batches", "1"]
 # --micro-batches 1: the plain split, whose loss curve LOSS_RTOL below is about. The default (2, the
 # overlapped forward) sums in another order still; measured here it agreed with single to 2e-6 for 5
 # steps, then parted by 2e-4 at step 6: an fp32 ReLU/max-pool kink taken differently, which SGD carries
@@ -66,7 +72,7 @@ def test_split_learns_mnist(mnist_split):
     assert val[-1]["step"] == 117 and val[-1]["top1"] >= 0.75, val
     cfg = json.load(open(os.path.join(mnist_split, "config.json")))
     assert cfg["layout"] == "split" and cfg["spec"] == dict(streams=2, image_size=67, in_channels=1,
-                                                            num_classes=10)
+                                                            num_classes=10, net="paper")
 
 
 def test_metrics_schema(mnist_split):
@@ -150,7 +156,7 @@ def _help_entries(text):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="kaiming")),
+    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="caffe")),
     (["--recipe", "paper"], dict(lr="0.005", init="paper", schedule="plateau", crop="True")),
     (["--dataset", "mnist", "--recipe", "d2l"],
      dict(lr="0.01", momentum="0.0", batch_size="128", image_size="227", schedule="none", crop="False")),

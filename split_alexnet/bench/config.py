@@ -32,6 +32,7 @@ class Config:
     seed: int = 0
     command: str = ""
     streams: int = 2               # one process (no torchrun): the streams of single/streams layouts
+    net: str = "paper"             # "half": the paper's one-GPU comparison net (one stream, one process)
     allocator: str = ""            # launch/bench.py's apply_keep_freed_memory line (bench.json)
     channels_last: bool = False    # single, streams, torchvision: channels_last weights and inputs
     compile: bool = False          # single, torchvision: torch.compile
@@ -91,6 +92,6 @@ def check_config(cfg, world, device_type):
             raise UsageError(f"batch {b} does not divide into {cfg.micro_batches} micro-batches: use a "
                              f"multiple of {cfg.micro_batches} or change --micro-batches")
     try:
-        Spec(streams=streams_of(cfg, world), image_size=cfg.image_size)
+        Spec(streams=streams_of(cfg, world), image_size=cfg.image_size, net=cfg.net)
     except ValueError as e:
         raise UsageError(str(e)) from None

@@ -163,7 +163,8 @@ def build_runs(cfg, spec, ctx):
         return runs[-1]
 
     def single_net():
-        return AlexNet(spec=Spec(streams=spec.streams, image_size=spec.image_size), dropout_seed=cfg.seed)
+        return AlexNet(spec=Spec(streams=spec.streams, image_size=spec.image_size, net=spec.net),
+                       dropout_seed=cfg.seed)
 
     every_rank = tuple(range(ctx.world))
     for layout in cfg.layouts:

@@ -22,7 +22,8 @@ def _rss_peak_bytes():
 
 def run_bench(cfg, ctx):
     """The whole benchmark on this rank; returns the result dict (complete on every rank)."""
-    spec = Spec(streams=streams_of(cfg, ctx.world), image_size=cfg.image_size, dtype_bytes=cfg.dtype_bytes)
+    spec = Spec(streams=streams_of(cfg, ctx.world), image_size=cfg.image_size, dtype_bytes=cfg.dtype_bytes,
+                net=cfg.net)
     per_rank = threads_per_rank(ctx.world)
     torch.set_num_threads(per_rank)
     load_before = os.getloadavg()
