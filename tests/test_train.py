@@ -156,7 +156,7 @@ def _help_entries(text):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="caffe")),
+    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="kaiming")),  # shapes: paper-he-std
     (["--recipe", "paper"], dict(lr="0.005", init="paper", schedule="plateau", crop="True")),
     (["--dataset", "mnist", "--recipe", "d2l"],
      dict(lr="0.01", momentum="0.0", batch_size="128", image_size="227", schedule="none", crop="False")),
