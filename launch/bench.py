@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs for the "
                    "single, streams and torchvision layouts (for GPUs: slower on CPU, benchmarks/README.md)")
     p.add_argument("--compile", action="store_true", help="torch.compile the single and torchvision layouts")
+    p.add_argument("--log-every", type=int, default=0, metavar="N", help="progress on stderr (rank 0): a bar "
+                   "on a terminal, else a line with the time left every N layout-steps (0: one per round "
+                   "of every layout)")
     g = p.add_argument_group("link model (--link: print predictions, run no steps; split_alexnet/bench/link.py)")
     g.add_argument("--link", action="store_true", help="predict a two-GPU split step for PCIe 2.0/4.0 and "
                    "NVLink 4 from measured compute and the spec's bytes; under torchrun also measure the "
@@ -192,7 +195,7 @@ def main(argv=None):
                  warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, net=args.net,
                  streams=args.streams or (1 if args.net == "half" else 2), allocator=allocator,
-                 channels_last=args.channels_last, compile=args.compile,
+                 channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
                  command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast
     ctx = setup(args.backend, args.device, args.timeout)

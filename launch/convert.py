@@ -27,10 +27,21 @@ def main(argv=None):
     src = ckpt.find_checkpoint(args.src, "convert")
     if os.path.exists(os.path.join(args.dst, "meta.pt")):
         raise UsageError(f"{args.dst} already holds a checkpoint: give a new directory (nothing is overwritten)")
+    before = ckpt.read_meta(src)
     meta = (ckpt.join if args.to == "single" else ckpt.cut)(src, args.dst)
-    print(f"converted {src} -> {args.dst}: {meta['layout']} layout, {meta['streams']} streams, step "
-          f"{meta['step']}, files {', '.join(meta['files'])}")
+    print(converted_message(src, before, args.dst, meta))
     return 0
+
+
+def converted_message(src, before, dst, meta):
+    """What was written (paths and sizes), from what, and how to go on with it."""
+    wrote = [f"{os.path.join(dst, n)} ({size / 2**20:.1f} MiB)" for n, size in meta["files"].items()]
+    wrote.append(os.path.join(dst, "meta.pt"))
+    go_on = ("python launch/train.py --layout single" if meta["layout"] == "single"
+             else f"torchrun --nproc_per_node={meta['streams']} launch/train.py")
+    return (f"wrote {', '.join(wrote)}: the {meta['layout']} layout ({meta['streams']} streams, step "
+            f"{meta['step']}), from {src} ({before['layout']} layout: {', '.join(before['files'])}); "
+            f"go on with: {go_on} --resume {dst}")
 
 
 if __name__ == "__main__":

@@ -156,12 +156,21 @@ def save_files(ckpt_dir, files):
 
 
 def save_meta(ckpt_dir, meta):
-    """Last: lists every file with its size, which marks the checkpoint complete."""
+    """Last: lists every file with its size, which marks the checkpoint complete. Returns the meta written."""
     meta = dict(meta, format=FORMAT)
     meta["files"] = {n: os.path.getsize(os.path.join(ckpt_dir, n)) for n in shard_names(meta)}
     meta["sha256"] = {n: sha256(os.path.join(ckpt_dir, n)) for n in shard_names(meta)}
     atomic_save(meta, os.path.join(ckpt_dir, "meta.pt"))
     fsync_dir(os.path.dirname(os.path.abspath(ckpt_dir)))   # the step folder's own entry
+    return meta
+
+
+def newest_complete(run_dir):
+    """RUN/checkpoints/step* with a meta.pt, the newest (not verified: find_checkpoint does that), or None."""
+    sub = os.path.join(run_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(sub) if os.path.isfile(os.path.join(sub, d, "meta.pt"))) \
+        if os.path.isdir(sub) else []
+    return os.path.join(sub, done[-1]) if done else None
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -255,7 +264,7 @@ def load_files(ckpt_dir, meta, names, expected):
 # ---- conversion between layouts ----------------------------------------------------------------
 
 def join(src, dst):
-    """Shards (split or streams layout) -> a single-layout checkpoint."""
+    """Shards (split or streams layout) -> a single-layout checkpoint. Returns the meta written to dst."""
     meta = read_meta(src)
     if meta["layout"] == "single":
         raise UsageError(f"{src} already holds the single layout: nothing to join (use --to shards to cut it)")
@@ -267,12 +276,12 @@ def join(src, dst):
              "dropout": shards[0]["dropout"]}  # every stream draws the same masks: same state
     out = dict(meta, layout="single")
     save_files(dst, {"single.pt": state})
-    save_meta(dst, out)
-    return out
+    return save_meta(dst, out)
 
 
 def cut(src, dst):
-    """A single-layout checkpoint -> one shard per stream (loads into split or streams)."""
+    """A single-layout checkpoint -> one shard per stream (loads into split or streams). Returns the meta
+    written to dst."""
     meta = read_meta(src)
     if meta["layout"] != "single":
         raise UsageError(f"{src} already holds shards ({meta['layout']} layout): nothing to cut "
@@ -285,5 +294,4 @@ def cut(src, dst):
              for s in range(spec.streams)}
     out = dict(meta, layout="split")
     save_files(dst, files)
-    save_meta(dst, out)
-    return out
+    return save_meta(dst, out)

@@ -106,6 +106,7 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     keep_freed_memory: bool = True
+    eval_only: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -190,9 +191,12 @@ def build_parser(add_help=True):
     p.add_argument("--out", default="", help="default: a new folder under runs/")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end")
     p.add_argument("--resume", default="", help="a checkpoint (or run) directory to continue from")
-    p.add_argument("--plot", action="store_true", help="write curves.png")
+    p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate the checkpoint on the "
+                   "validation set, print one line, train nothing and write nothing")
+    p.add_argument("--plot", action=B, default=True, help="write curves.png (loss and accuracy) at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no log lines but errors")
-    p.add_argument("--log-every", type=int, default=50, help="steps between log lines without a bar")
+    p.add_argument("--log-every", type=int, default=50, help="steps between log lines without a bar (the "
+                   "first and the last step are always logged)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
     g = p.add_argument_group("speed (docs/training.md)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
@@ -253,6 +257,9 @@ def validate(cfg):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    if cfg.eval_only and not cfg.resume:
+        raise UsageError("--eval-only evaluates a checkpoint: give it with --resume DIR (a run directory "
+                         "saved with --save-every, or one of its checkpoints/step*)")
     proc = env()
     if cfg.layout != "split" and proc.world > 1:
         raise UsageError(f"--layout {cfg.layout} runs in one process: use python launch/train.py, not "

@@ -128,27 +128,87 @@ def read_idx(path):
     return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
 
 
-def load_idx_split(dataset, data_dir, part, download):
-    """(images (N, 28, 28) uint8, labels (N,) int64) of the 'train' or 'test' files."""
-    tv_class = TV_CLASS[dataset]
-    names = IDX_FILES[part]
-    paths = [_find(data_dir, n, tv_class) for n in names]
-    if None in paths and download:
+def _new_folders(*paths):
+    """The folders among paths and their parents that do not exist yet (what a download would create)."""
+    new = []
+    for path in paths:
+        path = os.path.abspath(path)
+        while path and not os.path.exists(path) and path not in new:
+            new.append(path)
+            path = os.path.dirname(path)
+    return new
+
+
+def _remove_empty(folders):
+    """Remove those of `folders` that are empty, deepest first: a failed download leaves nothing behind."""
+    for path in sorted(folders, key=len, reverse=True):
         try:
-            tv_class(data_dir, train=(part == "train"), download=True)
-        except Exception:  # no network: fall through to the message below
+            os.rmdir(path)                     # only if empty: a file the attempt did fetch stays
+        except OSError:
             pass
+
+
+def _network_cause(e):
+    """The network error behind a failed torchvision download, as a short phrase, else None. torchvision
+    catches the URLError per mirror and raises a RuntimeError quoting it ('<urlopen error ...>')."""
+    import re
+    import socket
+    from urllib.error import URLError
+    seen = e
+    while seen is not None:
+        if isinstance(seen, URLError):
+            return str(seen.reason)
+        if isinstance(seen, (socket.gaierror, socket.timeout, ConnectionError)):
+            return str(seen) or type(seen).__name__
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"<urlopen error (.*?)>", str(e))
+    return found.group(1) if found else None
+
+
+def _download(tv_class, data_dir, train):
+    """torchvision's download of the data set (train or test part); returns why it failed, or None.
+    Folders it created are removed again when it fails (empty ones: nothing fetched stays lost)."""
+    created = _new_folders(os.path.join(data_dir, tv_class.__name__, "raw"))
+    try:
+        tv_class(data_dir, train=train, download=True)
+        return None
+    except Exception as e:
+        _remove_empty(created)
+        cause = _network_cause(e)
+        if cause is not None:
+            return f"the download failed for lack of network ({cause})"
+        return f"the download failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+
+
+def load_idx(dataset, data_dir, parts, download):
+    """{part: (images (N, 28, 28) uint8, labels (N,) int64)} of the 'train' and/or 'test' files. Every file
+    the parts need is looked for before any is read, so a missing set is named whole in one message."""
+    tv_class = TV_CLASS[dataset]
+    names = [n for part in parts for n in IDX_FILES[part]]
+    paths = [_find(data_dir, n, tv_class) for n in names]
+    why = "downloads are off (--no-download)"
+    if None in paths and download:
+        why = _download(tv_class, data_dir, train="train" in parts)
         paths = [_find(data_dir, n, tv_class) for n in names]
     if None in paths:
-        want = ", ".join(f"{n}.gz" for n in names)
-        raise UsageError(f"{dataset}: {want} not found in {os.path.abspath(data_dir)} (nor in its "
-                         f"{tv_class.__name__}/raw) and could not be downloaded: place those files there"
-                         + (", or use --split-test N if only the t10k files are at hand" if part == "train" else ""))
-    images, labels = (read_idx(p) for p in paths)
-    if len(images) != len(labels):
-        raise UsageError(f"{dataset}: {paths[0]} holds {len(images)} images but {paths[1]} {len(labels)} "
-                         f"labels: replace them with the original files")
-    return images, labels.long()
+        missing = ", ".join(f"{n}.gz" for n, p in zip(names, paths) if p is None)
+        raise UsageError(f"{dataset}: {missing} not found in {os.path.abspath(data_dir)} (nor in its "
+                         f"{tv_class.__name__}/raw) and {why}: place those files there"
+                         + (", or use --split-test N if only the t10k files are at hand" if "train" in parts else ""))
+    out = {}
+    for part in parts:
+        image_path, label_path = (p for n, p in zip(names, paths) if n in IDX_FILES[part])
+        images, labels = read_idx(image_path), read_idx(label_path)
+        if len(images) != len(labels):
+            raise UsageError(f"{dataset}: {image_path} holds {len(images)} images but {label_path} {len(labels)} "
+                             f"labels: replace them with the original files")
+        out[part] = images, labels.long()
+    return out
+
+
+def load_idx_split(dataset, data_dir, part, download):
+    """(images (N, 28, 28) uint8, labels (N,) int64) of the 'train' or 'test' files."""
+    return load_idx(dataset, data_dir, [part], download)[part]
 
 
 class TensorImages(Dataset):
@@ -418,17 +478,22 @@ def _idx(name, data_dir, *, seed, download, split_test, train_size, val_size):
         cut = len(labels) - split_test
         return (TensorImages(images[:cut], labels[:cut], classes),
                 TensorImages(images[cut:], labels[cut:], classes), classes)
-    tr, te = (load_idx_split(name, data_dir, p, download) for p in ("train", "test"))
-    return TensorImages(*tr, classes), TensorImages(*te, classes), classes
+    found = load_idx(name, data_dir, ["train", "test"], download)   # all four files, named together
+    return TensorImages(*found["train"], classes), TensorImages(*found["test"], classes), classes
 
 
 def _cifar10(data_dir, *, seed, download, split_test, train_size, val_size):
+    created = _new_folders(data_dir) if download else []
     try:
         train = torchvision.datasets.CIFAR10(data_dir, train=True, download=download)
         val = torchvision.datasets.CIFAR10(data_dir, train=False, download=False)
-    except Exception:
+    except Exception as e:
+        _remove_empty(created)
+        cause = _network_cause(e)
+        why = (f"the download failed for lack of network ({cause})" if cause else
+               "could not be downloaded" if download else "downloads are off (--no-download)")
         raise UsageError(f"cifar10: cifar-10-batches-py/ not found in {os.path.abspath(data_dir)} and "
-                         f"could not be downloaded: place cifar-10-python.tar.gz (extracted) there") from None
+                         f"{why}: place cifar-10-python.tar.gz (extracted) there") from None
     return train, val, train.classes
 
 

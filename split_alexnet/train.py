@@ -202,7 +202,7 @@ def build(cfg, ctx=None):
     if world > 1:                                  # rank 0's clock names the run for every rank
         dist.broadcast_object_list(out, src=0)
     out = out[0]
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):   # checked by every rank: all stop together
+    if not cfg.eval_only and os.path.exists(os.path.join(out, "metrics.jsonl")):   # every rank: all stop together
         raise UsageError(f"--out {out} already holds metrics.jsonl: give another --out (runs are "
                          f"never overwritten)")
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
@@ -311,6 +311,8 @@ def resume(job, path):
 def run(job):
     """Train for cfg.epochs (or cfg.max_steps); evaluate each epoch (or each cfg.eval_every steps)."""
     cfg = job.cfg
+    if cfg.eval_only:
+        return evaluate_checkpoint(job)
     steps_per_epoch = len(job.train_set) // cfg.batch_size        # drop_last: every batch full
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps:
@@ -346,6 +348,19 @@ def run(job):
             if state["step"] >= total or end_of_epoch:
                 break
     return finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start)
+
+
+def evaluate_checkpoint(job):
+    """--eval-only: the checkpoint of --resume on the validation set, one line; nothing trained or written."""
+    found, state = resume(job, job.cfg.resume)
+    guard.phase(f"evaluation of {found}")
+    loss, top1, top5 = evaluate(job)
+    if not job.cfg.quiet:
+        log(f"eval: {found} (step {state['step']}, epoch {state['epoch']}) on {len(job.val_set)} {job.cfg.dataset} "
+            f"val images{' (ten crops)' if job.cfg.ten_crop else ''}: loss {loss:.4f} top1 {top1:.4f} "
+            f"top5 {_fmt(top5)}")
+    val = dict(split="val", step=state["step"], epoch=state["epoch"], loss=loss, top1=top1, top5=top5)
+    return dict(steps=state["step"], seconds=0.0, images_per_s=0.0, val=val, out=None, checkpoint=found)
 
 
 def start(job):
@@ -435,7 +450,8 @@ def evaluate_and_log(job, state, progress, scheduled=True):
 
 
 def finish(job, progress, state, last_val, n_images, seconds):
-    """Close the bar, plot (--plot), say the result; returns the run's summary."""
+    """Close the bar, plot (unless --no-plot), say the result, what the run folder holds and how to go on
+    from it; returns the run's summary."""
     progress.close()
     if job.rank == 0 and job.cfg.plot:
         plot_curves(progress.metrics.rows, os.path.join(job.out, "curves.png"))
@@ -445,7 +461,41 @@ def finish(job, progress, state, last_val, n_images, seconds):
         progress.say(f"done: {state['step']} steps in {seconds:.0f} s "
                      f"({summary['images_per_s']:.1f} img/s); val loss {last_val['loss']:.4f} top1 {last_val['top1']:.4f} "
                      f"top5 {_fmt(last_val['top5'])}; out {job.out}")
+    if not progress.quiet:                         # rank 0: what the folder holds, how to go on
+        for line in next_steps(job):
+            progress.say(line)
     return summary
+
+
+def launcher(job):
+    """The command that starts this run's layout again (for the lines that say how to go on)."""
+    import shlex
+    cfg = job.cfg
+    cmd = (f"torchrun --nproc_per_node={job.world} launch/train.py" if cfg.layout == "split"
+           else f"python launch/train.py --layout {cfg.layout}")
+    if job.spec.streams != 2:
+        cmd += f" --streams {job.spec.streams}"
+    if cfg.layout == "streams" and cfg.devices:
+        cmd += f" --devices {shlex.quote(cfg.devices)}"
+    if cfg.dataset != "shapes" and cfg.data_dir != "data":    # not taken from the checkpoint
+        cmd += f" --data-dir {shlex.quote(cfg.data_dir)}"
+    return cmd
+
+
+def next_steps(job):
+    """What the run folder holds, and the commands that resume or evaluate it (or how to keep a checkpoint)."""
+    import shlex
+    out, cfg = job.out, job.cfg
+    held = [f for f in ("config.json", "metrics.jsonl", "curves.png") if os.path.isfile(os.path.join(out, f))]
+    found = ckpt.newest_complete(out)
+    run_dir, cmd = shlex.quote(out), launcher(job)
+    if found is None:
+        return [f"{out} holds {', '.join(held)}; no checkpoint (add --save-every N to keep one, for --resume "
+                f"and --eval-only)"]
+    more = f"--epochs {cfg.epochs + 1}" + (" --max-steps 0" if cfg.max_steps else "")
+    return [f"{out} holds {', '.join(held)}, checkpoints/{os.path.basename(found)} (newest)",
+            f"  evaluate: {cmd} --resume {run_dir} --eval-only",
+            f"  resume:   {cmd} --resume {run_dir} {more}   # (to epoch {cfg.epochs + 1}; a new run folder)"]
 
 
 def announce(job, progress, steps_per_epoch, resumed_from, state):
@@ -495,7 +545,7 @@ class Progress:
 
     def __init__(self, job, total, initial):
         from tqdm import tqdm
-        self.job, self.total = job, total
+        self.job, self.total, self.first = job, total, initial + 1
         self.metrics = Metrics(os.path.join(job.out, "metrics.jsonl"), job.rank == 0)
         self.quiet = job.cfg.quiet or job.rank != 0
         tty = sys.stderr.isatty()
@@ -517,7 +567,8 @@ class Progress:
                              f"(now {lr:g}) or use --init d2l")
         self.bar.update(1)
         self.bar.set_postfix(epoch=state["epoch"], loss=f"{loss:.3f}", refresh=False)
-        if self.bar.disable and not self.quiet and state["step"] % self.job.cfg.log_every == 0:
+        logged = (state["step"] % self.job.cfg.log_every == 0 or state["step"] in (self.first, self.total))
+        if self.bar.disable and not self.quiet and logged:   # the first and the last step always
             self.say(f"step {state['step']}/{self.total} epoch {state['epoch']}: loss {loss:.4f} "
                      f"lr {lr:g} {mean_images_per_s:.1f} img/s")
 

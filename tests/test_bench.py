@@ -124,6 +124,10 @@ def test_quick_bench_writes_documented_json_and_plot(tmp_path):
     for words in ("single (1 thr)", "split-overlap", "exchange   B/image spec", "logits"):
         assert words in proc.stdout, words  # the table and the exchanges were printed
     assert "goal" not in proc.stdout  # targets live in docs/benchmarks.md, not in the output
+    # progress without a terminal: one line per round on rank 0's stderr, the last with nothing left
+    progress = [l for l in proc.stderr.splitlines() if l.startswith("bench: batch 4, ")]
+    assert len(progress) == 3 and "21/21 layout-steps in " in progress[-1], progress
+    assert all("left" in l for l in progress), progress
     result = json.loads((out / "bench.json").read_text())
     assert (out / "bench.png").stat().st_size > 0
     for rank in (0, 1):  # a trace per rank, with the per-layer and per-exchange labels

@@ -156,7 +156,7 @@ def _help_entries(text):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="caffe")),
+    ([], dict(lr="0.005", momentum="0.9", batch_size="64", epochs="3", image_size="67", init="kaiming")),  # shapes: paper-he-std
     (["--recipe", "paper"], dict(lr="0.005", init="paper", schedule="plateau", crop="True")),
     (["--dataset", "mnist", "--recipe", "d2l"],
      dict(lr="0.01", momentum="0.0", batch_size="128", image_size="227", schedule="none", crop="False")),
@@ -190,7 +190,8 @@ def tiny_checkpoint(tmp_path_factory):
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--layout", "split"], "launch it with torchrun --nproc_per_node=2"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist", "--no-download"],
-     "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz not found in /nonexistent/mnist"),
+     "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+     "t10k-labels-idx1-ubyte.gz not found in /nonexistent/mnist (nor in its MNIST/raw) and downloads are off"),
     (["--dataset", "imagefolder", "--data-dir", "/nonexistent/imgs"], "/nonexistent/imgs/train is not a directory"),
     (["--dataset", "shapes", "--train-size", "4", "--batch-size", "8"], "more than the 4 training images"),
     (["--resume", "/nonexistent/ckpt"], "--resume /nonexistent/ckpt: no such file or directory"),

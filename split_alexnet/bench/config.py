@@ -36,6 +36,7 @@ class Config:
     allocator: str = ""            # launch/bench.py's apply_keep_freed_memory line (bench.json)
     channels_last: bool = False    # single, streams, torchvision: channels_last weights and inputs
     compile: bool = False          # single, torchvision: torch.compile
+    log_every: int = 0             # without a terminal: a progress line every N layout-steps (0: each round)
 
     @property
     def autocast_dtype(self):
@@ -75,8 +76,8 @@ def check_config(cfg, world, device_type):
     if multi and world < 2:
         raise UsageError(f"{','.join(multi)} need one process per stream: run under torchrun "
                          f"--nproc_per_node=2, or use --layouts single")
-    if cfg.steps < 1 or cfg.warmup < 0 or cfg.micro_batches < 1:
-        raise UsageError("--steps and --micro-batches must be at least 1, --warmup at least 0")
+    if cfg.steps < 1 or cfg.warmup < 0 or cfg.micro_batches < 1 or cfg.log_every < 0:
+        raise UsageError("--steps and --micro-batches must be at least 1, --warmup and --log-every at least 0")
     for b in cfg.batch_sizes:
         if b < 1:
             raise UsageError(f"batch size {b}: use a positive batch size")

@@ -166,8 +166,9 @@ def _barrier(ctx):
         dist.barrier()
 
 
-def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
-    """Interleaved steps of every run at one batch size; fills run.samples[batch] and run.memory[batch]."""
+def measure(runs, spec, batch, cfg, ctx, profile_dir=None, progress=None):
+    """Interleaved steps of every run at one batch size; fills run.samples[batch] and run.memory[batch].
+    progress (progress.BenchProgress): told of every layout's step."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=gen).to(ctx.device)
     y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(ctx.device)
@@ -215,6 +216,8 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None):
                 run.memory[batch] = rec.memory
             if i >= cfg.warmup:
                 run.samples.setdefault(batch, []).append(rec)
+            if progress is not None:
+                progress.step(batch, i, cfg.warmup, cfg.steps, run.label, len(runs))
     if prof is not None:
         shares = profile.stop(prof, profile_dir, ctx.rank)  # label -> [LRN share per profiled step]
         for run in runs:  # max over ranks, like every multi-rank figure (0 on a rank that did not compute)

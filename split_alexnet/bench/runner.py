@@ -12,6 +12,7 @@ from ..spec import Spec
 from .config import cores, streams_of, threads_per_rank
 from .layouts import build_runs, lrn_labelled
 from .measure import measure, over_ranks
+from .progress import BenchProgress
 from .stats import exchanges_table, ratios, summarise
 
 
@@ -32,10 +33,16 @@ def run_bench(cfg, ctx):
         f"{','.join(map(str, cfg.batch_sizes))}; {cfg.warmup} warm-up + {cfg.steps} measured steps each, "
         f"interleaved; load average {load_before[0]:.2f}")
     t0 = time.perf_counter()
-    with lrn_labelled():  # a profiler range "lrn" around each LRN
-        for i, batch in enumerate(cfg.batch_sizes):
-            measure(runs, spec, batch, cfg, ctx, profile_dir=cfg.profile if i == 0 else None)
-            log(f"  batch {batch} done ({time.perf_counter() - t0:.0f} s)")
+    progress = BenchProgress(len(cfg.batch_sizes) * (cfg.warmup + cfg.steps) * len(runs), ctx.rank,
+                             cfg.log_every)
+    try:
+        with lrn_labelled():  # a profiler range "lrn" around each LRN
+            for i, batch in enumerate(cfg.batch_sizes):
+                measure(runs, spec, batch, cfg, ctx, profile_dir=cfg.profile if i == 0 else None,
+                        progress=progress)
+                log(f"  batch {batch} done ({time.perf_counter() - t0:.0f} s)")
+    finally:
+        progress.close()
     rows = [summarise(r, spec, b, ctx.world) for b in cfg.batch_sizes for r in runs]
     main = cfg.batch_sizes[0]
     exchanges = exchanges_table(runs, spec, main) if any(r.layout.startswith("split") for r in runs) else []
