@@ -25,7 +25,7 @@ def trajectory(spec, state, x, y, dtype, layout, steps):
     net = ref if layout == "single" else streams_from_single(ref)
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    record, pools, relus = [], [], []
+    record, pools = [], []
     real_pool = F.max_pool2d
 
     def pool(t, **kw):  # the argmax of every window, in the single layout's channel order

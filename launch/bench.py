@@ -21,9 +21,17 @@ import sys
 
 import torch
 
-from split_alexnet.bench import (EXTRA_LAYOUTS, LAYOUTS, Config, check_config, format_ratios, format_table,
-                                 run_bench, write_outputs)
 from split_alexnet.allocator import apply_keep_freed_memory
+from split_alexnet.bench import (
+    EXTRA_LAYOUTS,
+    LAYOUTS,
+    Config,
+    check_config,
+    format_ratios,
+    format_table,
+    run_bench,
+    write_outputs,
+)
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
 
@@ -81,6 +89,7 @@ def parse_args(argv=None):
 def link_main(args, world):
     """--link: the link model's tables; under torchrun also the loopback fit and predicted vs measured."""
     import json
+
     from split_alexnet.bench import link as lm
     from split_alexnet.spec import Spec
     result = None

@@ -1,7 +1,16 @@
 """split_alexnet: the 2012 two-GPU AlexNet in PyTorch, in three layouts that compute the same function."""
-from .spec import Spec, LAYERS, allowed_streams
-from .model import (AlexNet, Stream, StreamsAlexNet, SplitAlexNet, shard_state_dict, join_state_dicts,
-                    streams_from_single, split_from_single, init_weights)
+from .model import (
+                    AlexNet,
+                    SplitAlexNet,
+                    Stream,
+                    StreamsAlexNet,
+                    init_weights,
+                    join_state_dicts,
+                    shard_state_dict,
+                    split_from_single,
+                    streams_from_single,
+)
+from .spec import LAYERS, Spec, allowed_streams
 
 __all__ = ["Spec", "LAYERS", "allowed_streams", "AlexNet", "Stream", "StreamsAlexNet", "SplitAlexNet",
            "shard_state_dict", "join_state_dicts", "streams_from_single", "split_from_single",

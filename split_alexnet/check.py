@@ -83,7 +83,7 @@ def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce
         net = streams_from_single(ref, devices)
         return ref, net, _Plan(whole, whole, None, _shard_params(spec, list(enumerate(net.streams))))
     if layout == "split" and ctx is not None and ctx.mesh is not None and ctx.replicas > 1:
-        from .mesh import split_replica_from_single, unwrap   # streams x replicas (mesh.py)
+        from .mesh import split_replica_from_single, unwrap  # streams x replicas (mesh.py)
         net = split_replica_from_single(ref, ctx, device, allreduce)
         mine = (ctx.replica, ctx.replicas)
         return ref, net, _Plan(mine, mine, ctx.replica_group,

@@ -123,8 +123,8 @@ def hand_launch_store(rank, world, timeout_s, answer_s=10.0):
     import threading
     import time
     addr, port, _ = rendezvous()
-    fix = (f"set MASTER_PORT to a free port on every rank, or launch with torchrun --standalone, which "
-           f"picks one")
+    fix = ("set MASTER_PORT to a free port on every rank, or launch with torchrun --standalone, which "
+           "picks one")
     if rank == 0:
         try:
             return dist.TCPStore(addr, port, world, True, timeout=timedelta(seconds=timeout_s))

@@ -29,7 +29,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import UsageError, log, rendezvous
+from .cli import UsageError, rendezvous
 
 EXIT_PEER = 3  # the exit status of a rank that ends the job because a peer stopped answering
 
@@ -243,6 +243,7 @@ RESUME_REFUSED = {
 def explicit_flags(argv):
     """The Config fields given on the command line."""
     import argparse
+
     from .config import build_parser
     p = build_parser(add_help=False)
     for action in p._actions:

@@ -10,7 +10,6 @@ the (replica, stream) DeviceMesh).
 - Dropout draws the GLOBAL batch's mask (B rows, the layer's full width) from the shared seeded generator
   and keeps its own rows (and its stream's columns): the same neurons drop as in the single layout.
 """
-import torch
 import torch.nn as nn
 from torch.utils.data import Sampler
 

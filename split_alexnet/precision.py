@@ -8,6 +8,7 @@ activations, and so the split's exchanges, are 2-byte tensors. fp16 training nee
 range and needs none.
 """
 import contextlib
+import importlib
 import warnings
 
 import torch
@@ -65,8 +66,8 @@ def compile_available():
     if not hasattr(torch, "compile"):
         return False, f"torch {torch.__version__} has no torch.compile"
     try:
-        import torch._dynamo
-        if not torch._dynamo.is_dynamo_supported():
+        dynamo = importlib.import_module("torch._dynamo")  # an `import torch._dynamo` would make torch local
+        if not dynamo.is_dynamo_supported():
             return False, "torch.compile is not supported on this Python"
     except Exception as e:  # noqa: BLE001 - any import failure means: not available
         return False, f"torch.compile is unavailable ({type(e).__name__}: {e})"

@@ -133,6 +133,7 @@ class _Listen:
 def trace(spec: Spec, layout="streams"):
     """Run a (1, C, H, W) zero image through `layout`; return the Steps, one shape per stream."""
     import torch
+
     from . import model as model_module
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")

@@ -21,14 +21,23 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from . import guard
+from . import guard, precision
 from .cli import UsageError, log, stop_all_on_error
 from .config import Config
-from .data import (EpochSampler, Seeded, build_datasets, build_paper_transforms, build_transforms,
-                   cached_mean_image, dataset, mean_image, mean_image_path, paper_side)
+from .data import (
+    EpochSampler,
+    Seeded,
+    build_datasets,
+    build_paper_transforms,
+    build_transforms,
+    cached_mean_image,
+    dataset,
+    mean_image,
+    mean_image_path,
+    paper_side,
+)
 from .mesh import ReplicaSampler, replica_batch, split_replica_from_single, unwrap
 from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
-from . import precision
 from .overlap import overlapped_forward
 from .plots import plot_curves
 from .precision import check_precision

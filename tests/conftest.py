@@ -4,7 +4,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]

@@ -217,7 +217,7 @@ def test_bad_config_refused_with_the_fix(change, world, device, words):
 
 
 def test_precision_without_autocast_support_is_refused(monkeypatch):
-    from split_alexnet import precision   # the one place train, check and bench ask
+    from split_alexnet import precision  # the one place train, check and bench ask
     monkeypatch.setattr(precision, "autocast_works", lambda device_type, dtype: False)
     with pytest.raises(UsageError) as e:
         check_config(Config(batch_sizes=[4], precision="fp16"), 2, "cpu")

@@ -4,12 +4,12 @@ import time
 
 import pytest
 import torch
+from conftest import run_python, run_torchrun, spawn
 
 from split_alexnet import comm
 from split_alexnet.check import criterion, run_check, verdict
 from split_alexnet.model import DropoutMasks
 from split_alexnet.spec import Spec
-from conftest import run_python, run_torchrun, spawn
 
 
 def _passed(proc, tensors=68):

@@ -3,8 +3,8 @@ rank's error stops every rank."""
 import re
 
 import pytest
-
 from conftest import REPO, spawn
+
 from split_alexnet.cli import Env, UsageError, env, log, run_main, stop_all_on_error
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")

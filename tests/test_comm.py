@@ -2,9 +2,9 @@
 (inside `comm.metered()` only)."""
 import torch
 import torch.distributed as dist
+from conftest import spawn
 
 from split_alexnet import comm
-from conftest import spawn
 
 
 def _distinct_kernels(rank, world):

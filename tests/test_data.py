@@ -7,9 +7,18 @@ import os
 import pytest
 import torch
 
-from split_alexnet.data import (PCA_EIGVAL, PCA_EIGVEC, EpochSampler, Lighting, Seeded, Shapes,
-                                build_datasets, build_transforms, read_idx)
 from split_alexnet.cli import UsageError
+from split_alexnet.data import (
+    PCA_EIGVAL,
+    PCA_EIGVEC,
+    EpochSampler,
+    Lighting,
+    Seeded,
+    Shapes,
+    build_datasets,
+    build_transforms,
+    read_idx,
+)
 
 MNIST_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "mnist")
 

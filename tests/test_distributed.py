@@ -1,12 +1,11 @@
 """Set-up refusals and bounded failure: bad device plans are refused at once; a frozen peer ends the job."""
 import os
-import sys
 import subprocess
+import sys
 import textwrap
 import time
 
 import torch
-
 from conftest import REPO, run_torchrun
 
 

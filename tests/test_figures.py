@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 
 from split_alexnet import comm
-from split_alexnet.figures import (FIGURES, draw_collectives, draw_towers, figure_texts, save,
-                                   tower_labels)
+from split_alexnet.figures import FIGURES, draw_collectives, draw_towers, figure_texts, save, tower_labels
 from split_alexnet.spec import Spec
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,12 +3,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import spawn
 
-from split_alexnet import (AlexNet, Spec, join_state_dicts,
-                           shard_state_dict, split_from_single, streams_from_single)
+from split_alexnet import AlexNet, Spec, join_state_dicts, shard_state_dict, split_from_single, streams_from_single
 from split_alexnet.check import TOLERANCES
 from split_alexnet.precision import ieee_fp32
-from conftest import spawn
 
 SMALL = dict(image_size=67, num_classes=10)
 

@@ -44,7 +44,8 @@ def test_gradcheck_through_the_groups_reshape():
     assert torch.autograd.gradcheck(grouped, (x,))
     g = torch.randn_like(x)
     y, dx = _both(x, g, grouped)
-    ref = lambda t: torch.cat([F.local_response_norm(p, 5, 0.5, 0.75, 2.0) for p in t.split(3, 1)], 1)
+    def ref(t):
+        return torch.cat([F.local_response_norm(p, 5, 0.5, 0.75, 2.0) for p in t.split(3, 1)], 1)
     y_ref, dx_ref = _both(x, g, ref)
     torch.testing.assert_close(y, y_ref, rtol=1e-13, atol=0)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-12, atol=1e-14)

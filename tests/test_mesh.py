@@ -9,14 +9,14 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, run_torchrun, spawn
+from test_check import _passed
 
 from split_alexnet import comm
 from split_alexnet.check import ATOL, RTOL, run_check
 from split_alexnet.cli import UsageError
 from split_alexnet.distributed import Context, build_mesh, check_world
 from split_alexnet.spec import Spec
-from conftest import REPO, run_torchrun, spawn
-from test_check import _passed
 
 SMALL = ["--image-size", 67, "--num-classes", 10, "--batch-size", 4, "--steps", 2]
 

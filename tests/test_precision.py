@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, run_python, run_torchrun
 
 from split_alexnet.check import TOLERANCES, run_check
 from split_alexnet.cli import UsageError
@@ -15,7 +16,6 @@ from split_alexnet.lrn import local_response_norm
 from split_alexnet.model import DropoutMasks
 from split_alexnet.spec import Spec
 from split_alexnet.train import build, run
-from conftest import REPO, run_python, run_torchrun
 
 SPEC = Spec(streams=2, image_size=67, num_classes=10)
 TINY = ["--dataset", "shapes", "--train-size", "32", "--val-size", "8", "--image-size", "67",
@@ -171,3 +171,10 @@ def test_keep_freed_memory_is_on_by_default(tmp_path):
     assert first.startswith("allocator: keep freed memory: glibc: M_MMAP_MAX=0") or "not glibc" in first
     off = run_python("train.py", *args, "--no-keep-freed-memory", "--out", tmp_path / "off", timeout=200)
     assert off.stdout.splitlines()[0].startswith("allocator: default malloc (--no-keep-freed-memory)")
+
+
+def test_compile_available_answers_without_raising():
+    # it once raised UnboundLocalError: a function-level `import torch._dynamo` made `torch` local
+    from split_alexnet.precision import compile_available
+    ok, why = compile_available()
+    assert isinstance(ok, bool) and (ok or why)

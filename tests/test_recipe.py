@@ -17,8 +17,13 @@ from split_alexnet import checkpoint as ckpt
 from split_alexnet import data as data_mod
 from split_alexnet.cli import UsageError, run_main
 from split_alexnet.config import parse_config
-from split_alexnet.data import (PCA_EIGVAL, PCA_EIGVAL_255, build_paper_transforms, cached_mean_image,
-                                mean_image, paper_side)
+from split_alexnet.data import (
+    PCA_EIGVAL_255,
+    build_paper_transforms,
+    cached_mean_image,
+    mean_image,
+    paper_side,
+)
 from split_alexnet.model import AlexNet, DropoutMasks, SplitAlexNet, StreamsAlexNet, split_from_single
 from split_alexnet.spec import Spec
 from split_alexnet.train import PlateauOnError, build, build_optimizer, evaluate, run

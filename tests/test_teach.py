@@ -1,7 +1,6 @@
 """The teaching helpers: Spec.with_reads and the crossover, the timeline (figure 3) from a real trace,
 the honest bench plot, the teaching switches' wiring."""
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -73,7 +72,7 @@ def test_the_switches_are_off_outside_their_block():
 def test_the_timeline_reads_both_ranks_and_draws(tmp_path):
     lanes = timeline(load(TRACES))
     assert list(lanes) == ["split", "split-overlap"]
-    for layout, ranks in lanes.items():
+    for ranks in lanes.values():
         assert [l.rank for l in ranks] == [0, 1]
         for l in ranks:
             step = l.end - l.start
@@ -112,6 +111,7 @@ def test_the_bench_plot_is_honest(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from split_alexnet.bench import plot as bench_plot
     saved = {}
     real_savefig = plt.Figure.savefig

@@ -196,6 +196,7 @@ def build_runs(cfg, spec, ctx):
             ddp.register_comm_hook(run.allreduce, _ddp_hook)
         elif layout == "mesh":  # streams x replicas: its own (replica, stream) mesh over the same ranks
             import dataclasses
+
             from ..distributed import build_mesh
             from ..mesh import wrap_replicas
             sub = dataclasses.replace(ctx, streams=cfg.streams,

@@ -51,7 +51,7 @@ def plot(result, path):
     labels = [r["label"] for r in main]
     xs = range(len(main))
     bottom = [0.0] * len(main)
-    for name, get, alpha, hatch in PHASES:
+    for _name, get, alpha, hatch in PHASES:
         vals = [get(r) for r in main]
         ax.bar(xs, vals, bottom=bottom, color=[colours[l] for l in labels], alpha=alpha, hatch=hatch,
                edgecolor=[colours[l] for l in labels], linewidth=0.8)
