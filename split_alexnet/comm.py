@@ -122,9 +122,9 @@ def _reduce_scatter(grad, sizes, group, key, dim=1):
     return out
 
 
-def _own_slice(x, sizes, group):
+def _own_slice(x, sizes, group, dim=1):
     rank = dist.get_rank(group)
-    return x.narrow(1, sum(sizes[:rank]), sizes[rank]).contiguous()
+    return x.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
 
 
 class _GatherForDistinctKernels(torch.autograd.Function):

@@ -26,7 +26,7 @@ def keep_own_slice():
     original = fn.__dict__["backward"]
 
     def backward(ctx, grad):  # the rule of gather_for_same_computation, at the wrong place
-        return comm._own_slice(grad, ctx.sizes, ctx.group), None, None
+        return comm._own_slice(grad, ctx.sizes, ctx.group, ctx.dim), None, None, None
 
     fn.backward = staticmethod(backward)
     try:

@@ -227,7 +227,8 @@ RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedul
                "timeout", "peer_timeout", "bad_images")
 # never taken from the checkpoint: where this run writes, reads and runs
 RESUME_LOCAL = ("out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
-                "plot", "log_every", "layout", "streams", "eval_only")
+                "plot", "log_every", "layout", "streams", "eval_only",
+                "micro_batches", "precision", "channels_last", "compile", "keep_freed_memory")  # how, not what
 # cannot be honoured after the run started: field -> why, the fix
 RESUME_REFUSED = {
     "seed": "the data order and augmentation come from the seed",
