@@ -4,6 +4,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +42,41 @@ def spawn(fn, world=2, *args):
     """
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, os.path.join(d, "init"), fn, args), nprocs=world, join=True)
+
+
+# Tests that start torchrun jobs, spawn ranks or train, and took 1.4 s or more each in a full run on the
+# 2-core CPU (`pytest --durations=0`): marked slow here, in one place, so that `pytest -m "not slow"` (the
+# fast subset: the unit tests, under a minute) leaves them to the full run, which CI makes.
+SLOW = {
+    "test_train.py": ["test_split_learns_mnist", "test_split_resume_and_bad_shard", "test_cli_bad_input_exit_status",
+                      "test_resume_repeats_uninterrupted_run", "test_metrics_schema",
+                      "test_split_and_single_log_the_same_losses"],
+    "test_precision.py": ["test_micro_batches_repeat_the_plain_split_losses", "test_keep_freed_memory_is_on_by_default",
+                          "test_check_passes_in_bf16_split", "test_train_fp16_uses_a_grad_scaler",
+                          "test_train_cli_refusal_is_one_line_exit_2", "test_check_passes_in_bf16_streams",
+                          "test_train_bf16_logs_finite_losses"],
+    "test_check.py": ["test_check_split_two_streams_full_size", "test_check_split_four_streams_reduced_size",
+                      "test_check_split_one_stream_reduced_size", "test_check_catches_mismatched_dropout_masks",
+                      "test_check_catches_a_wrong_gradient_rule", "test_check_streams_in_one_process",
+                      "test_three_processes_are_refused_quickly", "test_verdict_names_its_criterion",
+                      "test_bad_flags_get_one_line"],
+    "test_mesh.py": ["test_check_two_streams_two_replicas", "test_check_fails_without_the_replica_allreduce",
+                     "test_world_size_refusals_are_one_line"],
+    "test_bench.py": ["test_quick_bench_writes_documented_json_and_plot", "test_bf16_halves_the_exchanged_bytes",
+                      "test_cli_refuses_bad_input_with_one_line_and_exit_2", "test_overlap_equals_plain_split_and_bytes_match_spec"],
+    "test_distributed.py": ["test_a_frozen_peer_ends_the_job_in_bounded_time", "test_nccl_follows_the_hardware"],
+    "test_layouts.py": ["test_split_layout_equals_single_two_and_four_ranks"],
+    "test_comm.py": ["test_comm_functions_four_ranks", "test_comm_functions_two_ranks",
+                     "test_overlap_keeps_no_activations_after_the_step"],
+    "test_checkpoint.py": ["test_cut_join_round_trip_bit_exact_and_same_logits"],
+    "test_allocator.py": ["test_freed_buffers_are_reused_without_page_faults"],
+    "test_recipe.py": ["test_resume_cuda_checkpoint_on_cpu_one_line", "test_single_checkpoint_converted_keeps_every_streams_masks"],
+    "test_first_minutes.py": ["test_a_short_run_plots_logs_and_says_how_to_go_on", "test_convert_names_what_it_wrote"],
+    "test_cli.py": ["test_one_ranks_error_stops_every_rank"],
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname in SLOW.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)
