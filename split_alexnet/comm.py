@@ -92,11 +92,11 @@ def _world(group):
 
 
 def _gather_buffers(x, sizes, dim=1):
-    """x padded to the largest part (parts differ only for fc8's 2-D logits), receive buffers, bytes sent."""
+    """x padded on `dim` to the largest part (parts differ only for fc8's logits), receive buffers, bytes sent."""
     big = max(sizes)
     x = x.contiguous()
-    if x.shape[dim] < big:
-        x = torch.nn.functional.pad(x, (0, big - x.shape[1]))
+    if x.shape[dim] < big:  # F.pad's pairs run from the last dim back: zeros before `dim`'s pair
+        x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1 - dim % x.dim()) + (0, big - x.shape[dim]))
     sent = (len(sizes) - 1) * x.numel() * x.element_size()  # each part reaches the S-1 other streams
     return x, [torch.empty_like(x) for _ in sizes], sent
 

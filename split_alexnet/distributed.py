@@ -5,6 +5,7 @@ mesh = arange(N).reshape(replicas, streams): stream group r is the contiguous ra
 so with --nproc_per_node a multiple of S a stream group (the per-layer exchanges) never leaves a node,
 and the replica groups (one gradient all-reduce per step) are the ones that cross nodes.
 """
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -80,26 +81,75 @@ def setup(backend=None, device=None, timeout_s=120, streams=None):
     check_world(world, streams)
     backend = backend or ("nccl" if torch.cuda.is_available() and not (device or "").startswith("cpu")
                           else "gloo")
-    if backend == "nccl":
-        gpus = torch.cuda.device_count()
-        if gpus < local_world:
-            raise UsageError(f"NCCL needs one GPU per process: {local_world} processes on this node but "
-                             f"{gpus} GPU(s); use --nproc_per_node={gpus} or --backend gloo --device cpu")
-        if device not in (None, f"cuda:{local_rank}"):
-            raise UsageError(f"with NCCL rank {rank} runs on cuda:{local_rank}, not {device}: "
-                             f"drop --device (each process takes the GPU of its LOCAL_RANK)")
-        device = f"cuda:{local_rank}"
+    cuda = backend == "nccl" or (device or "").startswith("cuda")
+    gpus = torch.cuda.device_count() if cuda else 0
+    device = pick_device(backend, device, rank, local_rank, local_world, gpus,
+                         os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if device.startswith("cuda"):
         torch.cuda.set_device(device)
     device = torch.device(device or "cpu")
     if proc.torchrun:  # launched by torchrun (even with one process)
-        kwargs = dict(device_id=device) if backend == "nccl" else {}
+        # device_id starts NCCL at once; where each rank sees one GPU of its own, NCCL starts at the first
+        # exchange instead, after refuse_shared_gpus has compared the GPUs over gloo
+        kwargs = dict(device_id=device) if backend == "nccl" and gpus >= local_world else {}
         if not rendezvous()[2]:                    # by hand: this job's own store, checked first
             kwargs.update(store=hand_launch_store(rank, world, timeout_s), rank=rank, world_size=world)
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        dist.init_process_group(group_backend(backend), timeout=timedelta(seconds=timeout_s), **kwargs)
+        if device.type == "cuda":
+            refuse_shared_gpus(device, world)
         mesh = build_mesh(device.type, world // streams, streams)
     else:
         backend, mesh = "none", None
     return Context(rank, world, local_rank, device, backend, streams, mesh)
+
+
+def group_backend(backend):
+    """The backend string every process group is made with. A device backend (NCCL) runs CUDA tensors
+    only; the host-side reductions (the check's float64 maxima, evaluation sums, start-up agreement,
+    replica means) are CPU tensors, so gloo serves the CPU beside it. Subgroups (the mesh's stream and
+    replica groups) inherit both."""
+    return backend if backend == "gloo" else f"cpu:gloo,cuda:{backend}"
+
+
+def pick_device(backend, device, rank, local_rank, local_world, gpus, visible=None):
+    """This rank's device: cuda:LOCAL_RANK when the node's GPUs are all visible to every rank, cuda:0
+    when each rank sees one GPU of its own (CUDA_VISIBLE_DEVICES set per rank, as SLURM binds them;
+    refuse_shared_gpus checks after start-up that no two ranks got the same one), else a refusal."""
+    own_gpu = gpus == 1 and visible is not None and len([v for v in visible.split(",") if v.strip()]) == 1
+    if backend == "nccl" or device == "cuda":
+        if gpus >= local_world:
+            index = local_rank
+        elif own_gpu:
+            index = 0
+        elif backend == "nccl":
+            raise UsageError(f"NCCL needs one GPU per process: {local_world} processes on this node but "
+                             f"{gpus} GPU(s); use --nproc_per_node={gpus} or --backend gloo --device cpu")
+        else:
+            raise UsageError(f"--device cuda: {local_world} processes on this node but {gpus} GPU(s); "
+                             f"use --nproc_per_node={gpus}, or give each rank its GPU (--device cuda:N)")
+        if backend == "nccl" and device not in (None, "cuda", f"cuda:{index}"):
+            raise UsageError(f"with NCCL rank {rank} runs on cuda:{index}, not {device}: "
+                             f"drop --device (each process takes the GPU of its LOCAL_RANK)")
+        return f"cuda:{index}"
+    return device or "cpu"
+
+
+def refuse_shared_gpus(device, world):
+    """Two ranks on one GPU (a CUDA_VISIBLE_DEVICES that binds the same GPU twice) would hang or fail
+    inside NCCL: compare the GPUs' UUIDs over the CPU group and refuse in one line."""
+    import socket
+    here = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+    every = [None] * world
+    dist.all_gather_object(every, here)
+    shared = duplicate_devices(every)
+    if shared:
+        raise UsageError(f"ranks {shared} run on the same GPU ({every[shared[0]][1]} on {every[shared[0]][0]}): "
+                         f"give each rank its own GPU (one CUDA_VISIBLE_DEVICES entry per rank, or all GPUs visible)")
+
+
+def duplicate_devices(every):
+    """The ranks whose (host, GPU) another rank also holds, in rank order; [] when all are distinct."""
+    return [r for r, d in enumerate(every) if every.count(d) > 1]
 
 
 def build_mesh(device_type, replicas, streams):
