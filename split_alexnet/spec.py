@@ -82,6 +82,7 @@ class LayerShape:
     weight_shape: tuple  # one stream's weight (the largest shard when fc8 does not divide)
     params_total: int
     neurons: int       # the paper's count: conv output before pooling, all streams
+    macs: int          # multiply-adds per image in the forward pass, all streams (the conv or the matmul)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class Spec:
                 weight = (per[0], fan_in, layer.kernel, layer.kernel)
                 params = width * (fan_in * layer.kernel ** 2 + 1)
                 neurons = width * out_hw * out_hw
+                macs = neurons * fan_in * layer.kernel ** 2
                 hw, chans = post_hw, width
             else:
                 fan_in = chans * hw * hw
@@ -140,13 +142,25 @@ class Spec:
                 weight = (per[0], fan_in)
                 params = width * (fan_in + 1)
                 neurons = width
+                macs = width * fan_in
                 hw, chans = 1, width
-            rows.append(LayerShape(layer, fan_in, per[0], out_hw, post_hw, weight, params, neurons))
+            rows.append(LayerShape(layer, fan_in, per[0], out_hw, post_hw, weight, params, neurons, macs))
         return rows
 
     @property
     def params_total(self):
         return sum(r.params_total for r in self.shapes)
+
+    def macs_per_image(self):
+        """Forward multiply-adds per image, all streams (the convolutions' and matmuls' alone: ReLU,
+        LRN, pooling and dropout are elementwise and counted in bytes, not here)."""
+        return sum(r.macs for r in self.shapes)
+
+    def flops_per_image_step(self):
+        """FLOPs per image of a training step: 2 per multiply-add, forward plus the backward's two
+        products (input and weight gradients) for every layer but conv1, whose input gradient (the
+        image's) is never formed: 6 x MACs, 4 x for conv1."""
+        return sum(2 * r.macs * (2 if r.layer.reads == "image" else 3) for r in self.shapes)
 
     def params_per_stream(self, stream=0):
         total = 0
