@@ -32,15 +32,21 @@ from split_alexnet.bench import (
     run_bench,
     write_outputs,
 )
+from split_alexnet.bench.bound import format_bound
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
+
+CUDA_SWEEP = "128,256,512,1024"   # after --batch-size (64): the sweep on a GPU, as far as memory allows
+CUDA_STEPS, CPU_STEPS, CUDA_WARMUP = 30, 5, 3
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=64, help="global batch: every layout processes it")
     p.add_argument("--sweep-batch", default=None, help="comma-separated batch sizes to measure as well, "
-                   "e.g. 16,32,64,128 (throughput and memory against batch size)")
+                   "e.g. 16,32,64,128 (throughput and memory against batch size); default: "
+                   f"{CUDA_SWEEP} on CUDA (stopped with a line at the first that runs out of memory), none on "
+                   "CPU; 'none': no sweep")
     p.add_argument("--image-size", type=int, default=227)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated: {','.join(LAYOUTS)} "
                    f"(the default), or {','.join(EXTRA_LAYOUTS)} (every stream in one process, one device); "
@@ -50,8 +56,10 @@ def parse_args(argv=None):
     p.add_argument("--streams", type=int, default=None, help="streams of single/streams when run without "
                    "torchrun, default 2 (--net half: 1; under torchrun split has one per process); mesh: "
                    "streams per replica; hybrid: the conv layers' groups")
-    p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per layout (per batch size); "
+                   f"default {CUDA_STEPS} on CUDA, {CPU_STEPS} on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per layout, not measured; "
+                   f"default {CUDA_WARMUP} on CUDA (cuDNN's algorithm search, the allocator), 1 on CPU")
     p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
                    help="fp32, bf16 or fp16: bf16/fp16 run forward + loss under torch.autocast (weights and "
                    "gradients stay fp32); the exchanges then carry 2-byte activations")
@@ -191,7 +199,9 @@ def main(argv=None):
     world = env().world
     if args.link:
         return link_main(args, world)
-    batches = [args.batch_size] + [b for b in _ints(args.sweep_batch or "", "--sweep-batch")
+    gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
+    sweep = args.sweep_batch if args.sweep_batch is not None else (CUDA_SWEEP if gpu else "")
+    batches = [args.batch_size] + [b for b in _ints("" if sweep == "none" else sweep, "--sweep-batch")
                                    if b != args.batch_size]
     layouts = tuple(l for l in args.layouts.split(",") if l)
     if world == 1 and args.layouts == ",".join(LAYOUTS):
@@ -199,9 +209,10 @@ def main(argv=None):
     if args.net == "half" and world > 1:
         raise UsageError("--net half is the paper's one-GPU net: it runs in one process; use "
                          "python launch/bench.py --net half (layouts single, torchvision)")
-    gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
-    cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
-                 warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
+    steps = args.steps if args.steps is not None else (CUDA_STEPS if gpu else CPU_STEPS)
+    warmup = args.warmup if args.warmup is not None else (CUDA_WARMUP if gpu else 1)
+    cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=steps,
+                 warmup=warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, net=args.net,
                  streams=args.streams or (1 if args.net == "half" else 2), allocator=allocator,
                  channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
@@ -213,6 +224,10 @@ def main(argv=None):
         result = run_bench(cfg, ctx)
         log(format_table(result["runs"], result["exchanges"]))
         log(format_ratios(result["ratios"], result["runs"]))
+        if result.get("bound"):
+            log("")
+            log(format_bound(result["bound"]))
+        log(f"clocks: {', '.join(f'{k} {v}' for k, v in result['clocks'].items() if v)}")
         if result.get("bytes_model"):
             log("")
             log(result["bytes_model"]["text"])
