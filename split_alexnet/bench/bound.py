@@ -82,7 +82,7 @@ def probe(device, precision, clock=None, n=None, copy_bytes=None, reps=5):
     device's: CUDA events on GPU). Small sizes on CPU, where this only exercises the code."""
     cuda = device.type == "cuda"
     clock = clock if clock is not None else clock_for(device.type)
-    n = n or (8192 if cuda else 256)
+    n = n or (8192 if cuda else 512)
     copy_bytes = copy_bytes or ((1 << 30) if cuda else (1 << 24))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     tf32 = cuda and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
@@ -152,6 +152,7 @@ def format_bound(section):
         lines.append(f"{b['batch_size']:>6}{b['flops_per_image'] / 1e9:>11.3f}{b['bytes_per_image'] / 1e6:>9.2f}"
                      f"{b['images_per_s']:>13,.0f}")
     for f in section["fractions"]:
+        over = "  (above 1: the probe fell short of the device's peak; this bound is not one)" if f["fraction"] > 1 else ""
         lines.append(f"{f['label']:<24}{f['batch_size']:>6}{f['images_per_s']:>12,.1f} img/s = "
-                     f"{100 * f['fraction']:.2f} % of the bound")
+                     f"{100 * f['fraction']:.2f} % of the bound{over}")
     return "\n".join(lines)
