@@ -81,6 +81,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=0, metavar="N", help="progress on stderr (rank 0): a bar "
                    "on a terminal, else a line with the time left every N layout-steps (0: one per round "
                    "of every layout)")
+    p.add_argument("--bound-table", default=None, metavar="NAME", help="print the bound on paper from a "
+                   "datasheet's peaks (NAME: H100, H200 or A100; split_alexnet/bench/bound.py) for --batch-size "
+                   "and --sweep-batch in --precision, and run no steps (default: off)")
     g = p.add_argument_group("link model (--link: print predictions, run no steps; split_alexnet/bench/link.py)")
     g.add_argument("--link", action="store_true", help="predict a two-GPU split step for PCIe 2.0/4.0 and "
                    "NVLink 4 from measured compute and the spec's bytes; under torchrun also measure the "
@@ -186,6 +189,22 @@ def loopback_check(result, loop, lm, Spec):
     return dict(rows=out, latency_us=loop.latency_us, bandwidth_gbs=loop.bandwidth_gbs)
 
 
+def bound_table(args, batches):
+    """--bound-table: the bound from a datasheet's peaks (no device, no steps)."""
+    from split_alexnet.bench import bound as bd
+    from split_alexnet.spec import Spec
+    peak = bd.table_peak(args.bound_table, args.precision)
+    if peak is None:
+        raise UsageError(f"--bound-table {args.bound_table}: the table has {', '.join(bd.TABLE)}")
+    act_bytes = 2 if args.precision in ("bf16", "fp16") else 4
+    try:
+        spec = Spec(image_size=args.image_size, dtype_bytes=act_bytes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    log(bd.format_bound(bd.section(spec, batches, act_bytes, peak)))
+    return 0
+
+
 def _ints(text, flag):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -209,6 +228,8 @@ def main(argv=None):
     if args.net == "half" and world > 1:
         raise UsageError("--net half is the paper's one-GPU net: it runs in one process; use "
                          "python launch/bench.py --net half (layouts single, torchvision)")
+    if args.bound_table is not None:
+        return bound_table(args, batches)
     steps = args.steps if args.steps is not None else (CUDA_STEPS if gpu else CPU_STEPS)
     warmup = args.warmup if args.warmup is not None else (CUDA_WARMUP if gpu else 1)
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=steps,

@@ -118,7 +118,7 @@ if $PY launch/train.py --help 2>/dev/null | grep -q -- '--sync-debug'; then
   step 75 sync-debug $PY launch/train.py --layout single --device "$DEV0" --sync-debug --max-steps $TRAIN_STEPS \
     --log-every $TRAIN_STEPS $TRAIN --out "$OUT/train-sync-debug"
 else
-  skip sync-debug "launch/train.py has no --sync-debug yet (#15a)"
+  skip sync-debug "launch/train.py has no --sync-debug flag yet"
 fi
 
 # --- the graph count: torch._dynamo.explain of the single layout, train and eval mode

@@ -4,7 +4,7 @@
   python scripts/graph_count.py --device cpu --image-size 67 --batch-size 2   # the dry run
 
 In train mode (dropout on) and in eval mode; prints the graph and break counts and each break's
-reason (the fewer graphs, the more Inductor can fuse: one graph, no break, is the goal of #15).
+reason (the fewer graphs, the more Inductor can fuse: one graph and no break is the goal).
 Reports only: the count is what it is, the exit status is 0 unless explain itself fails.
 """
 import argparse

@@ -234,7 +234,8 @@ def test_precision_without_autocast_support_is_refused(monkeypatch):
 def test_cli_refuses_bad_input_with_one_line_and_exit_2():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     for args in (["--precision", "fp8"], ["--layouts", "single", "--sweep-batch", "16,x"],
-                 ["--link", "--link-from", "/nonexistent.json"], ["--link", "--compute-ms", "fast"]):
+                 ["--link", "--link-from", "/nonexistent.json"], ["--link", "--compute-ms", "fast"],
+                 ["--bound-table", "V100"]):
         proc = subprocess.run([sys.executable, "launch/bench.py", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr

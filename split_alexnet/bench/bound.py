@@ -16,6 +16,10 @@ only reach a fraction of it. The peaks come from a short probe on the device (a 
 run's dtype, fp32 as TF32 where cuDNN convolves fp32 in TF32, torch's default on Ampere and later;
 a large copy), timed on the device's clock (CUDA events on GPU); the table of datasheet peaks below
 is printed beside it where the device's name is in it, and is the fallback if the probe fails.
+
+On paper, from the table's peaks (no device needed):
+
+    python launch/bench.py --bound-table H100 --precision bf16 --sweep-batch 128,256,512,1024
 """
 from dataclasses import dataclass
 
@@ -126,6 +130,11 @@ def bound_section(spec, batches, precision, act_bytes, device, device_name, rows
             if table is None:
                 return dict(error=f"probe failed: {e}".splitlines()[0])
             peak = table
+    return section(spec, batches, act_bytes, peak, table, rows)
+
+
+def section(spec, batches, act_bytes, peak, table=None, rows=()):
+    """The `bound` dict of bound_section, for a given Peak."""
     out = dict(peak=peak.__dict__, table=table.__dict__ if table else None, act_bytes=act_bytes,
                batches=[bound(spec, b, act_bytes, peak) for b in batches], fractions=[])
     by_batch = {b["batch_size"]: b for b in out["batches"]}
@@ -156,3 +165,4 @@ def format_bound(section):
         lines.append(f"{f['label']:<24}{f['batch_size']:>6}{f['images_per_s']:>12,.1f} img/s = "
                      f"{100 * f['fraction']:.2f} % of the bound{over}")
     return "\n".join(lines)
+
