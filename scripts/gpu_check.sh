@@ -24,7 +24,8 @@
 # command has a timeout and the whole script a budget (GPU_CHECK_BUDGET, default 540 s: a step's
 # timeout is cut to what is left, and steps past it are skipped and listed), so one failure cannot eat
 # the 10 minutes. The dry run (default $OUT: ${TMPDIR:-/tmp}/gpu_check_dry/cpu-<date>) runs the same
-# steps with device cpu, backend gloo, 67 px and batches of 4 (the CUDA tests then report skipped).
+# steps with device cpu, backend gloo, 67 px and batches of 4 (the CUDA tests then report skipped), with
+# a budget of 1800 s and every timeout x5 (GPU_CHECK_TIMEOUT_SCALE): a shared CPU can be that slow.
 set -u
 DRY=${GPU_CHECK_DRY_RUN:-}
 for a in "$@"; do
@@ -38,7 +39,7 @@ DATE=$(date -u +%Y-%m-%d)
 if [ -n "$DRY" ]; then
   DEV=cpu; DEV0=cpu; BACKEND=gloo; GPU=cpu-dry-run
   OUT=${OUT:-${TMPDIR:-/tmp}/gpu_check_dry/cpu-$DATE}
-  BUDGET=${GPU_CHECK_BUDGET:-900}
+  BUDGET=${GPU_CHECK_BUDGET:-1800}; SCALE=${GPU_CHECK_TIMEOUT_SCALE:-5}   # a busy CPU: five times the timeouts
   SIZE="--image-size 67"; BATCH=4; SWEEP=8; STEPS="--steps 1 --warmup 0"; SHORT=$STEPS; TRAIN_STEPS=3
   CHECK="--image-size 67 --batch-size 4 --steps 1 --modes eval"; ONE="--image-size 67 --num-classes 10 --batch-size 2"
   TRAIN="--train-size 64 --val-size 16 --batch-size 8"; EXPLAIN="--image-size 67 --batch-size 2 --modes train"
@@ -48,7 +49,7 @@ else
         | sed 's/[^a-z0-9]\{1,\}/-/g; s/^-//; s/-$//')
   GPU=${GPU:-unknown-gpu}
   OUT=${OUT:-docs/results/$GPU-$DATE}
-  BUDGET=${GPU_CHECK_BUDGET:-540}
+  BUDGET=${GPU_CHECK_BUDGET:-540}; SCALE=${GPU_CHECK_TIMEOUT_SCALE:-1}
   SIZE=""; BATCH=64; SWEEP=128,256,512,1024; STEPS="--steps 30 --warmup 3"; SHORT="--steps 5 --warmup 2"; TRAIN_STEPS=100
   CHECK=""; ONE=""; TRAIN=""; EXPLAIN=""
 fi
@@ -58,7 +59,7 @@ TEE=$!
 T0=$(date +%s)
 
 step() {  # step SECONDS NAME cmd...: echo, run with a timeout, time it, never stop the script
-  local limit=$1 name=$2; shift 2
+  local limit=$(( $1 * SCALE )) name=$2; shift 2
   local left=$(( BUDGET - ($(date +%s) - T0) ))   # the whole script stays within BUDGET seconds
   if [ $left -lt 10 ]; then
     echo; echo "SKIPPED: $name (the ${BUDGET}s budget is spent)"; echo "$name,skipped,0" >> "$OUT/timings.csv"; return 0
@@ -102,11 +103,11 @@ step 90 pytest-gpu $PY -m pytest -q -rs -p no:cacheprovider tests/test_lrn.py::t
 
 # --- NCCL at world size 1 through the comm Functions (forced; one stream skips them otherwise)
 step 60 comm-world1 $PY -m torch.distributed.run --standalone --nproc_per_node=1 scripts/comm_world1.py \
-  --backend $BACKEND --device "$DEV" $ONE --out "$OUT/comm-world1.json"
+  --backend $BACKEND --device "$DEV0" $ONE --out "$OUT/comm-world1.json"
 
 # --- the check under NCCL, one process, one stream: the split layout's process group, the check's host sums
 step 90 check-nccl-1proc $PY -m torch.distributed.run --standalone --nproc_per_node=1 launch/check.py \
-  --backend $BACKEND --device "$DEV" --streams 1 $CHECK
+  --backend $BACKEND --device "$DEV0" --streams 1 $CHECK
 
 # --- streams equals single, on the device: fp32, bf16 (autocast: values in bf16, derivatives float64), fp64
 for prec in fp32 bf16 fp64; do

@@ -28,7 +28,7 @@ def test_dry_run_runs_every_step_and_writes_its_output(tmp_path):
     out = tmp_path / "results"
     env = dict(os.environ, GPU_CHECK_DRY_RUN="1", OUT=str(out), OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1500)
+                          timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:]
     with open(out / "timings.csv") as f:
         timings = {r["step"]: r["exit"] for r in csv.DictReader(f)}

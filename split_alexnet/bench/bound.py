@@ -71,11 +71,19 @@ def bound(spec, batch, act_bytes, peak):
                 seconds_per_image=seconds, images_per_s=1.0 / seconds)
 
 
+def _cudnn_tf32():
+    """Whether cuDNN convolves fp32 in TF32 (torch's default; True where torch refuses to say)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:  # torch refuses the legacy flag once the new fp32_precision API was used
+        return True
+
+
 def table_peak(device_name, precision):
     """The datasheet Peak of a device whose name contains a TABLE key, else None."""
     for key, (half, tf32, fp32, tbs) in TABLE.items():
         if key in device_name:
-            tflops = half if precision in ("bf16", "fp16") else tf32 if torch.backends.cudnn.allow_tf32 else fp32
+            tflops = half if precision in ("bf16", "fp16") else tf32 if _cudnn_tf32() else fp32
             return Peak(tflops * 1e12, tbs * 1e12, f"table: {key} datasheet, dense", "datasheet")
     return None
 
@@ -89,7 +97,7 @@ def probe(device, precision, clock=None, n=None, copy_bytes=None, reps=5):
     n = n or (8192 if cuda else 512)
     copy_bytes = copy_bytes or ((1 << 30) if cuda else (1 << 24))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    tf32 = cuda and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    tf32 = cuda and dtype == torch.float32 and _cudnn_tf32()
     matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32 or matmul_tf32
     try:
