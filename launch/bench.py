@@ -6,12 +6,16 @@
   torchrun --nproc_per_node=4 launch/bench.py --layouts split,mesh,hybrid,ddp   # 1x4, 2x2, hybrid, DDP
   python launch/bench.py --layouts single,streams,torchvision  # one process (e.g. one GPU)
   python launch/bench.py --layouts single,torchvision --precision bf16   # autocast bf16
+  python launch/bench.py --device cuda:0 --layouts single,torchvision  # a GPU: batch 64..1024 (until out of
+                                                                  #   memory), 30 steps, the device's bound
+  python launch/bench.py --bound-table H100 --precision bf16      # the bound on paper (no steps)
   python launch/bench.py --link --link-from runs/bench/bench.json      # two GPUs on paper (no steps)
   torchrun --nproc_per_node=2 launch/bench.py --link --link-from runs/bench/bench.json  # + loopback check
 
 On CPU each rank uses cores/ranks threads (1 on a 2-core machine) so the ranks do not oversubscribe the
 cores; single and torchvision's AlexNet (the peer) run once with that many threads (one "device") and
-once with every core (torchvision-all); the ratios block divides every layout's images/s by the peer's. See
+once with every core (torchvision-all); the ratios block divides every layout's images/s by the peer's. On
+CPU every figure is timed on the host's clock, on CUDA with CUDA events (bench.json's `clocks`). See
 docs/benchmarks.md for what is measured and the JSON schema.
 """
 import argparse
