@@ -53,7 +53,8 @@ def clocks(device_type, profiled):
 
 
 def run_bench(cfg, ctx):
-    """The whole benchmark on this rank; returns the result dict (complete on every rank)."""
+    """The whole benchmark on this rank; returns the result dict (complete on every rank, but `bound`:
+    rank 0 alone probes the device, the others hold None)."""
     spec = Spec(streams=streams_of(cfg, ctx.world), image_size=cfg.image_size, dtype_bytes=cfg.dtype_bytes,
                 net=cfg.net)
     per_rank = threads_per_rank(ctx.world)
