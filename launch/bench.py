@@ -6,12 +6,16 @@
   torchrun --nproc_per_node=4 launch/bench.py --layouts split,mesh,hybrid,ddp   # 1x4, 2x2, hybrid, DDP
   python launch/bench.py --layouts single,streams,torchvision  # one process (e.g. one GPU)
   python launch/bench.py --layouts single,torchvision --precision bf16   # autocast bf16
+  python launch/bench.py --device cuda:0 --layouts single,torchvision  # a GPU: batch 64..1024 (until out of
+                                                                  #   memory), 30 steps, the device's bound
+  python launch/bench.py --bound-table H100 --precision bf16      # the bound on paper (no steps)
   python launch/bench.py --link --link-from runs/bench/bench.json      # two GPUs on paper (no steps)
   torchrun --nproc_per_node=2 launch/bench.py --link --link-from runs/bench/bench.json  # + loopback check
 
 On CPU each rank uses cores/ranks threads (1 on a 2-core machine) so the ranks do not oversubscribe the
 cores; single and torchvision's AlexNet (the peer) run once with that many threads (one "device") and
-once with every core (torchvision-all); the ratios block divides every layout's images/s by the peer's. See
+once with every core (torchvision-all); the ratios block divides every layout's images/s by the peer's. On
+CPU every figure is timed on the host's clock, on CUDA with CUDA events (bench.json's `clocks`). See
 docs/benchmarks.md for what is measured and the JSON schema.
 """
 import argparse
@@ -32,15 +36,21 @@ from split_alexnet.bench import (
     run_bench,
     write_outputs,
 )
+from split_alexnet.bench.bound import format_bound
 from split_alexnet.cli import UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
+
+CUDA_SWEEP = "128,256,512,1024"   # after --batch-size (64): the sweep on a GPU, as far as memory allows
+CUDA_STEPS, CPU_STEPS, CUDA_WARMUP = 30, 5, 3
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=64, help="global batch: every layout processes it")
     p.add_argument("--sweep-batch", default=None, help="comma-separated batch sizes to measure as well, "
-                   "e.g. 16,32,64,128 (throughput and memory against batch size)")
+                   "e.g. 16,32,64,128 (throughput and memory against batch size); default: "
+                   f"{CUDA_SWEEP} on CUDA (stopped with a line at the first that runs out of memory), none on "
+                   "CPU; 'none': no sweep")
     p.add_argument("--image-size", type=int, default=227)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated: {','.join(LAYOUTS)} "
                    f"(the default), or {','.join(EXTRA_LAYOUTS)} (every stream in one process, one device); "
@@ -50,8 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--streams", type=int, default=None, help="streams of single/streams when run without "
                    "torchrun, default 2 (--net half: 1; under torchrun split has one per process); mesh: "
                    "streams per replica; hybrid: the conv layers' groups")
-    p.add_argument("--steps", type=int, default=5, help="measured steps per layout (per batch size)")
-    p.add_argument("--warmup", type=int, default=1, help="warm-up steps per layout, not measured")
+    p.add_argument("--steps", type=int, default=None, help="measured steps per layout (per batch size); "
+                   f"default {CUDA_STEPS} on CUDA, {CPU_STEPS} on CPU")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps per layout, not measured; "
+                   f"default {CUDA_WARMUP} on CUDA (cuDNN's algorithm search, the allocator), 1 on CPU")
     p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
                    help="fp32, bf16 or fp16: bf16/fp16 run forward + loss under torch.autocast (weights and "
                    "gradients stay fp32); the exchanges then carry 2-byte activations")
@@ -73,6 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=0, metavar="N", help="progress on stderr (rank 0): a bar "
                    "on a terminal, else a line with the time left every N layout-steps (0: one per round "
                    "of every layout)")
+    p.add_argument("--bound-table", default=None, metavar="NAME", help="print the bound on paper from a "
+                   "datasheet's peaks (NAME: H100, H200 or A100; split_alexnet/bench/bound.py) for --batch-size "
+                   "and --sweep-batch in --precision, and run no steps (default: off)")
     g = p.add_argument_group("link model (--link: print predictions, run no steps; split_alexnet/bench/link.py)")
     g.add_argument("--link", action="store_true", help="predict a two-GPU split step for PCIe 2.0/4.0 and "
                    "NVLink 4 from measured compute and the spec's bytes; under torchrun also measure the "
@@ -178,6 +193,22 @@ def loopback_check(result, loop, lm, Spec):
     return dict(rows=out, latency_us=loop.latency_us, bandwidth_gbs=loop.bandwidth_gbs)
 
 
+def bound_table(args, batches):
+    """--bound-table: the bound from a datasheet's peaks (no device, no steps)."""
+    from split_alexnet.bench import bound as bd
+    from split_alexnet.spec import Spec
+    peak = bd.table_peak(args.bound_table, args.precision)
+    if peak is None:
+        raise UsageError(f"--bound-table {args.bound_table}: the table has {', '.join(bd.TABLE)}")
+    act_bytes = 2 if args.precision in ("bf16", "fp16") else 4
+    try:
+        spec = Spec(image_size=args.image_size, dtype_bytes=act_bytes)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    log(bd.format_bound(bd.section(spec, batches, act_bytes, peak)))
+    return 0
+
+
 def _ints(text, flag):
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -191,7 +222,9 @@ def main(argv=None):
     world = env().world
     if args.link:
         return link_main(args, world)
-    batches = [args.batch_size] + [b for b in _ints(args.sweep_batch or "", "--sweep-batch")
+    gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
+    sweep = args.sweep_batch if args.sweep_batch is not None else (CUDA_SWEEP if gpu else "")
+    batches = [args.batch_size] + [b for b in _ints("" if sweep == "none" else sweep, "--sweep-batch")
                                    if b != args.batch_size]
     layouts = tuple(l for l in args.layouts.split(",") if l)
     if world == 1 and args.layouts == ",".join(LAYOUTS):
@@ -199,9 +232,12 @@ def main(argv=None):
     if args.net == "half" and world > 1:
         raise UsageError("--net half is the paper's one-GPU net: it runs in one process; use "
                          "python launch/bench.py --net half (layouts single, torchvision)")
-    gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
-    cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=args.steps,
-                 warmup=args.warmup, precision=args.precision, micro_batches=args.micro_batches,
+    if args.bound_table is not None:
+        return bound_table(args, batches)
+    steps = args.steps if args.steps is not None else (CUDA_STEPS if gpu else CPU_STEPS)
+    warmup = args.warmup if args.warmup is not None else (CUDA_WARMUP if gpu else 1)
+    cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=steps,
+                 warmup=warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, net=args.net,
                  streams=args.streams or (1 if args.net == "half" else 2), allocator=allocator,
                  channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
@@ -213,6 +249,10 @@ def main(argv=None):
         result = run_bench(cfg, ctx)
         log(format_table(result["runs"], result["exchanges"]))
         log(format_ratios(result["ratios"], result["runs"]))
+        if result.get("bound"):
+            log("")
+            log(format_bound(result["bound"]))
+        log(f"clocks: {', '.join(f'{k} {v}' for k, v in result['clocks'].items() if v)}")
         if result.get("bytes_model"):
             log("")
             log(result["bytes_model"]["text"])

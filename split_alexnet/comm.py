@@ -19,6 +19,18 @@ which gathers along the first or last dim):
 
 `with metered() as m:` counts every collective's bytes sent, calls and seconds in `m` while the block
 runs (the bench, the tests). The async variants for overlapping are in comm_async.py.
+
+Which clock times a collective is an argument (`metered(clock)`, `clock_for(device_type)`):
+- `HostClock` (CPU, gloo): the host's wall time. Right where the collective blocks the host until
+  it is done, as gloo does on CPU tensors.
+- `EventClock` (CUDA): two CUDA events recorded on the current (compute) stream, one before the
+  collective and one after it, read only when `m.seconds` is read after the step. Under NCCL a
+  collective is queued on NCCL's stream and its wait() only makes the compute stream wait: the host
+  returns at once, so host time reads about 0. The events measure what the compute stream waited.
+Neither adds a synchronisation: the meter never calls torch.cuda.synchronize.
+
+With one stream the gathers are the identity and no collective runs; `force=True` runs the Functions
+and their collectives anyway (a world of one: NCCL's code path on one GPU, scripts/gpu_check.sh).
 """
 import time
 from collections import defaultdict
@@ -28,27 +40,75 @@ import torch
 import torch.distributed as dist
 
 
-class Meter:
-    """Bytes sent, calls and seconds per key (e.g. "conv3/fwd"), filled while `metered()` runs."""
+class HostClock:
+    """The host's wall time: a mark is time.perf_counter(). For collectives that block the host (gloo)."""
+    name = "host"
 
-    def __init__(self, sync=None):
-        self.bytes, self.calls, self.seconds = defaultdict(int), defaultdict(int), defaultdict(float)
-        self.sync = sync  # e.g. torch.cuda.synchronize, so a collective's time is its own
+    def mark(self):
+        return time.perf_counter()
+
+    def seconds(self, a, b):
+        return b - a
+
+
+class EventClock:
+    """CUDA events on the current stream: a mark is an event recorded where the stream has got to.
+
+    `seconds(a, b)` is the device time between the two marks on the stream, read after the work is
+    done (it waits for b if it is not: call it after the step's synchronisation, where that is free).
+    A mark adds no synchronisation. `event` makes the events (torch.cuda.Event; a test passes its own)."""
+    name = "cuda_events"
+
+    def __init__(self, event=None):
+        self.event = event if event is not None else torch.cuda.Event
+
+    def mark(self):
+        e = self.event(enable_timing=True)
+        e.record()
+        return e
+
+    def seconds(self, a, b):
+        b.synchronize()                 # done already once the step has synchronised
+        return a.elapsed_time(b) / 1e3  # milliseconds
+
+
+def clock_for(device_type, event=None):
+    """The clock that times work on `device_type`: CUDA events on "cuda", the host clock elsewhere."""
+    return EventClock(event) if device_type == "cuda" else HostClock()
+
+
+class Meter:
+    """Bytes sent, calls and seconds per key (e.g. "conv3/fwd"), filled while `metered()` runs.
+
+    Times are kept as pairs of the clock's marks and turned into seconds when `seconds` is read, so on
+    CUDA it must be read after the measured work (the bench: after the step's one synchronize)."""
+
+    def __init__(self, clock=None):
+        self.bytes, self.calls = defaultdict(int), defaultdict(int)
+        self.clock = clock if clock is not None else HostClock()
+        self._seconds, self._spans = defaultdict(float), []
 
     def count(self, key, nbytes):
         self.bytes[key] += nbytes
         self.calls[key] += 1
 
-    def time(self, key, fn, sync=True):
-        sync = self.sync if sync else None
-        if sync:
-            sync()
-        t0 = time.perf_counter()
+    def span(self, key, a, b):
+        """Add the time between two marks of self.clock to key (read later, in `seconds`)."""
+        self._spans.append((key, a, b))
+
+    def time(self, key, fn):
+        a = self.clock.mark()
         out = fn()
-        if sync:
-            sync()
-        self.seconds[key] += time.perf_counter() - t0
+        self.span(key, a, self.clock.mark())
         return out
+
+    @property
+    def seconds(self):
+        """{key: seconds}: every span so far, resolved (on CUDA: after the work is done)."""
+        spans, self._spans = self._spans, []
+        for key, a, b in spans:
+            self._seconds[key] += self.clock.seconds(a, b)
+        return self._seconds
 
 
 # The Meter of the innermost `metered()` block: a global the block sets and restores, not a ContextVar,
@@ -57,10 +117,11 @@ _meter = None
 
 
 @contextmanager
-def metered(sync=None):
-    """`with metered() as m:` m counts the collectives issued (on any thread) while the block runs."""
+def metered(clock=None):
+    """`with metered() as m:` m counts the collectives issued (on any thread) while the block runs;
+    clock: HostClock() (the default) or EventClock() (CUDA), e.g. clock_for(device.type)."""
     global _meter
-    prev, meter = _meter, Meter(sync)
+    prev, meter = _meter, Meter(clock)
     _meter = meter
     try:
         yield meter
@@ -153,15 +214,17 @@ class _GatherForSameComputation(torch.autograd.Function):
         return _own_slice(grad, ctx.sizes, ctx.group), None, None, None
 
 
-def gather_for_distinct_kernels(x, group=None, name="exchange", dim=1):
-    """All streams' x (equal parts) concatenated on `dim`, for per-stream kernels; grads are summed."""
-    if _world(group) == 1:
+def gather_for_distinct_kernels(x, group=None, name="exchange", dim=1, force=False):
+    """All streams' x (equal parts) concatenated on `dim`, for per-stream kernels; grads are summed.
+    force: run the Function and its collectives with one stream too (else the identity)."""
+    if _world(group) == 1 and not force:
         return x
     return _GatherForDistinctKernels.apply(x, group, name, dim)
 
 
-def gather_for_same_computation(x, sizes, group=None, name="logits"):
-    """All streams' x (parts of `sizes`) concatenated on dim 1, for a computation every stream repeats."""
-    if _world(group) == 1:
+def gather_for_same_computation(x, sizes, group=None, name="logits", force=False):
+    """All streams' x (parts of `sizes`) concatenated on dim 1, for a computation every stream repeats.
+    force: as gather_for_distinct_kernels'."""
+    if _world(group) == 1 and not force:
         return x
     return _GatherForSameComputation.apply(x, list(sizes), group, name)

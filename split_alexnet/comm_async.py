@@ -5,10 +5,12 @@ once; `Pending.result()` waits and returns the gathered tensor. In backward the 
 the node that waited in forward issues the reduce-scatter, and the node that started the gather waits
 for it, so the autograd engine can run other micro-batches' backward while it is in flight. Inside
 `comm.metered()`, bytes are counted when a collective is issued and seconds are the time spent blocked
-in wait() (the exposed, not hidden, part of the communication). Its only user is overlap.py.
+in wait() (the exposed, not hidden, part of the communication), on the meter's clock: the host's on
+CPU (gloo's wait() blocks the host until the data is here), CUDA events on GPU, recorded on the
+compute stream just before and just after wait(): under NCCL wait() returns to the host at once and
+only makes the compute stream wait for NCCL's, so the exposed time is the gap between those two
+events on the compute stream, and the host's clock would read about 0. Its only user is overlap.py.
 """
-import time
-
 import torch
 import torch.distributed as dist
 
@@ -28,10 +30,10 @@ class Pending:
             return
         comm.last_exchange = key                    # what guard's watchdog names if the peer never answers
         meter = active_meter()
-        t0 = time.perf_counter()
-        self.work.wait()
-        if meter is not None:
-            meter.seconds[key] += time.perf_counter() - t0
+        if meter is None:
+            self.work.wait()
+        else:
+            meter.time(key, self.work.wait)  # on the compute stream (CUDA): what it waited for the data
         self.work = None
 
     def result(self):
@@ -128,18 +130,20 @@ def _done(x, name):
     return p
 
 
-def start_gather_for_distinct_kernels(x, group=None, name="exchange"):
-    """Start gathering x (equal parts) from all streams; `.result()` later. Backward: reduce-scatter."""
-    if _world(group) == 1:
+def start_gather_for_distinct_kernels(x, group=None, name="exchange", force=False):
+    """Start gathering x (equal parts) from all streams; `.result()` later. Backward: reduce-scatter.
+    force: run the Functions and their collectives with one stream too (comm.py)."""
+    if _world(group) == 1 and not force:
         return _done(x, name)
     p = Pending(name, group, [x.shape[1]] * _world(group), keep_slice=False)
     p.parts = _StartGatherWaitReduceScatter.apply(x, p)
     return p
 
 
-def start_gather_for_same_computation(x, sizes, group=None, name="logits"):
-    """Start gathering x (parts of `sizes`) from all streams; `.result()` later. Backward: own slice."""
-    if _world(group) == 1:
+def start_gather_for_same_computation(x, sizes, group=None, name="logits", force=False):
+    """Start gathering x (parts of `sizes`) from all streams; `.result()` later. Backward: own slice.
+    force: as start_gather_for_distinct_kernels'."""
+    if _world(group) == 1 and not force:
         return _done(x, name)
     p = Pending(name, group, list(sizes), keep_slice=True)
     p.parts = _StartGatherKeepSlice.apply(x, p)

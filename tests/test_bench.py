@@ -139,6 +139,12 @@ def test_quick_bench_writes_documented_json_and_plot(tmp_path):
     for key in ("device", "backend", "batch_size", "image_size", "streams", "runs", "exchanges"):
         assert key in result, key
     assert "targets" not in result
+    # CPU, gloo: every figure on the host's clock, the LRN share on the profiler's CPU time
+    assert result["clocks"] == dict(step="host", phases="host", exchanges="host", exposed_comm="host",
+                                    ddp_in_flight="host", cpu_s="host_process_time", lrn_share="profiler_cpu",
+                                    bound_probe="host")
+    ddp = next(r for r in result["runs"] if r["layout"] == "ddp")
+    assert ddp["breakdown"]["allreduce_in_flight_s"] > 0  # the buckets' (issued, done) marks of the clock
     assert (result["backend"], result["batch_size"], result["image_size"], result["streams"]) == \
         ("gloo", 4, 67, 2)
     layouts = [r["layout"] for r in result["runs"]]
@@ -228,9 +234,215 @@ def test_precision_without_autocast_support_is_refused(monkeypatch):
 def test_cli_refuses_bad_input_with_one_line_and_exit_2():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     for args in (["--precision", "fp8"], ["--layouts", "single", "--sweep-batch", "16,x"],
-                 ["--link", "--link-from", "/nonexistent.json"], ["--link", "--compute-ms", "fast"]):
+                 ["--link", "--link-from", "/nonexistent.json"], ["--link", "--compute-ms", "fast"],
+                 ["--bound-table", "V100"]):
         proc = subprocess.run([sys.executable, "launch/bench.py", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+
+
+# ---- the clocks: CUDA events on GPU, the host's on CPU; the meter never synchronises ----
+
+class FakeDevice:
+    """A device whose clock the test moves (`now`, seconds): its events stamp `now` when recorded and
+    count their synchronize() and elapsed_time() calls. `Event` is the class EventClock is given."""
+
+    def __init__(self):
+        self.now, self.syncs, self.reads = 0.0, 0, 0
+        dev = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                assert enable_timing, "an event must be made with enable_timing=True to be read"
+                self.t = None
+
+            def record(self, stream=None):
+                self.t = dev.now
+
+            def synchronize(self):
+                dev.syncs += 1
+
+            def elapsed_time(self, other):  # milliseconds, as torch.cuda.Event's
+                dev.reads += 1
+                return (other.t - self.t) * 1e3
+
+        self.Event = Event
+
+
+def test_event_clock_meter_reads_the_device_time_after_the_step_without_synchronising():
+    """Under NCCL a collective returns to the host at once: the device's time must come from events,
+    read after the step. The meter records them and reads nothing (no synchronize, no elapsed_time)
+    until its seconds are asked for."""
+    from split_alexnet import comm
+    dev = FakeDevice()
+    meter = comm.Meter(comm.EventClock(dev.Event))
+
+    def collective():  # the device spends 2 ms in it; the host returns at once
+        dev.now += 0.002
+        return "out"
+
+    assert meter.time("conv3/fwd", collective) == "out"
+    dev.now += 1.0     # the rest of the step: not the collective's
+    assert meter.time("conv3/fwd", collective) == "out"
+    assert (dev.syncs, dev.reads) == (0, 0), "the meter synchronised or read inside the step"
+    assert meter.seconds["conv3/fwd"] == pytest.approx(0.004)
+    assert dev.reads == 2 and meter.seconds["conv3/fwd"] == pytest.approx(0.004)  # read once, kept
+    assert comm.clock_for("cuda", dev.Event).name == "cuda_events" and comm.clock_for("cpu").name == "host"
+
+
+def test_exposed_communication_is_the_compute_streams_wait():
+    """split-overlap's exposed time: events recorded around wait() on the compute stream, so the figure
+    is what the stream waited, where the host (NCCL's wait returns at once) would read 0."""
+    from split_alexnet import comm, comm_async
+    dev = FakeDevice()
+
+    class Work:  # NCCL's: wait() makes the stream wait 3 ms and returns to the host at once
+        def wait(self):
+            dev.now += 0.003
+
+    p = comm_async.Pending("fc6", None, [3, 3], keep_slice=False)
+    p.work = Work()
+    with comm.metered(comm.EventClock(dev.Event)) as meter:
+        p.wait("fc6/fwd")
+    assert dev.syncs == 0
+    assert dict(meter.seconds) == {"fc6/fwd": pytest.approx(0.003)}
+
+
+class Ticks:
+    """A clock whose marks are 1, 2, 3, ...: seconds(a, b) = b - a, so a phase's time says how many marks
+    it spans."""
+    name = "ticks"
+
+    def __init__(self):
+        self.n = 0
+
+    def mark(self):
+        self.n += 1
+        return self.n
+
+    def seconds(self, a, b):
+        return float(b - a)
+
+
+def test_a_steps_phases_come_from_the_clock_it_is_given():
+    import torch
+
+    from split_alexnet.bench.layouts import Run
+    from split_alexnet.bench.measure import step
+    net = torch.nn.Linear(3, 4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    run = Run("single", "single", 1, 1, (0,), net, opt, lambda n, x: n(x))
+    rec = step(run, torch.randn(2, 3), torch.tensor([0, 3]), Ticks())
+    assert (rec.fwd_s, rec.bwd_s, rec.opt_s, rec.step_s) == (1.0, 1.0, 1.0, 3.0)
+
+
+def test_lrn_share_on_cuda_is_the_kernels_device_time():
+    """On GPU the share is the profiler's device time of the LRN's kernels (forward ranges, and the
+    backward nodes that ran on autograd's device thread) over the step's; on CPU the CPU time."""
+    from dataclasses import dataclass, field
+
+    from torch.autograd import DeviceType
+
+    from split_alexnet.bench.profile import BACKWARD, lrn_shares
+
+    @dataclass
+    class Range:
+        start: int
+        end: int
+
+    @dataclass
+    class Ev:  # the FunctionEvent fields lrn_shares reads
+        name: str
+        cpu_time_total: float = 0.0
+        device_time_total: float = 0.0
+        cpu_children: list = field(default_factory=list)
+        thread: int = 1
+        fwd_thread: int = 1
+        sequence_nr: int = -1
+        time_range: Range = field(default_factory=lambda: Range(10, 20))
+        device_type: object = DeviceType.CPU
+
+    pow_op = Ev("aten::pow", sequence_nr=5)
+    lrn = Ev("lrn", cpu_time_total=50, device_time_total=10, cpu_children=[pow_op])
+    conv = Ev("conv1", cpu_time_total=30, device_time_total=80)
+    st = Ev("step:single", cpu_time_total=1000, device_time_total=100, cpu_children=[lrn, conv],
+            time_range=Range(0, 100))
+    lrn_bwd = Ev(BACKWARD + "PowBackward0", cpu_time_total=40, device_time_total=20, thread=2, sequence_nr=5)
+    conv_bwd = Ev(BACKWARD + "ConvolutionBackward0", cpu_time_total=60, device_time_total=80, thread=2,
+                  sequence_nr=9)
+    late = Ev(BACKWARD + "PowBackward0", device_time_total=999, thread=2, sequence_nr=5,
+              time_range=Range(200, 300))  # after the step: not its
+    events = [st, lrn, pow_op, conv, lrn_bwd, conv_bwd, late]
+    assert lrn_shares(events, device_time=True)["single"] == [pytest.approx((10 + 20) / (100 + 20 + 80))]
+    assert lrn_shares(events)["single"] == [pytest.approx((50 + 40) / 1000)]
+
+
+def test_the_sweep_stops_at_out_of_memory_with_a_line(capsys):
+    import torch
+
+    from split_alexnet.bench.runner import sweep
+    seen = []
+
+    def measure_one(batch):
+        seen.append(batch)
+        if batch >= 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert sweep([64, 128, 256, 512], measure_one, 1, "NVIDIA H200") == \
+        ([64, 128], dict(batch_size=256, reason="out of memory"))
+    assert seen == [64, 128, 256]  # nothing after the first that did not fit
+    assert "batch 256: out of memory on NVIDIA H200; the sweep stops at batch 128" in capsys.readouterr().out
+    with pytest.raises(UsageError) as e:  # the first batch: nothing to report
+        sweep([256, 512], measure_one, 1, "NVIDIA H200")
+    assert "use a smaller --batch-size" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(torch.OutOfMemoryError):  # several ranks: the others cannot be told, it stands
+        sweep([64, 256], measure_one, 2, "NVIDIA H200")
+
+
+def test_the_bound_from_the_spec_and_the_peaks():
+    from split_alexnet.bench.bound import OPT_PASSES, Peak, bound, bound_section
+    spec = Spec()
+    assert spec.flops_per_image()["conv1"] == 2 * 96 * 55 * 55 * 3 * 11 * 11
+    assert spec.flops_per_image()["conv2"] == 2 * 256 * 27 * 27 * 48 * 5 * 5  # groups: 48 maps per kernel
+    assert sum(spec.train_flops_per_image().values()) == 4_135_610_496      # the issue's 4.14 GFLOP
+    compute_bound = bound(spec, 64, 2, Peak(1e12, 1e30, "test", "test"))
+    assert compute_bound["images_per_s"] == pytest.approx(1e12 / 4_135_610_496)
+    # memory: the weights' traffic (3 passes in forward/backward + the optimizer's) is per step, / batch
+    b1, b2 = (bound(spec, b, 4, Peak(1e30, 1e12, "test", "test"))["bytes_per_image"] for b in (1, 2))
+    assert b1 - b2 == pytest.approx((3 + OPT_PASSES) * 4 * spec.params_total / 2)
+    assert bound(spec, 1, 4, Peak(1e30, 1e12, "t", "t"))["images_per_s"] == pytest.approx(1e12 / b1)
+    rows = [dict(layout="single", label="single", batch_size=64, images_per_s=1000.0),
+            dict(layout="torchvision", label="torchvision", batch_size=64, images_per_s=2000.0)]
+    peak = Peak(1e12, 1e12, "test", "test")
+    sec = bound_section(spec, [64], "bf16", 2, torch_device("cpu"), "cpu", rows, peak=peak)
+    want = bound(spec, 64, 2, peak)["images_per_s"]
+    assert sec["fractions"] == [dict(label="single", batch_size=64, images_per_s=1000.0,
+                                     fraction=pytest.approx(1000.0 / want))]  # not torchvision's: another net
+
+
+def torch_device(name):
+    import torch
+    return torch.device(name)
+
+
+@pytest.mark.slow
+def test_cpu_bench_sweeps_and_names_the_host_clock(tmp_path):
+    """One process, the tiny flags: a sweep of two batches, bench.json names the host clock for every
+    figure (CPU, gloo) and holds the bound with the fraction reached."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "launch/bench.py", "--layouts", "single", "--image-size", "67",
+                           "--batch-size", "2", "--sweep-batch", "4", "--steps", "1", "--warmup", "0",
+                           "--device", "cpu", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    assert result["sweep"] == [2, 4] and result["sweep_stopped"] is None
+    clocks = result["clocks"]
+    assert all(clocks[k] == "host" for k in ("step", "phases", "exchanges", "exposed_comm", "ddp_in_flight")), clocks
+    assert clocks["lrn_share"] is None  # not profiled
+    bound = result["bound"]
+    assert bound["peak"]["clock"] == "host" and [b["batch_size"] for b in bound["batches"]] == [2, 4]
+    assert [f["batch_size"] for f in bound["fractions"]] == [2, 4]
+    assert "% of the bound" in proc.stdout and "clocks: step host" in proc.stdout

@@ -1,5 +1,6 @@
 """Each comm Function on two (and four) gloo ranks: forward values, backward values, bytes counted
 (inside `comm.metered()` only)."""
+import pytest
 import torch
 import torch.distributed as dist
 from conftest import spawn
@@ -133,3 +134,30 @@ def _overlap_keeps_no_activations(rank, world):
 
 def test_overlap_keeps_no_activations_after_the_step():
     spawn(_overlap_keeps_no_activations, 2)
+
+
+def _forced_at_world_one(rank, world):
+    # one rank: without force the gathers are the identity and no Function runs; with force=True the
+    # Functions run their collectives (what NCCL on one GPU would otherwise never execute): a copy of the
+    # one part, so values and gradients are those of the identity, and the meter counts every call
+    from split_alexnet import comm_async
+    x = torch.arange(6.0).reshape(2, 3).requires_grad_()
+    with comm.metered() as meter:
+        assert comm.gather_for_distinct_kernels(x, name="fc6") is x           # bypassed: not counted
+        y = comm.gather_for_distinct_kernels(x, name="fc7", force=True)
+        z = comm.gather_for_same_computation(x, [3], name="logits", force=True)
+        a = comm_async.start_gather_for_distinct_kernels(x, name="conv3", force=True).result()
+        assert y is not x and torch.equal(y, x) and torch.equal(z, x) and torch.equal(a, x)
+        g = torch.arange(6.0).reshape(2, 3)
+        (y * g).sum().backward()
+        (z * 2 * g).sum().backward()
+        (a * 3 * g).sum().backward()
+    assert torch.equal(x.grad, 6 * g)
+    assert dict(meter.calls) == {"fc7/fwd": 1, "fc7/bwd": 1, "logits/fwd": 1, "conv3/fwd": 1, "conv3/bwd": 1}
+    assert dict(meter.bytes) == {"fc7/fwd": 0, "fc7/bwd": 0, "logits/fwd": 0, "conv3/fwd": 0, "conv3/bwd": 0}
+    assert set(meter.seconds) == {"fc7/fwd", "fc7/bwd", "logits/fwd", "conv3/fwd", "conv3/bwd"}
+
+
+@pytest.mark.slow
+def test_force_runs_the_functions_at_world_size_one():
+    spawn(_forced_at_world_one, 1)

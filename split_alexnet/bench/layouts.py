@@ -1,6 +1,5 @@
 """The layouts, built and ready to step: one `Run` per layout (and per thread count of single on CPU)."""
 import contextlib
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.profiler import record_function
 
+from .. import comm
 from ..model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
 from ..overlap import overlapped_forward
 from ..spec import Spec
@@ -80,13 +80,21 @@ class Labelled(nn.Module):
 
 @dataclass
 class AllReduceStats:
-    """What ddp's comm hook saw in one step: bytes sent, when the last bucket was issued, in-flight spans."""
-    bytes: int = 0
-    last_issue: float = 0.0
-    intervals: list = field(default_factory=list)   # (issued, done) perf_counter seconds per bucket
+    """What ddp's comm hook saw in one step: bytes sent, when the last bucket was issued, in-flight spans.
 
-    def reset(self):
-        self.bytes, self.last_issue, self.intervals = 0, 0.0, []
+    Times are marks of `clock` (comm.HostClock / comm.EventClock, the step's): on CUDA an event on the
+    backward stream where a bucket is issued, and one recorded in the future's callback, which runs on a
+    stream made to wait for the all-reduce (so it marks the all-reduce's end on the device; under NCCL
+    the host runs the callback at once, long before the data is there). measure.step turns them into
+    seconds after the step."""
+    bytes: int = 0
+    last_issue: object = None
+    intervals: list = field(default_factory=list)   # (issued, done) marks of clock per bucket
+    clock: object = field(default_factory=comm.HostClock)
+
+    def reset(self, clock=None):
+        self.bytes, self.last_issue, self.intervals = 0, None, []
+        self.clock = clock if clock is not None else self.clock
 
 
 def _ddp_hook(stats, bucket, group=None):
@@ -94,11 +102,10 @@ def _ddp_hook(stats, bucket, group=None):
     buf = bucket.buffer()
     world = dist.get_world_size(group)
     stats.bytes += 2 * (world - 1) * buf.numel() * buf.element_size() // world  # ring all-reduce
-    t0 = time.perf_counter()
-    stats.last_issue = t0
+    issued = stats.last_issue = stats.clock.mark()
 
     def done(fut):
-        stats.intervals.append((t0, time.perf_counter()))
+        stats.intervals.append((issued, stats.clock.mark()))
         return fut.value()
 
     return default_hooks.allreduce_hook(group, bucket).then(done)

@@ -56,18 +56,6 @@ class Step:
         return cls(**times, comm=comm_s, bytes=sent, memory={k: next(it) for k in MEM_KEYS})
 
 
-class Clock:
-    """Wall time; on GPU after torch.cuda.synchronize(), so a phase's time covers its kernels."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-
 class _SavedBytes:
     """Bytes of the tensors autograd saves for backward (the activations), each storage counted once."""
 
@@ -102,22 +90,26 @@ def _union(intervals):
 def step(run, x, y, clock, track_memory=False, autocast_dtype=None):
     """One training step of `run` on this rank: times, comm per exchange, and (optionally) memory.
 
+    clock (comm.HostClock or comm.EventClock, comm.clock_for(device type)) times the phases, every
+    exchange and ddp's buckets. Nothing inside the step synchronises for the measurement: on CUDA the
+    marks are events on the stream, and one torch.cuda.synchronize after the step (the one a step ends
+    with anyway, to know it is done) makes them all readable.
+
     With autocast_dtype (bf16/fp16) forward and loss run under torch.autocast; backward and SGD follow
     autocast's dtypes (fp32 weights and gradients). fp16 runs without a GradScaler: this times a step,
     it does not train (a scaler adds an unscale pass and an inf check per step).
     """
     if run.allreduce is not None:
-        run.allreduce.reset()
+        run.allreduce.reset(clock)
     cuda = x.device.type == "cuda"
-    if cuda:
+    if cuda:  # before the step: the device idle, so the step's first mark is its start
         torch.cuda.synchronize()
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     params = list(run.net.parameters())
     saved = _SavedBytes(params) if track_memory else None
-    sync = torch.cuda.synchronize if cuda else None  # a collective's own time
-    with comm.metered(sync) as meter, record_function(f"step:{run.label}"):
-        t0 = clock()
+    with comm.metered(clock) as meter, record_function(f"step:{run.label}"):
+        m0 = clock.mark()
         with precision.autocast(x.device.type, autocast_dtype):
             if saved:
                 with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
@@ -125,20 +117,23 @@ def step(run, x, y, clock, track_memory=False, autocast_dtype=None):
             else:
                 out = run.forward(run.net, x)
             loss = F.cross_entropy(out.float(), y)
-        t1 = clock()
+        m1 = clock.mark()
         loss.backward()
-        t2 = clock()
+        m2 = clock.mark()
         grad_bytes = _tensor_bytes(p.grad for p in params)
         run.opt.step()
         run.opt.zero_grad()
-        t3 = clock()
-    rec = Step(step_s=t3 - t0, fwd_s=t1 - t0, bwd_s=t2 - t1, opt_s=t3 - t2,
+        m3 = clock.mark()
+    if cuda:
+        torch.cuda.synchronize()  # the step's one synchronisation: every mark above is done now
+    sec = clock.seconds
+    rec = Step(step_s=sec(m0, m3), fwd_s=sec(m0, m1), bwd_s=sec(m1, m2), opt_s=sec(m2, m3),
                comm=dict(meter.seconds), bytes=dict(meter.bytes))
     if run.allreduce is not None:  # ddp: exposed = backward's tail after the last bucket was issued
         h = run.allreduce
-        rec.comm["allreduce/bwd"] = max(0.0, t2 - h.last_issue) if h.last_issue else 0.0
+        rec.comm["allreduce/bwd"] = max(0.0, sec(h.last_issue, m2)) if h.last_issue is not None else 0.0
         rec.bytes["allreduce/bwd"] = h.bytes
-        rec.inflight_s = _union(h.intervals)
+        rec.inflight_s = _union([(sec(m0, a), sec(m0, b)) for a, b in h.intervals])
     if track_memory:
         param_bytes = _tensor_bytes(params)
         opt_bytes = _tensor_bytes(t for st in run.opt.state.values() for t in st.values()
@@ -166,9 +161,10 @@ def _barrier(ctx):
         dist.barrier()
 
 
-def measure(runs, spec, batch, cfg, ctx, profile_dir=None, progress=None):
+def measure(runs, spec, batch, cfg, ctx, profile_dir=None, progress=None, clock=None):
     """Interleaved steps of every run at one batch size; fills run.samples[batch] and run.memory[batch].
-    progress (progress.BenchProgress): told of every layout's step."""
+    progress (progress.BenchProgress): told of every layout's step. clock: what times the steps
+    (default comm.clock_for(the device's type): CUDA events on GPU, the host clock on CPU)."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(batch, 3, spec.image_size, spec.image_size, generator=gen).to(ctx.device)
     y = torch.randint(0, spec.num_classes, (batch,), generator=gen).to(ctx.device)
@@ -177,7 +173,7 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None, progress=None):
         g = torch.Generator().manual_seed(cfg.seed + 2)
         inputs[size] = torch.randn(batch, 3, size, size, generator=g).to(ctx.device)
     per_rank = threads_per_rank(ctx.world)
-    clock = Clock(ctx.device)
+    clock = clock if clock is not None else comm.clock_for(ctx.device.type)
     xkeys = exchange_keys(spec)
     prof = None
     for i in range(cfg.warmup + cfg.steps):
@@ -219,7 +215,7 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None, progress=None):
             if progress is not None:
                 progress.step(batch, i, cfg.warmup, cfg.steps, run.label, len(runs))
     if prof is not None:
-        shares = profile.stop(prof, profile_dir, ctx.rank)  # label -> [LRN share per profiled step]
+        shares = profile.stop(prof, profile_dir, ctx.rank, device_time=ctx.device.type == "cuda")  # label -> [LRN share per profiled step]
         for run in runs:  # max over ranks, like every multi-rank figure (0 on a rank that did not compute)
             mine = shares.get(run.label, [])
             n = max(over_ranks([len(mine)], ctx.device, dist.ReduceOp.MAX)[0], 0)
