@@ -157,10 +157,8 @@ class Spec:
         return sum(r.macs for r in self.shapes)
 
     def flops_per_image_step(self):
-        """FLOPs per image of a training step: 2 per multiply-add, forward plus the backward's two
-        products (input and weight gradients) for every layer but conv1, whose input gradient (the
-        image's) is never formed: 6 x MACs, 4 x for conv1."""
-        return sum(2 * r.macs * (2 if r.layer.reads == "image" else 3) for r in self.shapes)
+        """FLOPs per image of a training step, all layers (train_flops_per_image summed): 4.14 G at 227 px."""
+        return sum(self.train_flops_per_image().values())
 
     def params_per_stream(self, stream=0):
         total = 0
@@ -190,24 +188,16 @@ class Spec:
     def bytes_per_image(self):
         return sum(e.bytes for e in self.exchanges)
 
-    # ---- arithmetic (bench/bound.py: the device's bound) ----
+    # ---- arithmetic (bench/bound.py: the device's bound; summary.py) ----
 
     def flops_per_image(self):
-        """{layer: forward FLOPs per image, every stream, 2 per multiply-add}: a conv's width * out_hw^2
-        outputs of fan_in * kernel^2 multiply-adds each (fan_in: what one kernel reads, so the groups
-        count), an fc's width outputs of fan_in each; biases, ReLU, LRN and pooling not counted."""
-        out = {}
-        for r in self.shapes:
-            k2 = r.layer.kernel ** 2 if r.layer.kind == "conv" else 1
-            out[r.layer.name] = 2 * self.width(r.layer) * r.out_hw ** 2 * r.in_channels * k2
-        return out
+        """{layer: forward FLOPs per image, every stream}: 2 per multiply-add (LayerShape.macs)."""
+        return {r.layer.name: 2 * r.macs for r in self.shapes}
 
     def train_flops_per_image(self):
         """{layer: FLOPs per image of a training step}: forward, the input's gradient and the weights'
-        gradient each cost a forward (3x), except the first layer, whose input (the image) needs no
-        gradient (2x). 4.14 GFLOP at 227 px."""
-        first = self.layers[0].name
-        return {name: f * (2 if name == first else 3) for name, f in self.flops_per_image().items()}
+        gradient each cost a forward (3x), except conv1, whose input (the image) needs no gradient (2x)."""
+        return {r.layer.name: 2 * r.macs * (2 if r.layer.reads == "image" else 3) for r in self.shapes}
 
     # ---- communication against data parallelism (docs/concepts.md derives these) ----
 
