@@ -1,6 +1,7 @@
 """What every launcher shares: the environment torchrun sets, bad input as one line and exit status 2,
 logging from rank 0, and one rank's error stopping every rank."""
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -70,7 +71,7 @@ def run_main(main):
     except Exception as e:
         if not peer_gone(e):
             raise
-        why = " ".join(str(e).split())
+        why = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split()))   # gloo's [source:line] prefix
         why = why if len(why) <= 160 else why[:157] + "..."
         print(f"error: rank {env().rank}: a peer process ended or its connection broke ({type(e).__name__}: "
               f"{why}); the peer's own message, if any, is above: resume from the newest checkpoint "

@@ -301,8 +301,11 @@ class Divergence:
 
     def weights(self, params):
         """None, or why the weights' norm says the run diverged; the first call records the start."""
+        def norm_of(p):                            # float32, unless that overflows (|w| past ~1e19)
+            n = torch.linalg.vector_norm(p.detach().float()).item()
+            return n if math.isfinite(n) else torch.linalg.vector_norm(p.detach().double()).item()
         with torch.no_grad():                      # per tensor: the streams layout spans devices
-            norm = math.hypot(*(torch.linalg.vector_norm(p.detach().float()).item() for p in params))
+            norm = math.hypot(*map(norm_of, params))
         if not math.isfinite(norm):
             return f"the weights' norm became {norm}"
         if self.norm0 is None:
