@@ -276,27 +276,31 @@ class Divergence:
     """When training has diverged, beyond NaN: a finite loss can be absurd (4e19) and finite weights
     exploded (1e27), and a checkpoint of them is worse than none.
 
-    - the loss: more than LOSS_OVER_CHANCE times the chance level ln(classes) (the cross-entropy of the
-      uniform guess) is a net that puts less than classes^-LOSS_OVER_CHANCE on the right class: no
-      training step of a converging run goes there;
-    - the weights: a norm not finite, or more than NORM_GROWTH times the norm at the start of this run
-      (or of its resume). Weight decay bounds a healthy run's norm; one that grows a hundredfold is
+    - the loss: more than GROWTH times its reference, the larger of its first value in this run (or
+      resume) and the chance level ln(classes) (the cross-entropy of the uniform guess). The first
+      value, not the chance level alone: an init at the wrong input scale starts in the thousands and
+      comes down (paper-he on 0-255 input); a hundredfold growth from there is no training step;
+    - the weights: a norm not finite, or more than GROWTH times the norm at the start of this run (or
+      of its resume). Weight decay bounds a healthy run's norm; one that grows a hundredfold is
       running away."""
 
-    LOSS_OVER_CHANCE = 100.0
-    NORM_GROWTH = 100.0
+    GROWTH = 100.0
 
     def __init__(self, classes):
-        self.chance = math.log(max(classes, 2))
-        self.norm0 = None
+        self.classes = max(classes, 2)
+        self.chance = math.log(self.classes)
+        self.loss0 = self.norm0 = None
 
     def loss(self, loss):
-        """None, or why the loss says the run diverged."""
+        """None, or why the loss says the run diverged; the first finite call records the start."""
         if not math.isfinite(loss):
             return f"the training loss became {loss}"
-        if loss > self.LOSS_OVER_CHANCE * self.chance:
-            return (f"the training loss became {loss:.4g}, over {self.LOSS_OVER_CHANCE:g} x the chance level "
-                    f"ln({round(math.exp(self.chance))}) = {self.chance:.3g}")
+        if self.loss0 is None:
+            self.loss0 = loss
+        ref, what = max((self.loss0, "its first value in this run"),
+                        (self.chance, f"the chance level ln({self.classes})"))
+        if loss > self.GROWTH * ref:
+            return f"the training loss grew to {loss:.4g}, over {self.GROWTH:g} x {what} ({ref:.3g})"
         return None
 
     def weights(self, params):
@@ -311,8 +315,8 @@ class Divergence:
         if self.norm0 is None:
             self.norm0 = norm
             return None
-        if norm > self.NORM_GROWTH * max(self.norm0, 1e-12):
-            return (f"the weights' norm grew from {self.norm0:.4g} to {norm:.4g}, over {self.NORM_GROWTH:g} x "
+        if norm > self.GROWTH * max(self.norm0, 1e-12):
+            return (f"the weights' norm grew from {self.norm0:.4g} to {norm:.4g}, over {self.GROWTH:g} x "
                     f"its start")
         return None
 

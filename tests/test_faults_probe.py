@@ -6,6 +6,7 @@ about ranks. Time bounds leave room for the loaded 2-core machine (an import of 
 """
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -165,7 +166,8 @@ def test_resume_into_a_shrunk_data_set_ends_in_one_line(tmp_path, capsys):
         for i in range(8, 16):
             os.remove(os.path.join(data, "train", c, f"{i}.png"))
     t0 = time.monotonic()
-    err = _bad(IMAGES + ["--data-dir", data, "--resume", run, "--epochs", "3", "--out", str(tmp_path / "r")], capsys)
+    err = _bad(IMAGES + ["--data-dir", data, "--resume", run, "--epochs", "3", "--max-steps", "0",
+                       "--out", str(tmp_path / "r")], capsys)
     took = time.monotonic() - t0
     assert took < 30, took
     assert f"--resume {step3}: the training set changed since the checkpoint (32 images then, 16 now;" in err, err
@@ -289,9 +291,14 @@ def test_decompression_bomb_is_a_bad_image(tmp_path, capsys):
 
 def test_divergence_is_judged_on_loss_growth_and_weights():
     d = guard.Divergence(10)
-    assert d.loss(2.3) is None and d.loss(200.0) is None
-    assert "the training loss became 4e+19, over 100 x the chance level ln(10)" in d.loss(4e19)
+    assert d.loss(2.5) is None and d.loss(200.0) is None   # the first value: 2.5
+    assert d.loss(4e19) == "the training loss grew to 4e+19, over 100 x its first value in this run (2.5)"
     assert d.loss(float("nan")) == "the training loss became nan"
+    high = guard.Divergence(10)                    # a start at the wrong input scale: thousands, then down
+    assert high.loss(2948.0) is None and high.loss(40000.0) is None and high.loss(3e5) is not None
+    low = guard.Divergence(10)                     # a start below chance: measured from the chance level
+    assert low.loss(0.01) is None and low.loss(200.0) is None
+    assert "over 100 x the chance level ln(10) (2.3)" in low.loss(300.0)
     w = [torch.ones(10), torch.ones(3)]
     assert d.weights(w) is None                    # the start
     assert d.weights([t * 50 for t in w]) is None
@@ -301,24 +308,26 @@ def test_divergence_is_judged_on_loss_growth_and_weights():
 
 @pytest.mark.slow
 def test_diverged_run_saves_nothing_and_names_the_checkpoint(tmp_path, capsys):
-    """A checkpoint whose fc8 bias makes the loss finite but ~1e6 (before: trained on and saved at every
-    step, the new checkpoint the one --resume picks): the run stops at step 2 with one line naming the
+    """A checkpoint whose fc8 bias momentum is 1e10 on one class: the first resumed step throws that bias
+    to -1e7, finite (before: saved at every step, each new checkpoint the one --resume picks, the loss
+    finite). The weights' norm is judged before the save: the run stops with one line naming the
     checkpoint to resume from, and writes none."""
     a = str(tmp_path / "a")
     _train(SINGLE + ["--max-steps", "1", "--save-every", "1", "--out", a])
     step = os.path.join(a, "checkpoints", "step0000001")
     state = torch.load(os.path.join(step, "single.pt"), weights_only=True)
-    bias = next(k for k in state["model"] if k.endswith("bias") and state["model"][k].numel() == 10)
-    state["model"][bias][0] += 1e6
+    bias = next(k for k in state["momentum"] if k.endswith("bias") and state["momentum"][k].numel() == 10)
+    state["momentum"][bias][0] = 1e10
     torch.save(state, os.path.join(step, "single.pt"))
     meta = torch.load(os.path.join(step, "meta.pt"), weights_only=True)
     meta.pop("files"), meta.pop("sha256")
     ckpt.save_meta(step, meta)
     b = str(tmp_path / "b")
     err = _bad(SINGLE + ["--resume", a, "--max-steps", "4", "--save-every", "1", "--out", b], capsys)
-    assert "over 100 x the chance level ln(10) = 2.3 at step 2: the training diverged; resume from " \
-           f"{step} with a lower --lr (now 0.001), or use --init d2l" in err, err
-    assert not os.path.exists(os.path.join(b, "checkpoints"))
+    assert re.search(r"the weights' norm grew from [\d.]+ to [\d.e+]+, over 100 x its start at step 2: the "
+                     r"training diverged; resume from " + re.escape(step) + r" with a lower --lr \(now 0.001\), or "
+                     r"use --init d2l \(this step's weights were not saved\)", err), err
+    assert not os.path.exists(os.path.join(b, "checkpoints", "step0000002"))
 
 
 def test_mean_image_cache_is_keyed_by_the_files_and_options(tmp_path):
