@@ -634,8 +634,9 @@ class Progress:
         lr = self.job.optimizer.param_groups[0]["lr"]
         self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, lr=lr,
                                 images_per_s=images_per_s))
-        why = self.job.divergence.loss(loss) if self.job.divergence else None
-        if why:                                    # NaN, or far past the chance level (guard.Divergence)
+        why = (self.job.divergence.loss(loss) if self.job.divergence else
+               None if math.isfinite(loss) else f"the training loss became {loss}")
+        if why:                                    # NaN, or grown a hundredfold (guard.Divergence)
             raise UsageError(diverged(self.job, state, why))
         self.bar.update(1)
         self.bar.set_postfix(epoch=state["epoch"], loss=f"{loss:.3f}", refresh=False)
