@@ -35,9 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import outlock
-from .cli import EXIT_PEER, UsageError, rendezvous, stop_all_on_error
-
-__all__ = ["EXIT_PEER"]  # the exit status of a rank that ends the job because a peer stopped answering
+from .cli import EXIT_PEER, UsageError, rendezvous, stop_all_on_error  # EXIT_PEER: a peer stopped answering
 
 # ---- where this rank is (for the watchdog's message) -----------------------------------------------
 
