@@ -17,7 +17,7 @@ from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.cli import log, run_main
 from split_alexnet.config import parse_config
 from split_alexnet.distributed import setup, teardown
-from split_alexnet.train import build, run
+from split_alexnet.train import build, run, run_folder
 
 
 def resume_settings(cfg, argv):
@@ -31,12 +31,13 @@ def resume_settings(cfg, argv):
 
 
 def main(argv=None):
+    guard.die_with_parent()                        # first: a rank ends with its torchrun agent
     cfg = parse_config(argv)
     _, allocator = apply_keep_freed_memory(cfg.keep_freed_memory)   # every rank, before any tensor
     if not cfg.quiet:
         log(f"{allocator}; precision {cfg.precision}, micro-batches {cfg.micro_batches}, "
             f"channels-last {cfg.channels_last}, compile {cfg.compile}")
-    guard.check_out(cfg.out)                       # before any work
+    guard.check_out(cfg.out, cfg.save_every > 0 and not cfg.eval_only)   # before any work
     if cfg.resume:
         cfg = resume_settings(cfg, argv)
     ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout, cfg.streams) if cfg.layout == "split" else None
@@ -44,14 +45,17 @@ def main(argv=None):
         guard.start(ctx, cfg.peer_timeout)         # heartbeat watchdog, parent-death signal
         world = ctx.world if ctx else 1
         guard.agree(world, guard.config_fields(cfg), "the arguments")
+        if not cfg.eval_only:                      # the folder is this job's alone (outlock.py)
+            cfg = replace(cfg, out=run_folder(cfg, world))
+            guard.lock_out(cfg.out, world)
         job = build(cfg, ctx)
         guard.agree(world, guard.data_fields(job), "the data")
         run(job)
         return 0
     finally:
-        guard.stop()
+        guard.stop()                               # the watchdog joined before the group goes
         teardown()
-
+        guard.unlock_out()
 
 if __name__ == "__main__":
     run_main(main)

@@ -95,7 +95,7 @@ def remove_stale_temps(folders, names):
                 try:
                     os.remove(os.path.join(d, fname))
                     removed.append(os.path.join(d, fname))
-                except FileNotFoundError:
+                except OSError:                    # gone already, or a folder this process cannot write
                     pass
     return removed
 

@@ -1,10 +1,13 @@
 """What every launcher shares: the environment torchrun sets, bad input as one line and exit status 2,
 logging from rank 0, and one rank's error stopping every rank."""
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+EXIT_PEER = 3  # the exit status of a rank that ends because a peer stopped answering or died
 
 
 class UsageError(Exception):
@@ -46,14 +49,34 @@ def log(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
+# what gloo's and NCCL's errors say when the other end of a collective is gone
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo/transport",
+              "NCCL communicator was aborted", "remote process exited")
+
+
+def peer_gone(e):
+    """Whether exception e is a collective failing because a peer process died or its link broke."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_GONE))
+
+
 def run_main(main):
-    """Run a launcher's main(): a UsageError becomes one line on stderr and exit status 2."""
+    """Run a launcher's main(): a UsageError becomes one line on stderr and exit status 2; a collective
+    that fails because a peer died becomes one line on every surviving rank and exit status 3."""
     try:
         sys.exit(main())
     except UsageError as e:
         if env().rank == 0 or isinstance(e, RankError):
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception as e:
+        if not peer_gone(e):
+            raise
+        why = re.sub(r"^\[[^\]]*\]\s*", "", " ".join(str(e).split()))   # gloo's [source:line] prefix
+        why = why if len(why) <= 160 else why[:157] + "..."
+        print(f"error: rank {env().rank}: a peer process ended or its connection broke ({type(e).__name__}: "
+              f"{why}); the peer's own message, if any, is above: resume from the newest checkpoint "
+              f"(docs/troubleshooting.md)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_PEER)
 
 
 def stop_all_on_error(fn, world):

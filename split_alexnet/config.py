@@ -229,6 +229,9 @@ def parse_config(argv=None):
     return cfg
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def validate(cfg):
     checks = [
         (cfg.batch_size >= 1, f"--batch-size {cfg.batch_size}: use 1 or more"),
@@ -248,6 +251,10 @@ def validate(cfg):
          "--split-test, --train-size and --val-size must be 0 or more"),
         (cfg.lr_patience >= 0 and cfg.lr_drops >= 0, "--lr-patience and --lr-drops must be 0 or more"),
         (cfg.bias_lr_mult > 0, f"--bias-lr-mult {cfg.bias_lr_mult}: use a positive number such as 2"),
+        # every learning rate after its multipliers, as the optimizer holds it (float32 parameters)
+        (cfg.lr * cfg.bias_lr_mult <= _F32_MAX, f"--lr {cfg.lr:g} x --bias-lr-mult {cfg.bias_lr_mult:g} = "
+         f"{cfg.lr * cfg.bias_lr_mult:g}, the biases' lr, is not a finite float32: use smaller values"),
+        (cfg.lr <= _F32_MAX, f"--lr {cfg.lr:g} is not a finite float32: use a positive number such as 0.01"),
         (cfg.net != "half" or cfg.layout != "split",
          "--net half is the paper's one-GPU net: it has one stream and no split; run it with "
          "python launch/train.py --net half (single layout)"),

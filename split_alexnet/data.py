@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 import torchvision
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
@@ -336,10 +337,36 @@ def mean_image(train_set, side):
     return (total / n).float()
 
 
-def mean_image_path(name, data_dir, side, split_test=0, train_len=0):
-    """Where the mean image of data set `name` at `side` px is cached: beside the data set's files."""
+def fingerprint(ds):
+    """A short digest of what a raw data set holds, in order: its files (relative paths and labels) for an
+    image folder, its labels and image shape for images in memory, else its kind, size and seed. Saved in
+    checkpoints (a resume into other data is refused) and in the mean image's cache name."""
+    h = hashlib.sha256(f"{type(ds).__name__} {len(ds)}".encode())
+    samples = getattr(ds, "samples", None)
+    if samples is not None:                        # ImageFolder: the file list, relative to its root
+        root = getattr(ds, "root", "")
+        for path, label in samples:
+            h.update(f"{os.path.relpath(path, root)}\0{label}\n".encode())
+    elif isinstance(ds, TensorImages):
+        h.update(str(tuple(ds.images.shape)).encode())
+        h.update(torch.as_tensor(ds.labels).to(torch.int64).numpy().tobytes())
+    else:
+        h.update(f" seed {getattr(ds, 'seed', getattr(ds, 'random_offset', None))}".encode())
+    return h.hexdigest()[:16]
+
+
+def mean_image_path(name, data_dir, side, split_test=0, train_len=0, key=""):
+    """Where the mean image of data set `name` at `side` px is cached: beside the data set's files. `key`
+    (mean_image_key): the file list, the count and the options that change the mean, so that other data
+    or other options never read a stale cache."""
     part = f"-first{train_len}" if split_test else ""   # --split-test: the training part of the test files
-    return os.path.join(data_dir, f"{name}-mean-{side}{part}.pt")
+    return os.path.join(data_dir, f"{name}-mean-{side}{part}{f'-{key}' if key else ''}.pt")
+
+
+def mean_image_key(train_raw, bad_images):
+    """The cache key of a mean image: the training set's fingerprint (files and count) and --bad-images
+    (skip replaces an undecodable image by the next one)."""
+    return hashlib.sha256(f"{fingerprint(train_raw)} {len(train_raw)} {bad_images}".encode()).hexdigest()[:12]
 
 
 def _sources(data_dir):
@@ -409,10 +436,13 @@ class Seeded(Dataset):
             k = j % len(self.dataset)
             try:
                 return self.dataset[k]
-            except (OSError, ValueError, SyntaxError) as e:   # PIL: truncated, unidentified, broken
-                samples = getattr(self.dataset, "samples", None)
-                name = samples[k][0] if samples else f"item {k}"
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:   # PIL: truncated,
+                samples = getattr(self.dataset, "samples", None)                        # unidentified, broken,
+                name = samples[k][0] if samples else f"item {k}"                        # or too many pixels
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if isinstance(e, Image.DecompressionBombError):
+                    why = (f"more than PIL's limit of {2 * Image.MAX_IMAGE_PIXELS} pixels, its guard against "
+                           f"decompression bombs: {why}")
                 if self.bad_images == "stop":
                     raise UsageError(f"cannot decode {name} ({why}): replace or remove it, or pass "
                                      f"--bad-images skip") from None

@@ -11,13 +11,18 @@
   ranks, which is why that one can be long.
 - `die_with_parent`: a rank ends when its torchrun agent dies (Linux parent-death signal); the
   watchdog also ends it when the agent's store stops answering (the agent of another node).
-- `check_out`: an output directory that cannot be written is refused before any work.
+- `check_out`: an output directory (or its checkpoints/) that cannot be written is refused before any
+  work: a probe of some bytes is written and synced, so a full disk is found too.
+- `lock_out`: the folder is this job's alone, on every rank (outlock.py): a second job is refused naming
+  the first's host and pid.
+- `Divergence`: the loss against the chance level and the weights' norm against its start, not only NaN.
 - `resolve_resume`: a resumed run takes the checkpoint's settings but the flags given on the command
-  line, which win where that is safe and are refused, with the fix, where it is not.
+  line, which win where they are in RESUME_SAFE and are refused, with the fix, everywhere else.
 """
 import ctypes
 import hashlib
 import json
+import math
 import os
 import signal
 import socket
@@ -29,9 +34,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import UsageError, rendezvous
-
-EXIT_PEER = 3  # the exit status of a rank that ends the job because a peer stopped answering
+from . import outlock
+from .cli import EXIT_PEER, UsageError, rendezvous, stop_all_on_error  # EXIT_PEER: a peer stopped answering
 
 # ---- where this rank is (for the watchdog's message) -----------------------------------------------
 
@@ -158,7 +162,11 @@ class Watchdog(threading.Thread):
         os._exit(EXIT_PEER)
 
     def stop(self):
+        """Stop beating and wait for the thread (its store call is bounded by the store's timeout): no
+        thread of ours is inside the store when the process group is destroyed or the interpreter exits."""
         self.stopped.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join()
 
 
 _watchdog = None
@@ -184,7 +192,9 @@ def stop():
 
 
 def die_with_parent():
-    """Linux: SIGKILL this process when the process that started it (torchrun's agent) dies."""
+    """Linux: SIGKILL this process when the process that started it (torchrun's agent) dies. Called as
+    the first line of a launcher's main (and again by start: it is idempotent); an agent that died
+    before (during the imports) is seen as a parent that changed to init, and this rank ends at once."""
     _, _, agent = rendezvous()
     if not agent or not sys.platform.startswith("linux"):
         return False
@@ -200,8 +210,35 @@ def die_with_parent():
 
 # ---- output directory ------------------------------------------------------------------------------
 
-def check_out(out):
-    """Refuse an --out that is a file, or under a file, or in a directory this process cannot write."""
+PROBE_BYTES = 64 * 1024   # a probe file's size: big enough that a full disk refuses it (an empty file
+#                          needs no data block and is created on a full disk)
+
+
+def _probe(folder, target):
+    """Write and sync PROBE_BYTES in `folder`, then remove them; UsageError naming the cause if it fails."""
+    import tempfile
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".split_alexnet-probe-", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise UsageError(f"--out {target}: cannot write in {folder} ({e.strerror}): give an --out in a "
+                         f"writable directory with free space") from None
+    finally:
+        if probe is not None:
+            try:
+                os.remove(probe)
+            except OSError:
+                pass
+
+
+def check_out(out, checkpoints=False):
+    """Refuse an --out that is a file, or under a file, or in a directory this process cannot write (its
+    permissions, a read-only file system, a full disk); with `checkpoints` (--save-every), the same for
+    an OUT/checkpoints that is already there."""
     target = out or "runs"
     if os.path.exists(target) and not os.path.isdir(target):
         raise UsageError(f"--out {target} is an existing file, not a directory: give a new directory")
@@ -210,20 +247,86 @@ def check_out(out):
         parent = os.path.dirname(os.path.abspath(parent))
     if not os.path.isdir(parent):
         raise UsageError(f"--out {target}: {parent} is a file, not a directory: give another --out")
-    try:   # try it: permissions, a read-only file system, a full disk
-        fd, probe = __import__("tempfile").mkstemp(prefix=".split_alexnet-probe-", dir=parent)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--out {target}: cannot write in {parent} ({e.strerror}): give an --out in a "
-                         f"writable directory") from None
+    _probe(parent, target)
+    sub = os.path.join(target, "checkpoints")
+    if checkpoints and os.path.lexists(sub):
+        if not os.path.isdir(sub):
+            raise UsageError(f"--out {target}: {sub} is not a directory, and checkpoints are written there: "
+                             f"remove it or give another --out")
+        _probe(sub, target)
+
+
+def lock_out(out, world=1):
+    """Take the lock on --out (outlock.py) on every rank of this job; a collective with world > 1: if any
+    rank is refused, every rank stops with its line."""
+    took_over = stop_all_on_error(lambda: outlock.acquire(out), world)
+    if took_over:
+        print(f"warning: {took_over}", file=sys.stderr, flush=True)
+
+
+def unlock_out():
+    outlock.release()
+
+
+# ---- divergence ----------------------------------------------------------------------------------
+
+class Divergence:
+    """When training has diverged, beyond NaN: a finite loss can be absurd (4e19) and finite weights
+    exploded (1e27), and a checkpoint of them is worse than none.
+
+    - the loss: more than GROWTH times its reference, the larger of its first value in this run (or
+      resume) and the chance level ln(classes) (the cross-entropy of the uniform guess). The first
+      value, not the chance level alone: an init at the wrong input scale starts in the thousands and
+      comes down (paper-he on 0-255 input); a hundredfold growth from there is no training step;
+    - the weights: a norm not finite, or more than GROWTH times the norm at the start of this run (or
+      of its resume). Weight decay bounds a healthy run's norm; one that grows a hundredfold is
+      running away."""
+
+    GROWTH = 100.0
+
+    def __init__(self, classes):
+        self.classes = max(classes, 2)
+        self.chance = math.log(self.classes)
+        self.loss0 = self.norm0 = None
+
+    def loss(self, loss):
+        """None, or why the loss says the run diverged; the first finite call records the start."""
+        if not math.isfinite(loss):
+            return f"the training loss became {loss}"
+        if self.loss0 is None:
+            self.loss0 = loss
+        ref, what = max((self.loss0, "its first value in this run"),
+                        (self.chance, f"the chance level ln({self.classes})"))
+        if loss > self.GROWTH * ref:
+            return f"the training loss grew to {loss:.4g}, over {self.GROWTH:g} x {what} ({ref:.3g})"
+        return None
+
+    def weights(self, params):
+        """None, or why the weights' norm says the run diverged; the first call records the start."""
+        def norm_of(p):                            # float32, unless that overflows (|w| past ~1e19)
+            n = torch.linalg.vector_norm(p.detach().float()).item()
+            return n if math.isfinite(n) else torch.linalg.vector_norm(p.detach().double()).item()
+        with torch.no_grad():                      # per tensor: the streams layout spans devices
+            norm = math.hypot(*map(norm_of, params))
+        if not math.isfinite(norm):
+            return f"the weights' norm became {norm}"
+        if self.norm0 is None:
+            self.norm0 = norm
+            return None
+        if norm > self.GROWTH * max(self.norm0, 1e-12):
+            return (f"the weights' norm grew from {self.norm0:.4g} to {norm:.4g}, over {self.GROWTH:g} x "
+                    f"its start")
+        return None
 
 
 # ---- resume: the checkpoint's settings, the command line's flags -----------------------------------
 
-# may change on resume: the explicit flag wins and is printed as changed
+# may change on resume: the explicit flag wins and is printed as changed. Every other flag given with a
+# value other than the checkpoint's is refused (RESUME_REFUSED says why, where it is known).
+# batch_size: at an epoch's end only (refused mid-epoch); the steps left are counted from the position.
 RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedule", "lr_factor", "lr_patience",
-               "crop", "flip", "lighting", "ten_crop", "val_size", "eval_every", "save_every", "recipe",
+               "lr_drops", "bias_lr_mult", "bias_decay", "batch_size",
+               "crop", "flip", "lighting", "ten_crop", "val_size", "eval_every", "save_every",
                "timeout", "peer_timeout", "bad_images")
 # never taken from the checkpoint: where this run writes, reads and runs
 RESUME_LOCAL = ("out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
@@ -238,6 +341,10 @@ RESUME_REFUSED = {
     "train_size": "the epoch's order depends on the training set's size",
     "split_test": "the epoch's order depends on the training set's size",
     "image_size": "the checkpoint's net takes another input size",
+    "preprocess": "the trained net's first layer learned the checkpoint's input",
+    "net": "the checkpoint holds another net",
+    "recipe": "a recipe also sets the init and the input, which a trained net cannot change; give the "
+              "flags to change (--lr, --momentum, ...) instead",
 }
 
 
@@ -274,8 +381,10 @@ def resolve_resume(cfg, argv, saved, ckpt_batch):
             raise UsageError(f"{flag} {mine} on resume: the checkpoint stopped mid-epoch (batch {ckpt_batch}) "
                              f"with batch size {theirs}: drop {flag}, or resume from a checkpoint at an "
                              f"epoch's end")
-        if k in RESUME_REFUSED:
+        if k in RESUME_REFUSED or k not in RESUME_SAFE:
+            why = RESUME_REFUSED.get(k, "a resume may change only " + ", ".join(
+                "--" + f.replace("_", "-") for f in RESUME_SAFE))
             raise UsageError(f"{flag} {mine} on resume: the checkpoint's run used {theirs}, and "
-                             f"{RESUME_REFUSED[k]}: drop {flag} (or start a new run)")
+                             f"{why}: drop {flag} (or start a new run)")
         lines.append(f"resume: {flag} {mine} (the checkpoint's run: {theirs})")
     return replace(cfg, **changes), lines

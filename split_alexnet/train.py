@@ -32,7 +32,9 @@ from .data import (
     build_transforms,
     cached_mean_image,
     dataset,
+    fingerprint,
     mean_image,
+    mean_image_key,
     mean_image_path,
     paper_side,
 )
@@ -64,6 +66,8 @@ class Job:
     replicas: int = 1            # streams x replicas (mesh.py): each replica takes its slice of the batch
     replica: int = 0
     replica_group: object = None
+    divergence: object = None    # guard.Divergence: the loss and the weights' norm judged
+    fingerprint: str = ""        # data.fingerprint of the training set (checkpoints hold it)
 
 
 def build_model(cfg, spec, ctx_rank, device, ctx=None):
@@ -93,11 +97,12 @@ def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
     """The training set's mean image for --preprocess paper: rank 0 reads or computes and caches it,
     then the other ranks read it (data sets in files); generated data sets compute it on every rank."""
     side = paper_side(cfg.image_size)
+    key = mean_image_key(train_raw, cfg.bad_images) if dataset(cfg.dataset).files else ""
     train_raw = Seeded(train_raw, lambda img: img, cfg.seed)   # read as training reads: --bad-images applies
     train_raw.bad_images = cfg.bad_images
     if not dataset(cfg.dataset).files:
         return mean_image(train_raw, side), f"computed from {len(train_raw)} generated training images"
-    path = mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw))
+    path = mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw), key)
     result = stop_all_on_error(lambda: cached_mean_image(path, train_raw, side, channels) if rank == 0
                                else None, world)
     return result if rank == 0 else cached_mean_image(path, train_raw, side, channels)
@@ -168,6 +173,14 @@ def _datasets_rank0_first(cfg, rank, world):
     return result if rank == 0 else load(False)
 
 
+def run_folder(cfg, world):
+    """--out, or a new folder under runs/ named by rank 0's clock (a collective when it is not given)."""
+    out = [cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.layout}-{cfg.dataset}")]
+    if world > 1 and not cfg.out:                  # rank 0's clock names the run for every rank
+        dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
 def build(cfg, ctx=None):
     rank, world = (ctx.rank, ctx.world) if ctx else (0, 1)
     if ctx is not None:
@@ -207,16 +220,14 @@ def build(cfg, ctx=None):
     optimizer = build_optimizer(model, cfg)
     scheduler = PlateauOnError(optimizer, cfg.lr_factor, cfg.lr_patience, cfg.lr_drops) \
         if cfg.schedule == "plateau" else None
-    out = [cfg.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.layout}-{cfg.dataset}")]
-    if world > 1:                                  # rank 0's clock names the run for every rank
-        dist.broadcast_object_list(out, src=0)
-    out = out[0]
+    out = run_folder(cfg, world)
     if not cfg.eval_only and os.path.exists(os.path.join(out, "metrics.jsonl")):   # every rank: all stop together
         raise UsageError(f"--out {out} already holds metrics.jsonl: give another --out (runs are "
                          f"never overwritten)")
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
                rank, world, out, replicas=replicas, replica=ctx.replica if replicas > 1 else 0,
-               replica_group=ctx.replica_group if replicas > 1 else None)
+               replica_group=ctx.replica_group if replicas > 1 else None,
+               divergence=guard.Divergence(len(classes)))
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -263,8 +274,9 @@ def evaluate(job):
 def save_checkpoint(job, state):
     path = os.path.join(job.out, "checkpoints", f"step{state['step']:07d}")
     guard.phase(f"checkpoint write at step {state['step']}")
+    stop_all_on_error(lambda: _judge_weights(job, state), job.world)   # never save a diverged net
     if job.replica == 0:                           # one copy per stream: replica 0's (all hold the same)
-        ckpt.remove_stale_temps([job.out, ckpt.run_dir_of(job.cfg.resume)],
+        ckpt.remove_stale_temps([job.out],         # this run's folder only, never the resume source's
                                 set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
         ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()})
     if job.world > 1:
@@ -275,10 +287,49 @@ def save_checkpoint(job, state):
             step=state["step"], epoch=state["epoch"], batch=state["batch"],
             lr=job.optimizer.param_groups[0]["lr"], lrs=[g["lr"] for g in job.optimizer.param_groups],
             scheduler=job.scheduler.state_dict() if job.scheduler else None,
-            torch_rng=torch.get_rng_state(), config=asdict(job.cfg)))
+            torch_rng=torch.get_rng_state(), config=asdict(job.cfg),
+            train_images=len(job.train_set), data_fingerprint=_fingerprint(job)))
     if job.world > 1:
         dist.barrier()
     return path
+
+
+def _fingerprint(job):
+    if not job.fingerprint:
+        job.fingerprint = fingerprint(getattr(job.train_set, "dataset", job.train_set))
+    return job.fingerprint
+
+
+def diverged(job, state, why):
+    """The one line for a diverged run: what, where, and the checkpoint to go on from (every checkpoint
+    of a run is judged before it is written, so the newest is from before the divergence)."""
+    found = ckpt.newest_complete(job.out) or job.cfg.resume
+    lr = job.optimizer.param_groups[0]["lr"]
+    go_on = (f"resume from {found} with a lower --lr (now {lr:g})" if found else
+             f"no checkpoint was written: start again with a lower --lr (now {lr:g})")
+    return f"{why} at step {state['step']}: the training diverged; {go_on}, or use --init d2l"
+
+
+def _judge_weights(job, state):
+    why = job.divergence.weights(list(job.model.parameters())) if job.divergence else None
+    if why:
+        raise UsageError(diverged(job, state, why) + " (this step's weights were not saved)")
+
+
+def check_data(job, meta, path):
+    """A resume continues on the data its checkpoint was trained on, from a position inside it: refuse
+    (one line) another training set, or a position past the epoch's last batch."""
+    n, was = len(job.train_set), meta.get("train_images")
+    if was is not None and (was != n or meta.get("data_fingerprint") not in (None, _fingerprint(job))):
+        change = f"{was} images then, {n} now" if was != n else f"the same {n} images in number, other files"
+        raise UsageError(f"--resume {path}: the training set changed since the checkpoint ({change}; "
+                         f"fingerprint {meta.get('data_fingerprint')} then, {_fingerprint(job)} now): resume "
+                         f"with the data it was trained on, or start a new run")
+    steps = n // job.cfg.batch_size
+    if not 0 <= meta["batch"] < max(steps, 1):
+        raise UsageError(f"--resume {path}: its position (epoch {meta['epoch']}, batch {meta['batch']}) is past "
+                         f"the {steps} batches of {job.cfg.batch_size} that {n} training images make: resume "
+                         f"with the data and --batch-size it was trained with")
 
 
 def resume(job, path):
@@ -287,6 +338,8 @@ def resume(job, path):
         found = ckpt.find_checkpoint(path)
         meta = ckpt.read_meta(found)
         ckpt.check_matches(meta, job.spec, job.cfg.layout, found)
+        if not job.cfg.eval_only:
+            check_data(job, meta, found)
         expected = {name: {k: v.shape for k, v in m.state_dict().items()} for name, m in job.parts.items()}
         devices = {name: ckpt._device_of(m) for name, m in job.parts.items()}
         states = ckpt.load_files(found, meta, list(job.parts), expected)
@@ -298,7 +351,9 @@ def resume(job, path):
         ckpt.load_stream_state(m, job.optimizer, states[name])
     # every group's (scheduled) lr from the checkpoint, unless this run's --lr differs from the one the
     # checkpoint's ran with: then this run's, as the groups were built (biases at --bias-lr-mult times it)
-    if job.cfg.lr != meta.get("config", {}).get("lr", job.cfg.lr):
+    saved = meta.get("config", {})
+    if job.cfg.lr != saved.get("lr", job.cfg.lr) or job.cfg.bias_lr_mult != saved.get("bias_lr_mult",
+                                                                                       job.cfg.bias_lr_mult):
         lrs = [g["lr"] for g in job.optimizer.param_groups]
     else:
         lrs = meta.get("lrs") or [meta["lr"]] * len(job.optimizer.param_groups)   # older: one group
@@ -323,16 +378,20 @@ def run(job):
     if cfg.eval_only:
         return evaluate_checkpoint(job)
     steps_per_epoch = len(job.train_set) // cfg.batch_size        # drop_last: every batch full
-    total = cfg.epochs * steps_per_epoch
+    state, resumed_from = start(job)
+    # the steps left counted from the position (epoch, batch): after a --batch-size change on resume the
+    # steps taken so far were of another size, so `epochs x steps_per_epoch` would overrun
+    total = state["step"] + (cfg.epochs - state["epoch"]) * steps_per_epoch - state["batch"]
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
-    state, resumed_from = start(job)
+    if job.divergence:
+        job.divergence.weights(list(job.model.parameters()))      # the norm this run starts from
     progress = Progress(job, total, state["step"])
     announce(job, progress, steps_per_epoch, resumed_from, state)
     job.model.train()
     last_val, n_images, t_start = None, 0, time.perf_counter()
     while state["step"] < total:
-        t_prev = time.perf_counter()
+        t_prev, position = time.perf_counter(), dict(state)
         for x, y in epoch_loader(job, state):
             guard.phase(f"training step {state['step'] + 1}")
             loss = train_step(job, x, y)
@@ -356,6 +415,10 @@ def run(job):
                 save_checkpoint(job, state)
             if state["step"] >= total or end_of_epoch:
                 break
+        if state == position:                      # no batch: the loop would spin for ever
+            raise UsageError(f"epoch {state['epoch']} from batch {state['batch']} yields no batch of "
+                             f"{cfg.batch_size} from {len(job.train_set)} training images: resume with the "
+                             f"data and --batch-size the checkpoint was trained with")
     return finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start)
 
 
@@ -571,9 +634,10 @@ class Progress:
         lr = self.job.optimizer.param_groups[0]["lr"]
         self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, lr=lr,
                                 images_per_s=images_per_s))
-        if not math.isfinite(loss):
-            raise UsageError(f"the training loss became {loss} at step {state['step']}: lower --lr "
-                             f"(now {lr:g}) or use --init d2l")
+        why = (self.job.divergence.loss(loss) if self.job.divergence else
+               None if math.isfinite(loss) else f"the training loss became {loss}")
+        if why:                                    # NaN, or grown a hundredfold (guard.Divergence)
+            raise UsageError(diverged(self.job, state, why))
         self.bar.update(1)
         self.bar.set_postfix(epoch=state["epoch"], loss=f"{loss:.3f}", refresh=False)
         logged = (state["step"] % self.job.cfg.log_every == 0 or state["step"] in (self.first, self.total))

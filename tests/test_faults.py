@@ -195,7 +195,8 @@ def test_killed_agent_leaves_no_orphans(tmp_path):
 def test_rank_killed_during_checkpoint_write(good_run, tmp_path):
     """SIGKILL of rank 1 while it writes its shard: the job ends non-zero within 30 s (torchrun sees the
     death at once), the half-written step is never taken, the last complete one resumes to the same
-    losses, and the next save removes the interrupted save's temporary files."""
+    losses, and a run resumed into another folder leaves the interrupted save's temporary files alone
+(only a save in the same folder removes them)."""
     out = str(tmp_path / "run")
     proc = _start_and_wait_for_checkpoint(out)
     ckpts = os.path.join(out, "checkpoints")
@@ -218,7 +219,7 @@ def test_rank_killed_during_checkpoint_write(good_run, tmp_path):
     resumed = str(tmp_path / "resumed")
     got = _resume_in_process(out, resumed, steps=step + 2, extra=["--save-every", "100"])
     assert sorted(got) == [step + 1, step + 2]
-    assert not any(os.path.exists(p) for p in stale)          # removed at the resumed run's save
+    assert all(os.path.exists(p) for p in stale)              # the resume source is never touched (#22)
     if step + 2 <= 6:
         _same_losses(got, good_run[1])
 

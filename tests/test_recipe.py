@@ -117,10 +117,17 @@ def test_shorter_side_then_central_square():
 
 # ---- the mean image: computed from the training set, cached, reused, refused ------------------------
 
+def _mean_path(mnist_dir):
+    """The cache of _mnist_argv's mean image: named by its side, --split-test part and key (the file
+    list, the count and --bad-images: data_mod.mean_image_key)."""
+    train, _, _ = data_mod.build_datasets("mnist", mnist_dir, seed=0, download=False, split_test=500)
+    return data_mod.mean_image_path("mnist", mnist_dir, 76, 500, len(train), data_mod.mean_image_key(train, "stop"))
+
+
 def test_mean_image_computed_cached_reused_refused(mnist_dir, monkeypatch):
     argv = _mnist_argv(mnist_dir)
     job = build(parse_config(argv))
-    path = os.path.join(mnist_dir, "mnist-mean-76-first2500.pt")
+    path = _mean_path(mnist_dir)
     cached = torch.load(path, weights_only=True)                  # a plain tensor
     assert isinstance(cached, torch.Tensor) and cached.shape == (1, 76, 76)
     train_raw, val_raw = job.train_set.dataset, job.val_set.dataset
@@ -143,7 +150,7 @@ def test_mean_image_computed_cached_reused_refused(mnist_dir, monkeypatch):
 
 
 def test_stale_mean_image_one_line_from_the_launcher(mnist_dir, capsys):
-    path = os.path.join(mnist_dir, "mnist-mean-76-first2500.pt")
+    path = _mean_path(mnist_dir)
     torch.save(torch.zeros(1, 80, 80), path)
     main = _launcher("train")
     with pytest.raises(SystemExit) as e:
