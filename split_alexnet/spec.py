@@ -23,11 +23,16 @@ class Layer:
     lrn: bool = False
     pool: bool = False  # overlapping max-pool, window 3, stride 2 (§3.4)
     dropout: float = 0.0
+    # cuda-convnet2's output-size rule (layer.py:1097, LocalLayerParser.parse, which ConvLayerParser inherits: modulesX = 1 + ceil((2 * padding +
+    # imgSize - filterSize) / stride)): the output the input's last pixels would still start a window of,
+    # the missing pixels zero on the right and bottom ("pad_end" below). conv1 only: at 224 px it is
+    # 55, as in the paper (§3.5, Fig. 2); 227 px (Caffe's crop) needs no such padding.
+    ceil_out: bool = False
 
 
 # §3.5, Fig. 2. The widths are totals over both streams; each stream holds width / streams.
 LAYERS = (
-    Layer("conv1", "conv", 96, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True),
+    Layer("conv1", "conv", 96, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True, ceil_out=True),
     Layer("conv2", "conv", 256, kernel=5, pad=2, reads="own", lrn=True, pool=True),
     Layer("conv3", "conv", 384, kernel=3, pad=1, reads="all"),
     Layer("conv4", "conv", 384, kernel=3, pad=1, reads="own"),
@@ -47,7 +52,7 @@ LAYERS = (
 # convolutional layer (nor the fully-connected layers which follow)". One stream, no groups: conv1-conv4
 # halved (48, 128, 192, 192), conv5 and fc6-fc8 as in the two-GPU net (256, 4096, 4096, classes).
 LAYERS_HALF = (
-    Layer("conv1", "conv", 48, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True),
+    Layer("conv1", "conv", 48, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True, ceil_out=True),
     Layer("conv2", "conv", 128, kernel=5, pad=2, reads="own", lrn=True, pool=True),
     Layer("conv3", "conv", 192, kernel=3, pad=1, reads="all"),
     Layer("conv4", "conv", 192, kernel=3, pad=1, reads="own"),
@@ -60,11 +65,19 @@ NETS = {"paper": LAYERS, "half": LAYERS_HALF}   # --net: the two-GPU net, or §3
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 POOL = dict(kernel_size=3, stride=2)
-PAPER_NEURONS = (253_440, 186_624, 64_896, 64_896, 43_264, 4096, 4096, 1000)  # first is an erratum
+# Fig. 2's text (§3.5); the first is not 55 * 55 * 96 = 290,400, the others are the layers' outputs
+PAPER_NEURONS = (253_440, 186_624, 64_896, 64_896, 43_264, 4096, 4096, 1000)
 
 
 def _conv_out(size, kernel, stride, pad):
     return (size + 2 * pad - kernel) // stride + 1
+
+
+def pad_end(size, kernel, stride, pad):
+    """The zero pixels on the right and bottom that cuda-convnet2's output-size rule adds (ceil_out):
+    1 + ceil((2 pad + size - kernel) / stride) outputs need (out - 1) stride + kernel input pixels."""
+    out = 1 + -(-(2 * pad + size - kernel) // stride)
+    return (out - 1) * stride + kernel - (size + 2 * pad)
 
 
 def split_sizes(total, streams):
@@ -82,6 +95,7 @@ class LayerShape:
     weight_shape: tuple  # one stream's weight (the largest shard when fc8 does not divide)
     params_total: int
     neurons: int       # the paper's count: conv output before pooling, all streams
+    pad_end: int = 0   # zero pixels added on the right and bottom before the conv (ceil_out)
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,8 @@ class Spec:
             per = self.out_sizes(layer)
             if layer.kind == "conv":
                 fan_in = chans // self.streams if layer.reads == "own" else chans  # image or all
-                out_hw = _conv_out(hw, layer.kernel, layer.stride, layer.pad)
+                end = pad_end(hw, layer.kernel, layer.stride, layer.pad) if layer.ceil_out else 0
+                out_hw = _conv_out(hw + end, layer.kernel, layer.stride, layer.pad)
                 post_hw = _conv_out(out_hw, POOL["kernel_size"], POOL["stride"], 0) if layer.pool else out_hw
                 weight = (per[0], fan_in, layer.kernel, layer.kernel)
                 params = width * (fan_in * layer.kernel ** 2 + 1)
@@ -141,7 +156,8 @@ class Spec:
                 params = width * (fan_in + 1)
                 neurons = width
                 hw, chans = 1, width
-            rows.append(LayerShape(layer, fan_in, per[0], out_hw, post_hw, weight, params, neurons))
+            rows.append(LayerShape(layer, fan_in, per[0], out_hw, post_hw, weight, params, neurons,
+                                   end if layer.kind == "conv" else 0))
         return rows
 
     @property

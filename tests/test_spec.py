@@ -9,7 +9,7 @@ def test_paper_figures():
     assert spec.params_total == 60_965_224
     assert [spec.params_per_stream(s) for s in range(2)] == [30_482_612, 30_482_612]
     assert [r.neurons for r in spec.shapes][1:] == list(PAPER_NEURONS[1:])
-    assert spec.shapes[0].neurons == 55 * 55 * 96  # the paper's 253,440 is an erratum
+    assert spec.shapes[0].neurons == 55 * 55 * 96  # the paper's first figure is 253,440
     assert [r.post_hw for r in spec.shapes[:5]] == [27, 13, 13, 13, 6]
     assert [r.params_total for r in spec.shapes][5:] == [37_752_832, 16_781_312, 4_097_000]
 
