@@ -204,6 +204,7 @@ def build(cfg, ctx=None):
         mean, how = _mean_image_rank0_first(cfg, train_raw, spec.in_channels, rank, world)
         if rank == 0 and not cfg.quiet:
             log(f"mean image {tuple(mean.shape)}: {how}")
+        aug.update(subtract_mean=cfg.subtract_mean, lighting_pca=cfg.lighting_pca)
         train_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=True, **aug)
         val_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=False,
                                         ten_crop=cfg.ten_crop, **aug)
