@@ -211,10 +211,9 @@ def test_ten_crop_transform_corners_centre_mirrors():
     assert crops.shape == (10, 3, 67, 67)
     assert torch.equal(crops[0], base[:, :67, :67]) and torch.equal(crops[3], base[:, 9:, 9:])
     assert torch.equal(crops[4], base[:, 4:71, 4:71])            # the centre
-    # and their mirrors (torchvision crops the mirrored image: its top-left is the top-right's mirror)
-    for i, j in zip(range(5, 9), (1, 0, 3, 2)):
-        assert torch.equal(crops[i], crops[j].flip(-1))
-    assert torch.equal(crops[9], base.flip(-1)[:, 4:71, 4:71])  # the mirrored image's centre
+    # and their mirrors, each patch's own (§4.1: "the five ... patches as well as their horizontal reflections")
+    for i in range(5):
+        assert torch.equal(crops[5 + i], crops[i].flip(-1))
 
 
 class _PerCrop(nn.Module):
