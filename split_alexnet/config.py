@@ -47,8 +47,9 @@ RECIPES = {
     # cuda-convnet2's two-GPU files as closely as the flags allow (layers/layer-params-imagenet-2gpu-model.cfg:
     # epsW=dexp[base=0.02;tgtFactor=250;numSteps=4], epsB=dexp[base=0.04;tgtFactor=25;numSteps=2], momW/momB
     # 0.9, wc 0.0005 on weights only; convdata.py: the central crop of the mean image after crop and flip,
-    # PCA noise with make-data/input_meta's standard deviations and the 1/1.1 rescale). Run it with
-    # --image-size 224 (cuda-convnet2's crops); docs/reproduction.md says what still differs.
+    # PCA noise with make-data/input_meta's standard deviations and the 1/(1 + sigma) rescale; its crop
+    # size and sigma are command-line values, the paper's 224 and 0.1 here). Run it with --image-size 224;
+    # docs/reproduction.md says what still differs.
     "paper-c2": {**_PAPER, "lr": 0.02, "bias_lr_mult": 2.0, "schedule": "dexp", "subtract_mean": "cuda-convnet2",
                  "lighting_pca": "cuda-convnet2"},
     # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized and standardised per

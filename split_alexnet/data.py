@@ -241,8 +241,9 @@ PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
 PCA_MXNET_255 = PCA_EIGVAL * 255
 # --lighting-pca cuda-convnet2: make-data/input_meta's 'color_pca' (standard deviations along its
 # eigenvectors, 0-255 pixels; the eigenvectors are the columns), read by convdata.py's ImageNetDP
-# (color_stdevs, color_eig). ColorNoiseMakerThread draws randn(3) * stdevs @ eigvecs.T, times
-# color_noise (0.1), and add_color_noise then rescales the data by 1 / (1 + color_noise).
+# (color_stdevs, color_eig). ColorNoiseMakerThread draws randn(3) * stdevs @ eigvecs.T, times the
+# --color-noise coefficient (a command-line value, convnet.py; the paper's sigma is 0.1), and
+# add_color_noise then rescales the data by 1 / (1 + coefficient).
 PCA_C2_STDEV = torch.tensor([19.72083305, 37.09388853, 121.78006099])
 PCA_C2_EIGVEC = torch.tensor([[0.41795513, -0.71257945, -0.56351045],
                               [-0.81698062, -0.02354167, -0.5761844],

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_python, run_torchrun
 from torchvision.transforms import v2
 
 import split_alexnet
@@ -28,9 +29,6 @@ from split_alexnet.model import AlexNet, StreamsAlexNet
 from split_alexnet.optim import DexpSchedule, PaperSGD, check_resume_update, dexp_rates, dexp_value
 from split_alexnet.spec import Spec
 from split_alexnet.train import build, run
-
-from conftest import run_python, run_torchrun
-
 
 # ---- PaperSGD: the paper's equation (§5) -----------------------------------------------------------
 
@@ -95,6 +93,7 @@ def test_paper_sgd_equals_torch_sgd_while_the_lr_is_constant_and_parts_after_a_d
     assert apart > 1e-4, apart
 
 
+@pytest.mark.slow
 def test_paper_sgd_resumes_exactly_through_state_dict_and_the_checkpoint_files():
     w0, b0, loss_fn = _problem()
 
@@ -137,6 +136,7 @@ def test_paper_sgd_refuses_bad_arguments():
             PaperSGD([w], **kw)
 
 
+@pytest.mark.slow
 def test_the_paper_recipes_use_the_papers_update_and_a_run_records_it(tmp_path):
     for name in RECIPES:
         assert parse_config(["--recipe", name]).update == ("torch" if name == "d2l" else "paper"), name
@@ -256,6 +256,10 @@ def test_224_px_is_the_papers_net():
     assert spec.params_total == 60_965_224 == Spec(image_size=227).params_total
     assert paper_side(224) == 256 and paper_side(227) == 256       # 224 crops from 256: 32 px margin
     assert Spec(image_size=227).shapes[0].pad_end == 0 and Spec(image_size=67).shapes[0].pad_end == 0
+
+
+@pytest.mark.slow
+def test_summary_at_224_px_shows_conv1_55_and_the_papers_parameters():
     proc = run_python("summary.py", "--image-size", "224")
     assert proc.returncode == 0, proc.stderr
     conv1 = next(line for line in proc.stdout.splitlines() if line.startswith("conv1 "))
@@ -263,6 +267,7 @@ def test_224_px_is_the_papers_net():
     assert "total parameters: 60,965,224" in proc.stdout
 
 
+@pytest.mark.slow
 def test_implicit_padding_is_zeros_on_the_right_and_bottom_in_every_layout():
     """68 px acts as 71 (3 px): each layout equals the unpadded net on the zero-padded image."""
     spec, wide = Spec(image_size=68, num_classes=10), Spec(image_size=71, num_classes=10)
@@ -282,6 +287,7 @@ def test_implicit_padding_is_zeros_on_the_right_and_bottom_in_every_layout():
 
 # ---- every layout's check with the paper's update ------------------------------------------------------
 
+@pytest.mark.slow
 def test_check_streams_with_the_papers_update():
     rows = run_check("streams", Spec(image_size=68, num_classes=10), batch_size=2, steps=2,
                      modes=("eval", "train"), update="paper")
@@ -291,10 +297,10 @@ def test_check_streams_with_the_papers_update():
 @pytest.mark.slow
 def test_check_split_and_hybrid_with_the_papers_update():
     proc = run_torchrun(2, "check.py", "--image-size", 67, "--num-classes", 10, "--batch-size", 4, "--steps", 2,
-                        "--update", "paper")
+                        "--modes", "eval", "--update", "paper")
     assert proc.returncode == 0 and "PASS" in proc.stderr + proc.stdout, proc.stderr[-2000:]
     proc = run_torchrun(2, "check.py", "--layout", "hybrid", "--image-size", 67, "--num-classes", 10,
-                        "--batch-size", 4, "--steps", 2, "--update", "paper")
+                        "--batch-size", 4, "--steps", 2, "--modes", "eval", "--update", "paper")
     assert proc.returncode == 0 and "PASS" in proc.stderr + proc.stdout, proc.stderr[-2000:]
 
 
@@ -303,14 +309,15 @@ def test_check_split_and_hybrid_with_the_papers_update():
 @pytest.mark.slow
 def test_hybrid_2014_schedule_passes_its_own_check_and_fails_without_the_conv_sum():
     args = ("--layout", "hybrid", "--hybrid-schedule", "2014", "--image-size", 67, "--num-classes", 10,
-            "--batch-size", 4, "--steps", 2)
-    proc = run_torchrun(2, "check.py", *args, "--update", "paper")
-    out = proc.stderr + proc.stdout
+            "--batch-size", 4)
+    proc = run_torchrun(2, "check.py", *args, "--steps", 2, "--modes", "train", "--update", "paper")
+    out = proc.stderr + proc.stdout     # train mode: each pass draws its own dropout masks
     assert proc.returncode == 0 and "PASS" in out and "loss (2014 passes)" in out, out[-2000:]
-    proc = run_torchrun(2, "check.py", *args, "--no-allreduce", "--modes", "eval")
+    proc = run_torchrun(2, "check.py", *args, "--steps", 1, "--no-allreduce", "--modes", "eval")
     assert proc.returncode == 1 and "FAIL" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_the_2014_schedule_is_not_the_single_layouts_step():
     """One worker: the 2014 reference is one SGD step with the conv at 4x; two workers part from it."""
     from split_alexnet.hybrid import CONV_LR_MULT_2014, reference_step_2014
