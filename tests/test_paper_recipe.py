@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_python, run_torchrun
+from conftest import run_python, run_torchrun, spawn
 from torchvision.transforms import v2
 
 import split_alexnet
@@ -294,14 +294,22 @@ def test_check_streams_with_the_papers_update():
     assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
+def _checks_with_the_papers_update(rank, world):
+    from split_alexnet.distributed import Context, build_mesh
+    for streams in (2, 1):                       # split: 1 replica x 2 streams; mesh: 2 replicas x 1 stream
+        ctx = Context(rank, world, rank, torch.device("cpu"), "gloo", streams,
+                      build_mesh("cpu", world // streams, streams))
+        rows = run_check("split", Spec(streams=streams, image_size=67, num_classes=10), batch_size=4, steps=2,
+                         modes=("eval",), rank=ctx.stream_rank, ctx=ctx, update="paper", dtype=torch.float64)
+        assert rows and all(r.ok for r in rows), (streams, [r for r in rows if not r.ok])
+    rows = run_check("hybrid", Spec(image_size=67, num_classes=10), batch_size=4, steps=2, modes=("eval",),
+                     rank=rank, update="paper", dtype=torch.float64)     # one pass: values and derivatives
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+
+
 @pytest.mark.slow
-def test_check_split_and_hybrid_with_the_papers_update():
-    proc = run_torchrun(2, "check.py", "--image-size", 67, "--num-classes", 10, "--batch-size", 4, "--steps", 2,
-                        "--modes", "eval", "--update", "paper")
-    assert proc.returncode == 0 and "PASS" in proc.stderr + proc.stdout, proc.stderr[-2000:]
-    proc = run_torchrun(2, "check.py", "--layout", "hybrid", "--image-size", 67, "--num-classes", 10,
-                        "--batch-size", 4, "--steps", 2, "--modes", "eval", "--update", "paper")
-    assert proc.returncode == 0 and "PASS" in proc.stderr + proc.stdout, proc.stderr[-2000:]
+def test_check_split_mesh_and_hybrid_with_the_papers_update():
+    spawn(_checks_with_the_papers_update, 2)
 
 
 # ---- the 2014 hybrid's schedule --------------------------------------------------------------------------
