@@ -23,10 +23,11 @@ class Layer:
     lrn: bool = False
     pool: bool = False  # overlapping max-pool, window 3, stride 2 (§3.4)
     dropout: float = 0.0
-    # cuda-convnet2's output-size rule (layer.py:1097, LocalLayerParser.parse, which ConvLayerParser inherits: modulesX = 1 + ceil((2 * padding +
-    # imgSize - filterSize) / stride)): the output the input's last pixels would still start a window of,
-    # the missing pixels zero on the right and bottom ("pad_end" below). conv1 only: at 224 px it is
-    # 55, as in the paper (§3.5, Fig. 2); 227 px (Caffe's crop) needs no such padding.
+    # ceil_out: cuda-convnet2's output-size rule (layer.py:1097, LocalLayerParser.parse, which its
+    # ConvLayerParser inherits): modulesX = 1 + ceil((2 * padding + imgSize - filterSize) / stride), so a
+    # window may start where fewer than filterSize pixels remain; those are zeros on the right and bottom
+    # (pad_end below). conv1 only: at 224 px its output is 55, as in the paper (§3.5, Fig. 2); 227 px
+    # (Caffe's crop) needs no such padding.
     ceil_out: bool = False
 
 
