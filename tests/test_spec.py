@@ -33,8 +33,11 @@ def test_streams_together_hold_every_parameter(streams):
 
 
 def test_derived_sizes_follow_the_input():
+    spec = Spec(image_size=195, in_channels=1, num_classes=10)
+    assert spec.shapes[0].out_hw == 47 and spec.shapes[5].in_channels == 256 * 5 * 5
+    # 224 acts as 227 (cuda-convnet2's output size, 3 zero pixels right and bottom): the paper's net
     spec = Spec(image_size=224, in_channels=1, num_classes=10)
-    assert spec.shapes[0].out_hw == 54 and spec.shapes[5].in_channels == 256 * 5 * 5
+    assert spec.shapes[0].out_hw == 55 and spec.shapes[5].in_channels == 256 * 6 * 6
     assert Spec(image_size=MIN_IMAGE_SIZE).shapes[4].post_hw == 1
     assert Spec(streams=4, num_classes=10).out_sizes(Spec().layers[-1]) == [3, 3, 2, 2]
 
