@@ -44,11 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="SGD steps before the parameters are compared")
     p.add_argument("--update", choices=["torch", "paper"], default="torch", help="the SGD steps' rule: "
-                   "torch.optim.SGD, or the paper's (split_alexnet.PaperSGD)")
+                   "torch.optim.SGD, or the paper's (split_alexnet.PaperSGD) (default: %(default)s)")
     p.add_argument("--hybrid-schedule", choices=["single", "2014"], default="single", help="hybrid: single "
                    "(one step over the whole batch: equals the single layout), or 2014 (cuda-convnet2's: an "
                    "fc pass and update per rank's slice, then one conv update at 4x the lr) against a "
-                   "one-device run of the same updates")
+                   "one-device run of the same updates (default: %(default)s)")
     p.add_argument("--modes", default="eval,train", help="eval, train (dropout on), or both")
     p.add_argument("--init", choices=["d2l", "paper"], default="d2l",
                    help="weights the layouts are compared at (see docs/equivalence.md)")
