@@ -317,7 +317,7 @@ def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, l
 
 def paper_side(image_size):
     """The square the paper's crops are cut from: 256 for 227-px crops (Caffe's crop_size 227 from its
-    256x256 images) and for 224-px crops (the paper's §4.1 and cuda-convnet2's: 224 acts as 227, see
+    256x256 images) and for 224-px crops (the paper's, §4.1: 224 acts as 227 here, see
     spec.pad_end), scaled with the input the net sees: 67 px -> 76."""
     first = LAYERS[0]
     seen = image_size + pad_end(image_size, first.kernel, first.stride, first.pad)

@@ -6,7 +6,7 @@
 - `SplitAlexNet`   one process per stream (torchrun); exchanges are the collectives in comm.py.
 
 All three run the same loop over the spec (`forward_plan`): before every layer that reads all
-streams, exchange; then the layer. Shapes below are for the paper's 227 px input and 2 streams.
+streams, exchange; then the layer. Shapes below are for a 227 px input (the paper's 224 acts as 227: spec.pad_end) and 2 streams.
 """
 import torch
 import torch.nn as nn
