@@ -121,7 +121,7 @@ class Spec:
         check_streams(self.streams)
         if not isinstance(self.image_size, int) or self.image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image size {self.image_size} is too small for AlexNet: "
-                             f"use --image-size {MIN_IMAGE_SIZE} or more (224 and 227 give the paper's net)")
+                             f"use --image-size {MIN_IMAGE_SIZE} or more (227 is the paper's)")
         if self.in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {self.in_channels}")
         if self.num_classes < self.streams:
