@@ -43,6 +43,12 @@ def parse_args(argv=None):
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="SGD steps before the parameters are compared")
+    p.add_argument("--update", choices=["torch", "paper"], default="torch", help="the SGD steps' rule: "
+                   "torch.optim.SGD, or the paper's (split_alexnet.PaperSGD) (default: %(default)s)")
+    p.add_argument("--hybrid-schedule", choices=["single", "2014"], default="single", help="hybrid: single "
+                   "(one step over the whole batch: equals the single layout), or 2014 (cuda-convnet2's: an "
+                   "fc pass and update per rank's slice, then one conv update at 4x the lr) against a "
+                   "one-device run of the same updates (default: %(default)s)")
     p.add_argument("--modes", default="eval,train", help="eval, train (dropout on), or both")
     p.add_argument("--init", choices=["d2l", "paper"], default="d2l",
                    help="weights the layouts are compared at (see docs/equivalence.md)")
@@ -89,6 +95,8 @@ def main(argv=None):
     dtype = DTYPES[args.precision]
     if layout == "streams" and proc.torchrun and proc.world > 1:
         raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
+    if args.hybrid_schedule == "2014" and layout != "hybrid":
+        raise UsageError("--hybrid-schedule 2014 is the hybrid layout's: add --layout hybrid (under torchrun)")
     if layout == "hybrid" and not proc.torchrun:
         raise UsageError("--layout hybrid runs one process per rank: launch it with "
                          "torchrun --nproc_per_node=4 launch/check.py --layout hybrid")
@@ -123,7 +131,9 @@ def main(argv=None):
             where += "; NO gradient all-reduce (must fail)"
         log(f"check: {layout} vs single, {streams} streams ({where}), {spec.image_size} px, "
             f"{spec.in_channels} channels, {spec.num_classes} classes, batch {args.batch_size}, "
-            f"{args.steps} SGD steps (lr 0.01, momentum 0.9, wd 5e-4), modes {','.join(modes)}, init {args.init}")
+            f"{args.steps} SGD steps ({args.update}'s update, lr 0.01, momentum 0.9, wd 5e-4"
+            f"{'; hybrid 2014 schedule: fc lr 0.01, conv lr 0.04' if args.hybrid_schedule == '2014' else ''}), "
+            f"modes {','.join(modes)}, init {args.init}")
         if dtype in AUTOCAST:
             check_precision({torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype], device.type)
         log(allocator)
@@ -134,7 +144,8 @@ def main(argv=None):
         with switch(args.exercise) if args.exercise else contextlib.nullcontext():
             rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
                              rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype, ctx=ctx,
-                             allreduce=args.allreduce)
+                             allreduce=args.allreduce, update=args.update,
+                             hybrid_schedule=args.hybrid_schedule)
         log(format_table(rows))
         log(verdict(rows, layout, streams, spec.image_size, time.perf_counter() - t0))
         bad = [r for r in rows if not r.ok]

@@ -10,8 +10,9 @@ from .model import (
                     split_from_single,
                     streams_from_single,
 )
+from .optim import PaperSGD
 from .spec import LAYERS, Spec, allowed_streams
 
 __all__ = ["Spec", "LAYERS", "allowed_streams", "AlexNet", "Stream", "StreamsAlexNet", "SplitAlexNet",
            "shard_state_dict", "join_state_dicts", "streams_from_single", "split_from_single",
-           "init_weights"]
+           "init_weights", "PaperSGD"]

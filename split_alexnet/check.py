@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .model import AlexNet, shard_state_dict, split_from_single, streams_from_single
+from .optim import make_optimizer
 from .precision import UNIT_ROUNDOFF, ieee_fp32
 
 RTOL, ATOL = 1e-4, 1e-7
@@ -115,7 +116,7 @@ def _diff(a, b):
 
 
 def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives, seed, device, devices, rank,
-             ctx=None, allreduce=True):
+             ctx=None, allreduce=True, update="torch"):
     """One mode in one dtype: [(mode, tensor, dtype, abs diff, reference max)] for what is asked.
     bf16/fp16: fp32 weights and input, forward and loss under torch.autocast (values only)."""
     half = dtype in AUTOCAST
@@ -128,8 +129,7 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
     rows, out_rows = _slice(plan.rows, len(x)), _slice(plan.out_rows, len(x))
     for m in (ref, net):
         m.train(mode == "train")
-    opts = [torch.optim.SGD(m.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-            for m in (ref, net)]
+    opts = [make_optimizer(update, m.parameters(), LR, MOMENTUM, WEIGHT_DECAY) for m in (ref, net)]
     out = []
     for step in range(steps if derivatives else 1):
         with torch.autocast(device_type, dtype=dtype) if half else contextlib.nullcontext():
@@ -159,9 +159,38 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
     return out
 
 
+def _compare_2014(spec, state, x, y, mode, steps, seed, device, rank, allreduce, update):
+    """The hybrid's 2014 schedule (hybrid.step_2014) against the same sequence of updates on one device
+    (hybrid.reference_step_2014), in float64: every pass's loss, and the parameters after `steps` steps."""
+    from .hybrid import CONV_LR_MULT_2014, hybrid_from_single, reference_step_2014, step_2014
+    dtype = DERIVATIVES_DTYPE
+    state = {k: v.to(dtype) for k, v in state.items()}
+    x = x.to(device, dtype)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ref = AlexNet(spec=spec, dropout_seed=seed).to(device, dtype)
+    ref.load_state_dict(state)
+    net = hybrid_from_single(ref, rank, world, None, device, allreduce)
+    for m in (ref, net):
+        m.train(mode == "train")
+    fc_names = {layer.name for layer in spec.layers if layer.kind == "fc"}
+    ref_fc = [p for n, p in ref.named_parameters() if n.split(".")[0] in fc_names]
+    ref_conv = [p for n, p in ref.named_parameters() if n.split(".")[0] not in fc_names]
+    opts = [make_optimizer(update, ps, lr, MOMENTUM, WEIGHT_DECAY)
+            for ps, lr in ((ref_fc, LR), (ref_conv, LR * CONV_LR_MULT_2014),
+                           (list(net.fc.parameters()), LR), (list(net.conv.parameters()), LR * CONV_LR_MULT_2014))]
+    b = len(x) // world
+    losses_ref, losses = [], []
+    for _ in range(steps):
+        losses_ref.append(reference_step_2014(ref, x, y, world, opts[0], opts[1]))
+        losses.append(step_2014(net, x[rank * b:(rank + 1) * b], y, opts[2], opts[3]))
+    out = [(mode, "loss (2014 passes)", "float64", *_diff(torch.stack(losses), torch.stack(losses_ref)))]
+    return out + _compare_params(mode, f"after {steps} SGD steps, 2014", "float64", ref, _hybrid_params(net),
+                                 lambda p: p)
+
+
 def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed=0,
               device="cpu", devices=None, rank=0, init="d2l", dtype=torch.float32, ctx=None,
-              allreduce=True):
+              allreduce=True, update="torch", hybrid_schedule="single"):
     """Compare `layout` against the single layout: logits and loss in `dtype` (float32, float64, or
     bfloat16/float16 under torch.autocast), gradients and parameters after `steps` SGD steps in float64
     (see the module docstring). Returns a list of `Row`.
@@ -170,19 +199,27 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     per-tensor maxima are reduced over ranks, so every rank returns the same rows. With a ctx of
     several replicas (distributed.Context) the split runs as streams x replicas on the global batch;
     allreduce=False leaves the gradient all-reduce out (replicas' average, the hybrid's conv sum), which
-    must fail.
+    must fail. update: the SGD steps' rule ("torch": torch.optim.SGD, "paper": PaperSGD).
+    hybrid_schedule "2014" (hybrid layout): the derivatives compare hybrid.step_2014 against
+    hybrid.reference_step_2014 instead of one SGD step over the whole batch against the single layout.
     """
+    if hybrid_schedule not in ("single", "2014") or (hybrid_schedule == "2014" and layout != "hybrid"):
+        raise ValueError(f"hybrid_schedule {hybrid_schedule!r} with layout {layout!r}: use 'single', or "
+                         f"'2014' with the hybrid layout")
     torch.manual_seed(seed)
     state = AlexNet(spec=spec, init=init).state_dict()  # seeded: the same on every rank
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
     y = torch.randint(0, spec.num_classes, (batch_size,), generator=gen).to(device)
-    args = (seed, device, devices, rank, ctx, allreduce)
+    args = (seed, device, devices, rank, ctx, allreduce, update)
     results = []
     with ieee_fp32():  # the fp32 tolerance is for IEEE fp32, not the TF32 cuDNN uses by default on GPUs
         for mode in modes:
-            if dtype != DERIVATIVES_DTYPE:
+            if dtype != DERIVATIVES_DTYPE or hybrid_schedule == "2014":
                 results += _compare(layout, spec, state, x, y, mode, steps, dtype, True, False, *args)
+            if hybrid_schedule == "2014":
+                results += _compare_2014(spec, state, x, y, mode, steps, seed, device, rank, allreduce, update)
+                continue
             results += _compare(layout, spec, state, x, y, mode, steps, DERIVATIVES_DTYPE,
                                 dtype == DERIVATIVES_DTYPE, True, *args)
     if layout in ("split", "hybrid") and dist.is_initialized():

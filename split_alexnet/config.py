@@ -13,21 +13,24 @@ import torch
 
 from .cli import UsageError, env
 from .data import DATASETS
+from .optim import UPDATES, parse_dexp
 
 # Every value here can be overridden by its flag (--lr, --momentum, ...), and the data set's defaults
-# (data.DATASETS[name].defaults) apply over the recipe's. The paper (§2, §4, §5) and cuda-convnet2's
-# two-GPU configuration, row by row in docs/reproduction.md:
+# (data.DATASETS[name].defaults) apply over the recipe's. The paper's recipe (§2, §4, §5), each row
+# with its source in docs/reproduction.md:
 # - input: shorter side to 256, the central 256x256, minus the training set's mean image, raw 0-255
-#   pixels (no std division): --preprocess paper;
-# - random crops and mirrors, PCA lighting sigma 0.1 (on the 0-255 scale);
-# - SGD momentum 0.9, weight decay 5e-4 on the weights; biases at 2x the lr and no weight decay
-#   (cuda-convnet2's epsB = 2 epsW, wc = 0 on biases; Caffe: lr_mult 2, decay_mult 0);
-# - lr 0.01 / 10 when the validation error (top-1) stops improving, three times in all (--lr-drops 3);
-# - N(0, 0.01) weights, biases 1 in conv2/4/5, fc6, fc7; 90 epochs of 128;
-# - ten-crop evaluation (4 corners + centre and their mirrors, softmax averaged).
+#   pixels (no std division, §2): --preprocess paper; the mean at the crop's own position (Caffe's way);
+# - random crops and mirrors (§4.1), PCA lighting sigma 0.1 (§4.1) with the MXNet constants;
+# - the paper's update (§5, PaperSGD: the lr inside the velocity), momentum 0.9, weight decay 5e-4 on
+#   the weights; biases at 2x the lr and no weight decay (Caffe's bvlc_alexnet: lr_mult 2, decay_mult 0;
+#   the paper says nothing of biases);
+# - lr 0.01 / 10 when the validation error (top-1) stops improving, three times in all (§5, --lr-drops 3);
+# - N(0, 0.01) weights, biases 1 in conv2/4/5, fc6, fc7 (§5); 90 epochs (§5) of 128 (§5);
+# - ten-crop evaluation (4 corners + centre and their mirrors, softmax averaged, §4.1).
 _PAPER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, init="paper", batch_size=128, epochs=90,
               schedule="plateau", lr_patience=5, lr_drops=3, crop=True, flip=True, lighting=0.1,
-              preprocess="paper", bias_lr_mult=2.0, bias_decay=False, ten_crop=True)
+              preprocess="paper", bias_lr_mult=2.0, bias_decay=False, ten_crop=True, update="paper",
+              subtract_mean="caffe", lighting_pca="mxnet", dexp_weights="250,4", dexp_biases="25,2")
 RECIPES = {
     "paper": _PAPER,
     # the default: the paper's recipe with one change, Caffe's bvlc_alexnet init (N(0, 0.01), fc6/fc7
@@ -41,11 +44,20 @@ RECIPES = {
     # standardised input (per-channel mean and std, where He's init learns within tens of steps) and a
     # centre-crop evaluation; paper-caffe sits at chance for ~420 of the demo's 600 steps (docs/training.md).
     "paper-he-std": {**_PAPER, "init": "kaiming", "preprocess": "channel", "ten_crop": False},
+    # cuda-convnet2's two-GPU files as closely as the flags allow (layers/layer-params-imagenet-2gpu-model.cfg:
+    # epsW=dexp[base=0.02;tgtFactor=250;numSteps=4], epsB=dexp[base=0.04;tgtFactor=25;numSteps=2], momW/momB
+    # 0.9, wc 0.0005 on weights only; convdata.py: the central crop of the mean image after crop and flip,
+    # PCA noise with make-data/input_meta's standard deviations and the 1/(1 + sigma) rescale; its crop
+    # size and sigma are command-line values, the paper's 224 and 0.1 here). Run it with --image-size 224;
+    # docs/reproduction.md says what still differs.
+    "paper-c2": {**_PAPER, "lr": 0.02, "bias_lr_mult": 2.0, "schedule": "dexp", "subtract_mean": "cuda-convnet2",
+                 "lighting_pca": "cuda-convnet2"},
     # the seed (d2l's AlexNet chapter): Xavier, plain SGD lr 0.01, images resized and standardised per
     # channel, 3 epochs, one parameter group, centre evaluation.
     "d2l": dict(lr=0.01, momentum=0.0, weight_decay=0.0, init="d2l", batch_size=128, epochs=3,
                 schedule="none", lr_patience=0, lr_drops=0, crop=False, flip=False, lighting=0.0,
-                preprocess="channel", bias_lr_mult=1.0, bias_decay=True, ten_crop=False),
+                preprocess="channel", bias_lr_mult=1.0, bias_decay=True, ten_crop=False, update="torch",
+                subtract_mean="caffe", lighting_pca="mxnet", dexp_weights="250,4", dexp_biases="25,2"),
 }
 INITS = ("paper", "caffe", "kaiming", "d2l", "torch")
 # the split layout's --micro-batches default: split vs split-overlap at M = 2 and 4, batch 64, 227 px
@@ -107,6 +119,11 @@ class Config:
     compile: bool = False
     keep_freed_memory: bool = True
     eval_only: bool = False
+    update: str = "torch"          # the recipes set these (older configs lack them: their defaults)
+    subtract_mean: str = "caffe"
+    lighting_pca: str = "mxnet"
+    dexp_weights: str = "250,4"
+    dexp_biases: str = "25,2"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,7 +157,11 @@ def build_parser(add_help=True):
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
                    help="default: the data set's (paper-caffe; shapes: paper-he-std). paper-caffe: the paper's "
                    "with Caffe's init; paper: as published; paper-he: the paper's with He init; paper-he-std: "
-                   "with He init on standardised input, centre-crop eval (a CPU demo); d2l: the d2l chapter's")
+                   "with He init on standardised input, centre-crop eval (a CPU demo); paper-c2: cuda-convnet2's "
+                   "two-GPU files (use --image-size 224); d2l: the d2l chapter's")
+    p.add_argument("--update", choices=UPDATES, help="paper: the paper's SGD (§5; cuda-convnet2's, Caffe's), "
+                   "v = m v - wd lr w - lr g, w += v (split_alexnet.PaperSGD); torch: torch.optim.SGD (the lr "
+                   "outside the velocity); the same while the lr is constant, apart after an lr change")
     p.add_argument("--lr", type=float, help="SGD learning rate")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, help="SGD weight decay")
@@ -153,21 +174,35 @@ def build_parser(add_help=True):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
     p.add_argument("--net", choices=["paper", "half"], default="paper", help="paper: the two-GPU net; half: "
                    "the paper's one-GPU comparison net (§3.2: conv1-4 halved, conv5 and fc kept; one stream)")
-    p.add_argument("--schedule", choices=["none", "plateau"], help="plateau: lr * --lr-factor when the "
-                   "validation top-1 error has not improved for more than --lr-patience evaluations, at most "
-                   "--lr-drops times")
+    p.add_argument("--schedule", choices=["none", "plateau", "dexp"], help="plateau (the paper's, §5): lr "
+                   "* --lr-factor when the validation top-1 error has not improved for more than --lr-patience "
+                   "evaluations, at most --lr-drops times; dexp (cuda-convnet2's): fixed exponential steps by "
+                   "training progress, from --lr (weights) and --lr x --bias-lr-mult (biases)")
+    p.add_argument("--dexp-weights", metavar="FACTOR,STEPS", help="dexp: the weights' rate falls from --lr "
+                   "to --lr / FACTOR in STEPS equal parts of the run (cuda-convnet2: tgtFactor=250;numSteps=4)")
+    p.add_argument("--dexp-biases", metavar="FACTOR,STEPS", help="dexp: the same for the biases, from --lr x "
+                   "--bias-lr-mult (cuda-convnet2: tgtFactor=25;numSteps=2)")
     p.add_argument("--lr-factor", type=float, default=0.1, help="plateau: lr multiplier")
     p.add_argument("--lr-patience", type=int,
                    help="plateau: evaluations without a new best top-1 error that are tolerated; one more drops the lr")
     p.add_argument("--lr-drops", type=int, help="plateau: at most this many drops (the paper: 3)")
-    p.add_argument("--bias-lr-mult", type=float, help="biases' lr over the weights' (cuda-convnet2, Caffe: 2)")
+    p.add_argument("--bias-lr-mult", type=float, help="biases' lr over the weights' (Caffe: 2, constant; "
+                   "cuda-convnet2: 2 at the start, its dexp schedules then part)")
     p.add_argument("--bias-decay", action=B, help="weight decay on the biases too (cuda-convnet2, Caffe: no)")
     p.add_argument("--preprocess", choices=["paper", "channel"], help="paper: shorter side to size*256/227, "
                    "central square, 0-255 minus the training set's mean image; channel: resize to a square, "
                    "[0,1] standardised per channel by the data set's mean and std")
-    p.add_argument("--crop", action=B, help="random crops from the size*256/227 square (eval: centre crop)")
+    p.add_argument("--crop", action=B, help="random crops (eval: the centre crop) from a square of side "
+                   "256/227 of the input's (--preprocess paper; 224 px: 256) or 256/224 of it (--preprocess "
+                   "channel)")
+    p.add_argument("--subtract-mean", choices=["caffe", "cuda-convnet2"], help="--preprocess paper: caffe: "
+                   "the mean image at the crop's own position, before the flip (data_transformer.cpp); "
+                   "cuda-convnet2: the central crop of the mean image, after crop and flip (convdata.py)")
     p.add_argument("--flip", action=B, help="random horizontal flips")
     p.add_argument("--lighting", type=float, help="PCA colour lighting sigma (0: off; RGB only)")
+    p.add_argument("--lighting-pca", choices=["mxnet", "cuda-convnet2"], help="mxnet: fb.resnet.torch's "
+                   "eigenvectors and eigenvalues x 255 (MXNet's pca_noise); cuda-convnet2 (--preprocess paper): "
+                   "its make-data/input_meta eigenvectors and standard deviations, then the data x 1/(1 + sigma)")
     p.add_argument("--ten-crop", action=B, help="evaluate on 10 crops (4 corners + centre, mirrored), "
                    "softmax averaged")
     p.add_argument("--image-size", type=int, help="the model's input (>= 67)")
@@ -264,6 +299,11 @@ def validate(cfg):
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+    parse_dexp(cfg.dexp_weights, "--dexp-weights")
+    parse_dexp(cfg.dexp_biases, "--dexp-biases")
+    if cfg.lighting_pca == "cuda-convnet2" and cfg.lighting > 0 and cfg.preprocess != "paper":
+        raise UsageError("--lighting-pca cuda-convnet2 adds its noise to 0-255 pixels minus the mean image and "
+                         "rescales them by 1/(1 + sigma): use it with --preprocess paper, or --lighting-pca mxnet")
     if cfg.eval_only and not cfg.resume:
         raise UsageError("--eval-only evaluates a checkpoint: give it with --resume DIR (a run directory "
                          "saved with --save-every, or one of its checkpoints/step*)")

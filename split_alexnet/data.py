@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from .cli import UsageError
+from .spec import LAYERS, pad_end
 
 # ---- shapes: a procedural, offline data set -------------------------------------------------------
 
@@ -228,24 +229,36 @@ class TensorImages(Dataset):
 
 # ---- transforms ------------------------------------------------------------------------------------
 
-# PCA of ImageNet RGB pixels in [0, 1] (fb.resnet.torch; reference sheet, "Training recipe"). The shift
-# eigvec @ (alpha * eigval) is added to pixels, so eigval is in the pixels' units: on the 0-255 scale of
-# --preprocess paper it is 255 x these (55.46, 4.794, 1.148: MXNet's image.CreateAugmenter pca_noise, "for
-# an image with range [0, 255]"), the same shift relative to the pixel range.
+# PCA of ImageNet RGB pixels in [0, 1] as fb.resnet.torch prints it (datasets/imagenet.lua, "pca"): the
+# eigenvalues of the pixels' covariance and its eigenvectors. The shift eigvec @ (alpha * eigval) is added
+# to [0, 1] pixels (the paper's formula, §4.1, with these eigenvalues).
 PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-PCA_EIGVAL_255 = PCA_EIGVAL * 255
 PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
                            [-0.5808, -0.0045, -0.8140],
                            [-0.5836, -0.6948, 0.4203]])  # columns are the eigenvectors
+# --lighting-pca mxnet on 0-255 pixels: MXNet's image.CreateAugmenter pca_noise ("for an image with range
+# [0, 255]") multiplies those eigenvalues by 255 (55.46, 4.794, 1.148): the same shift relative to the
+# pixel range. They are not the eigenvalues of 0-255 pixels (255^2 times), nor standard deviations.
+PCA_MXNET_255 = PCA_EIGVAL * 255
+# --lighting-pca cuda-convnet2: make-data/input_meta's 'color_pca' (standard deviations along its
+# eigenvectors, 0-255 pixels; the eigenvectors are the columns), read by convdata.py's ImageNetDP
+# (color_stdevs, color_eig). ColorNoiseMakerThread draws randn(3) * stdevs @ eigvecs.T, times the
+# --color-noise coefficient (a command-line value, convnet.py; the paper's sigma is 0.1), and
+# add_color_noise then rescales the data by 1 / (1 + coefficient).
+PCA_C2_STDEV = torch.tensor([19.72083305, 37.09388853, 121.78006099])
+PCA_C2_EIGVEC = torch.tensor([[0.41795513, -0.71257945, -0.56351045],
+                              [-0.81698062, -0.02354167, -0.5761844],
+                              [0.39731118, 0.70119634, -0.59200296]])
 
 
 class Lighting(v2.Transform):
     """The paper's PCA colour augmentation (§4.1), the one transform torchvision lacks: add
-    eigvec @ (alpha * eigval) to every pixel of a float RGB image, alpha ~ N(0, sigma) per image."""
+    eigvec @ (alpha * eigval) to every pixel of a float RGB image, alpha ~ N(0, sigma) per image.
+    rescale (cuda-convnet2's add_color_noise): then multiply the image by 1 / (1 + sigma)."""
 
-    def __init__(self, sigma=0.1, eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC):
+    def __init__(self, sigma=0.1, eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC, rescale=False):
         super().__init__()
-        self.sigma, self.eigval, self.eigvec = sigma, eigval, eigvec
+        self.sigma, self.eigval, self.eigvec, self.rescale = sigma, eigval, eigvec, rescale
 
     def make_params(self, flat_inputs):
         return dict(alpha=torch.randn(3) * self.sigma)
@@ -254,7 +267,29 @@ class Lighting(v2.Transform):
         if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point() or inpt.shape[-3] != 3:
             return inpt
         rgb = self.eigvec @ (params["alpha"] * self.eigval)             # (3,)
-        return inpt + rgb[:, None, None].to(inpt.dtype)
+        out = inpt + rgb[:, None, None].to(inpt.dtype)
+        return out * (1.0 / (1.0 + self.sigma)) if self.rescale else out
+
+
+LIGHTING_PCA = {   # --lighting-pca on 0-255 pixels: (eigenvalue-like scale, eigenvectors, rescale)
+    "mxnet": (PCA_MXNET_255, PCA_EIGVEC, False),
+    "cuda-convnet2": (PCA_C2_STDEV, PCA_C2_EIGVEC, True),
+}
+
+
+class TenCrop(v2.Transform):
+    """The ten test patches of §4.1: the four corner patches and the centre patch, and the horizontal
+    reflection of each. torchvision's TenCrop crops its five from the mirrored image instead, which
+    puts the mirrored centre patch 1 px off when the margin is odd (256 -> 227: columns 15..241, not
+    the mirror of 14..240); here each patch is mirrored itself."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.size = size
+
+    def forward(self, img):
+        five = v2.functional.five_crop(img, [self.size, self.size])
+        return tuple(five) + tuple(v2.functional.horizontal_flip(c) for c in five)
 
 
 def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, lighting, ten_crop=False):
@@ -275,7 +310,7 @@ def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, l
         t.append(Lighting(lighting))
     t.append(v2.Normalize(mean, std))
     if ten_crop and not train:
-        return _Stack(v2.Compose(t + [v2.TenCrop(image_size)]))
+        return _Stack(v2.Compose(t + [TenCrop(image_size)]))
     return v2.Compose(t)
 
 
@@ -283,8 +318,11 @@ def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, l
 
 def paper_side(image_size):
     """The square the paper's crops are cut from: 256 for 227-px crops (Caffe's crop_size 227 from its
-    256x256 images), scaled with the input: 67 px -> 76."""
-    return round(image_size * 256 / 227)
+    256x256 images) and for 224-px crops (the paper's, §4.1: 224 acts as 227 here, see
+    spec.pad_end), scaled with the input the net sees: 67 px -> 76."""
+    first = LAYERS[0]
+    seen = image_size + pad_end(image_size, first.kernel, first.stride, first.pad)
+    return round(seen * 256 / 227)
 
 
 def _paper_base(side):
@@ -293,8 +331,11 @@ def _paper_base(side):
 
 
 class SubtractMean(v2.Transform):
-    """Subtract the mean image (C, side, side), before any crop or flip: what cuda-convnet2 and Caffe do
-    (Caffe subtracts mean[h_off + h, w_off + w] at the crop's source position)."""
+    """Subtract a mean image of the input's shape. --subtract-mean caffe: the whole (C, side, side) mean
+    before any crop or flip, i.e. each pixel's own position's mean (Caffe, data_transformer.cpp: it
+    subtracts mean[h_off + h, w_off + w] at the crop's source position, then mirrors). cuda-convnet2:
+    its central (C, size, size) crop after the crop and flip, for every crop and flip (convdata.py:
+    data_mean_crop, the mean's central inner_size patch, subtracted in get_next_batch)."""
 
     def __init__(self, mean):
         super().__init__()
@@ -306,23 +347,33 @@ class SubtractMean(v2.Transform):
         return inpt - self.mean.to(inpt.dtype)
 
 
-def build_paper_transforms(image_size, in_channels, mean_image, *, train, crop, flip, lighting, ten_crop=False):
+def build_paper_transforms(image_size, in_channels, mean_image, *, train, crop, flip, lighting, ten_crop=False,
+                           subtract_mean="caffe", lighting_pca="mxnet"):
     """--preprocess paper: raw pixels (0-255) minus the training set's mean image, no std division.
     Training: a random (crop) or the centre image_size crop of the paper_side square, mirrored at random
-    (flip), PCA lighting with the eigenvalues on the 0-255 scale. Evaluation: the centre crop, or the
-    ten crops stacked: (10, C, H, W)."""
+    (flip), PCA lighting (LIGHTING_PCA[lighting_pca]). Evaluation: the centre crop, or the ten crops
+    stacked: (10, C, H, W). subtract_mean: "caffe" (the mean at each pixel's own position, before crop
+    and flip) or "cuda-convnet2" (the mean image's central crop, after them): see SubtractMean."""
+    if subtract_mean not in ("caffe", "cuda-convnet2"):
+        raise ValueError(f"subtract_mean {subtract_mean!r}: use caffe or cuda-convnet2")
     side = paper_side(image_size)
-    t = _paper_base(side) + [SubtractMean(mean_image)]
+    t = _paper_base(side)
+    if subtract_mean == "caffe":
+        t.append(SubtractMean(mean_image))
+    after = [SubtractMean(v2.functional.center_crop(mean_image, [image_size, image_size]))] \
+        if subtract_mean == "cuda-convnet2" else []
     if train:
         t.append(v2.RandomCrop(image_size) if crop else v2.CenterCrop(image_size))
         if flip:
             t.append(v2.RandomHorizontalFlip())
+        t += after
         if lighting > 0 and in_channels == 3:
-            t.append(Lighting(lighting, eigval=PCA_EIGVAL_255))
+            eigval, eigvec, rescale = LIGHTING_PCA[lighting_pca]
+            t.append(Lighting(lighting, eigval=eigval, eigvec=eigvec, rescale=rescale))
         return v2.Compose(t)
     if ten_crop:
-        return _Stack(v2.Compose(t + [v2.TenCrop(image_size)]))
-    return v2.Compose(t + [v2.CenterCrop(image_size)])
+        return _Stack(v2.Compose(t + [TenCrop(image_size)]), minus=after[0].mean if after else None)
+    return v2.Compose(t + [v2.CenterCrop(image_size)] + after)
 
 
 @torch.no_grad()
@@ -406,13 +457,14 @@ def cached_mean_image(path, train_set, side, channels):
 
 
 class _Stack:
-    """Ten crops as one (10, C, H, W) tensor."""
+    """Ten crops as one (10, C, H, W) tensor (minus `minus`, a (C, H, W) mean crop, if given)."""
 
-    def __init__(self, transform):
-        self.transform = transform
+    def __init__(self, transform, minus=None):
+        self.transform, self.minus = transform, minus
 
     def __call__(self, img):
-        return torch.stack([torch.as_tensor(c) for c in self.transform(img)])
+        out = torch.stack([torch.as_tensor(c) for c in self.transform(img)])
+        return out if self.minus is None else out - self.minus.to(out.dtype)
 
 
 # ---- the same batches on every rank ----------------------------------------------------------------

@@ -325,8 +325,8 @@ class Divergence:
 # value other than the checkpoint's is refused (RESUME_REFUSED says why, where it is known).
 # batch_size: at an epoch's end only (refused mid-epoch); the steps left are counted from the position.
 RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedule", "lr_factor", "lr_patience",
-               "lr_drops", "bias_lr_mult", "bias_decay", "batch_size",
-               "crop", "flip", "lighting", "ten_crop", "val_size", "eval_every", "save_every",
+               "lr_drops", "bias_lr_mult", "bias_decay", "batch_size", "dexp_weights", "dexp_biases",
+               "crop", "flip", "lighting", "lighting_pca", "ten_crop", "val_size", "eval_every", "save_every",
                "timeout", "peer_timeout", "bad_images")
 # never taken from the checkpoint: where this run writes, reads and runs
 RESUME_LOCAL = ("out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
@@ -343,6 +343,8 @@ RESUME_REFUSED = {
     "image_size": "the checkpoint's net takes another input size",
     "preprocess": "the trained net's first layer learned the checkpoint's input",
     "net": "the checkpoint holds another net",
+    "subtract_mean": "the trained net's first layer learned the checkpoint's input",
+    "update": "the checkpoint's velocity is in the units of its own update rule",
     "recipe": "a recipe also sets the init and the input, which a trained net cannot change; give the "
               "flags to change (--lr, --momentum, ...) instead",
 }

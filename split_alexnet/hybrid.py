@@ -23,12 +23,27 @@ sum_r g_r. (DDP divides by W because each replica's loss is its own slice's mean
 accumulated its gradient (async, overlapped with the rest of backward, waited for at backward's end).
 
 Bytes per step each rank sends (ring all-reduce, spec.dtype_bytes): bytes_per_step below.
+
+Two schedules. The default (forward above, one loss and one SGD step over the whole batch) equals the
+single layout by design. --hybrid-schedule 2014 (step_2014) is cuda-convnet2's implementation of the
+2014 paper: its layers/layer-params-imagenet-4gpu-data-model.cfg gives the fc layers updatePeriod=1 and
+epsW dexp base 0.01 against the conv layers' 0.04 (4x) (layer.py:858: updatePeriod, "0 means update as
+often as possible"); its MultiGPU wiki page (not in the repository) describes the fc layers' passes,
+one per worker's batch. So: every rank runs conv1..conv5 on
+its slice; then for k = 0..W-1 every rank runs its fc share on worker k's b images, with the loss the
+mean over those b (cuda-convnet2 scales a gradient by 1 / numCases, weights.cu), and updates its fc
+share after each pass (W fc updates per step, each pass seeing the previous pass's weights); worker k
+receives the sum over ranks of the gradient at its rows; last, one conv update from the sum over
+ranks of the conv gradients (the replicas' gradients are summed, weights.cu, aggregateReplicaGradients),
+i.e. of sum_k d loss_k / d w. reference_step_2014 runs the same sequence on one device; the check
+(launch/check.py --layout hybrid --hybrid-schedule 2014) compares the two.
 """
 import dataclasses
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import comm
 from .model import Stream, _check_input, _Layers, shard_state_dict
@@ -72,6 +87,82 @@ class HybridAlexNet(nn.Module):
             x = self.fc.layer_fn(layer, x)
         sizes = self.fc_spec.out_sizes(self.spec.layers[-1])
         return comm.gather_for_same_computation(x, sizes, self.group, "logits")  # (B, classes), every rank
+
+
+CONV_LR_MULT_2014 = 4.0   # conv epsW base 0.04 over fc 0.01 (layer-params-imagenet-4gpu-data-model.cfg)
+
+
+def conv_features(layers, spec, x):
+    """conv1..conv5 of `layers` (a _Layers holding them) on x, flattened: (n, 256 * 6 * 6)."""
+    for layer in conv_layers(spec):
+        x = layers.layer_fn(layer, x)
+    return x.flatten(1)
+
+
+def fc_logits(net, feats):
+    """This rank's fc share on feats (n, 9216), the same rows on every rank: the logits (n, classes)."""
+    x = feats
+    for layer in net.spec.layers:
+        if layer.kind == "fc":
+            if layer.name != "fc6":
+                x = comm.gather_for_distinct_kernels(x, net.group, layer.name)
+            x = net.fc.layer_fn(layer, x)
+    sizes = net.fc_spec.out_sizes(net.spec.layers[-1])
+    return comm.gather_for_same_computation(x, sizes, net.group, "logits")
+
+
+def step_2014(net, x, y, fc_opt, conv_opt):
+    """One step of the 2014 schedule (module docstring) on rank net.rank: x its slice (b images), y the
+    global batch's labels (W b). fc_opt steps this rank's fc share, conv_opt its conv layers (whose
+    gradients sum_conv_grads all-reduces). Returns the W passes' losses."""
+    world, group = net.world, net.group
+    feats = conv_features(net.conv, net.spec, x)           # (b, 9216)
+    b = feats.shape[0]
+    parts = [feats.detach()]
+    if world > 1:
+        parts = [torch.empty_like(feats) for _ in range(world)]
+        dist.all_gather(parts, feats.detach().contiguous(), group=group)
+    own, losses = None, []
+    for k in range(world):
+        rows = parts[k].clone().requires_grad_(True)
+        loss = F.cross_entropy(fc_logits(net, rows), y[k * b:(k + 1) * b])
+        fc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad = rows.grad
+        if world > 1:                                       # worker k's rows: every fc share's part
+            dist.reduce(grad, dst=k if group is None else dist.get_global_rank(group, k), group=group)
+        if k == net.rank:
+            own = grad
+        fc_opt.step()
+        losses.append(loss.detach())
+    conv_opt.zero_grad(set_to_none=True)
+    feats.backward(own)
+    conv_opt.step()
+    return torch.stack(losses)
+
+
+def reference_step_2014(ref, x, y, world, fc_opt, conv_opt):
+    """The same sequence as step_2014 over `world` workers, on one device: ref a single-layout AlexNet,
+    x and y the global batch, fc_opt over its fc layers, conv_opt over its conv layers."""
+    feats = conv_features(ref, ref.spec, x)
+    b = feats.shape[0] // world
+    grads, losses = [], []
+    for k in range(world):
+        rows = feats.detach()[k * b:(k + 1) * b].clone().requires_grad_(True)
+        h = rows
+        for layer in ref.spec.layers:
+            if layer.kind == "fc":
+                h = ref.layer_fn(layer, h)
+        loss = F.cross_entropy(h, y[k * b:(k + 1) * b])
+        fc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads.append(rows.grad)
+        fc_opt.step()
+        losses.append(loss.detach())
+    conv_opt.zero_grad(set_to_none=True)
+    feats.backward(torch.cat(grads))
+    conv_opt.step()
+    return torch.stack(losses)
 
 
 def sum_conv_grads(net, group=None):

@@ -1,7 +1,6 @@
 """Local response normalisation across channels, with a closed-form backward.
 
-Same definition as `torch.nn.functional.local_response_norm` (which the paper's LRN is, with
-k=2, n=5, alpha=1e-4, beta=0.75):
+Same definition as `torch.nn.functional.local_response_norm`, which divides alpha by n:
 
     s[c] = k + (alpha / n) * sum_{j in W(c)} x[j]^2,    y[c] = x[c] * s[c]^-beta,
 
@@ -11,6 +10,11 @@ W(c) = [c - n//2, c + (n-1)//2], channels outside [0, C) count as zero (torch pa
     dL/dx[j] = g[j] s[j]^-beta - (2 alpha beta / n) x[j] * sum_{c : j in W(c)} g[c] x[c] s[c]^(-beta-1)
 
 and j in W(c) <=> c in [j - (n-1)//2, j + n//2]: the transposed window, the same window when n is odd.
+
+The paper's LRN (§3.3) writes k + alpha * sum x^2, with k=2, n=5, alpha=1e-4, beta=0.75, and no division
+by n. cuda-convnet2 divides its scale by n (layer.py:1331: `dic['scale'] /= dic['size']`), so with
+alpha=1e-4 (spec.LRN) this function uses the constants cuda-convnet2 ran (which places conv1's LRN before
+the ReLU: docs/reproduction.md); the paper's formula read literally would be alpha=5e-4 here.
 
 `F.local_response_norm` builds this from avg_pool3d, pow, mul and div, and autograd differentiates
 each, saving their inputs. `LRNFunction` saves x (the ReLU's output, which autograd holds anyway), s

@@ -6,7 +6,7 @@
 - `SplitAlexNet`   one process per stream (torchrun); exchanges are the collectives in comm.py.
 
 All three run the same loop over the spec (`forward_plan`): before every layer that reads all
-streams, exchange; then the layer. Shapes below are for the paper's 227 px input and 2 streams.
+streams, exchange; then the layer. Shapes below are for a 227 px input (the paper's 224 acts as 227: spec.pad_end) and 2 streams.
 """
 import torch
 import torch.nn as nn
@@ -117,6 +117,7 @@ class _Layers(nn.Module):
         super().__init__()
         self.spec, self.stream = spec, stream
         self.dropout = DropoutMasks(dropout_seed)
+        self.pad_end = {s.layer.name: s.pad_end for s in spec.shapes if s.pad_end}   # cuda-convnet2's rule
         for shape in spec.shapes:
             layer = shape.layer
             if stream is None:  # the whole layer: reading only its own stream becomes groups
@@ -139,6 +140,8 @@ class _Layers(nn.Module):
     def layer_fn(self, layer, x):
         if layer.kind == "fc":
             x = x.flatten(1)                      # fc6: (B, 256*6*6), every stream's maps, gathered
+        if layer.name in self.pad_end:            # conv1 at 224 px: 3 zero pixels right and bottom -> 55
+            x = F.pad(x, (0, self.pad_end[layer.name], 0, self.pad_end[layer.name]))
         x = getattr(self, layer.name)(x)
         if layer.relu:
             x = F.relu(x)

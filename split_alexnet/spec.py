@@ -23,11 +23,17 @@ class Layer:
     lrn: bool = False
     pool: bool = False  # overlapping max-pool, window 3, stride 2 (§3.4)
     dropout: float = 0.0
+    # ceil_out: cuda-convnet2's output-size rule (layer.py:1097, LocalLayerParser.parse, which its
+    # ConvLayerParser inherits): modulesX = 1 + ceil((2 * padding + imgSize - filterSize) / stride), so a
+    # window may start where fewer than filterSize pixels remain; those are zeros on the right and bottom
+    # (pad_end below). conv1 only: at 224 px its output is 55, as in the paper (§3.5, Fig. 2); 227 px
+    # (Caffe's crop) needs no such padding.
+    ceil_out: bool = False
 
 
 # §3.5, Fig. 2. The widths are totals over both streams; each stream holds width / streams.
 LAYERS = (
-    Layer("conv1", "conv", 96, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True),
+    Layer("conv1", "conv", 96, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True, ceil_out=True),
     Layer("conv2", "conv", 256, kernel=5, pad=2, reads="own", lrn=True, pool=True),
     Layer("conv3", "conv", 384, kernel=3, pad=1, reads="all"),
     Layer("conv4", "conv", 384, kernel=3, pad=1, reads="own"),
@@ -47,7 +53,7 @@ LAYERS = (
 # convolutional layer (nor the fully-connected layers which follow)". One stream, no groups: conv1-conv4
 # halved (48, 128, 192, 192), conv5 and fc6-fc8 as in the two-GPU net (256, 4096, 4096, classes).
 LAYERS_HALF = (
-    Layer("conv1", "conv", 48, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True),
+    Layer("conv1", "conv", 48, kernel=11, stride=4, pad=0, reads="image", lrn=True, pool=True, ceil_out=True),
     Layer("conv2", "conv", 128, kernel=5, pad=2, reads="own", lrn=True, pool=True),
     Layer("conv3", "conv", 192, kernel=3, pad=1, reads="all"),
     Layer("conv4", "conv", 192, kernel=3, pad=1, reads="own"),
@@ -60,11 +66,19 @@ NETS = {"paper": LAYERS, "half": LAYERS_HALF}   # --net: the two-GPU net, or §3
 
 LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 POOL = dict(kernel_size=3, stride=2)
-PAPER_NEURONS = (253_440, 186_624, 64_896, 64_896, 43_264, 4096, 4096, 1000)  # first is an erratum
+# Fig. 2's text (§3.5); the first is not 55 * 55 * 96 = 290,400, the others are the layers' outputs
+PAPER_NEURONS = (253_440, 186_624, 64_896, 64_896, 43_264, 4096, 4096, 1000)
 
 
 def _conv_out(size, kernel, stride, pad):
     return (size + 2 * pad - kernel) // stride + 1
+
+
+def pad_end(size, kernel, stride, pad):
+    """The zero pixels on the right and bottom that cuda-convnet2's output-size rule adds (ceil_out):
+    1 + ceil((2 pad + size - kernel) / stride) outputs need (out - 1) stride + kernel input pixels."""
+    out = 1 + -(-(2 * pad + size - kernel) // stride)
+    return (out - 1) * stride + kernel - (size + 2 * pad)
 
 
 def split_sizes(total, streams):
@@ -83,6 +97,7 @@ class LayerShape:
     params_total: int
     neurons: int       # the paper's count: conv output before pooling, all streams
     macs: int          # multiply-adds per image in the forward pass, all streams (the conv or the matmul)
+    pad_end: int = 0   # zero pixels added on the right and bottom before the conv (ceil_out)
 
 
 @dataclass(frozen=True)
@@ -129,7 +144,8 @@ class Spec:
             per = self.out_sizes(layer)
             if layer.kind == "conv":
                 fan_in = chans // self.streams if layer.reads == "own" else chans  # image or all
-                out_hw = _conv_out(hw, layer.kernel, layer.stride, layer.pad)
+                end = pad_end(hw, layer.kernel, layer.stride, layer.pad) if layer.ceil_out else 0
+                out_hw = _conv_out(hw + end, layer.kernel, layer.stride, layer.pad)
                 post_hw = _conv_out(out_hw, POOL["kernel_size"], POOL["stride"], 0) if layer.pool else out_hw
                 weight = (per[0], fan_in, layer.kernel, layer.kernel)
                 params = width * (fan_in * layer.kernel ** 2 + 1)
@@ -144,7 +160,8 @@ class Spec:
                 neurons = width
                 macs = width * fan_in
                 hw, chans = 1, width
-            rows.append(LayerShape(layer, fan_in, per[0], out_hw, post_hw, weight, params, neurons, macs))
+            rows.append(LayerShape(layer, fan_in, per[0], out_hw, post_hw, weight, params, neurons, macs,
+                                   end if layer.kind == "conv" else 0))
         return rows
 
     @property

@@ -39,9 +39,15 @@ def summary_table(spec: Spec, batch_size=128):
     if any(len(set(spec.out_sizes(r.layer))) > 1 for r in spec.shapes):
         out.append(f"* fc8's {spec.num_classes} classes do not divide by {s}: streams hold "
                    f"{spec.out_sizes(spec.layers[-1])} outputs (the first stream's shape is shown)")
-    if (spec.image_size, spec.in_channels, spec.num_classes, spec.net) == (227, 3, 1000, "paper"):
+    for r in spec.shapes:
+        if r.pad_end:
+            out.append(f"{r.layer.name}: {r.pad_end} zero pixel(s) on the right and bottom (cuda-convnet2's output "
+                       f"size, 1 + ceil((2 pad + size - kernel) / stride)): {spec.image_size} px acts as "
+                       f"{spec.image_size + r.pad_end}")
+    if (spec.image_size in (224, 227) and (spec.in_channels, spec.num_classes, spec.net) == (3, 1000, "paper")):
         out.append(f"neurons as in the paper (§3.5): {', '.join(f'{n:,}' for n in PAPER_NEURONS)}; "
-                   f"its first figure, 253,440, is an erratum for 55*55*96 = 290,400")
+                   f"its first figure, 253,440, is not conv1's 55*55*96 = 290,400 (the paper does not say how "
+                   f"it was counted)")
     out += ["", "exchanges (what one stream sends to the others, forward; the backward moves the same "
             "volume again at conv3..fc8):",
             f"{'before':<8}{'backward':<16}{'elements/image':>15}{'bytes/image':>13}"

@@ -40,6 +40,7 @@ from .data import (
 )
 from .mesh import ReplicaSampler, replica_batch, split_replica_from_single, unwrap
 from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
+from .optim import DexpSchedule, check_resume_update, make_optimizer, parse_dexp
 from .overlap import overlapped_forward
 from .plots import plot_curves
 from .precision import check_precision
@@ -109,18 +110,29 @@ def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
 
 
 def build_optimizer(model, cfg):
-    """SGD with two parameter groups: the weights (group 0: lr, weight decay), and the biases (group 1:
-    lr x --bias-lr-mult, weight decay only with --bias-decay), as cuda-convnet2 (epsB = 2 epsW, no wc on
-    biases) and Caffe's bvlc_alexnet (lr_mult 2, decay_mult 0) train them. Every layout names its
+    """SGD by --update (paper: PaperSGD, the paper's form; torch: torch.optim.SGD) with two parameter
+    groups: the weights (group 0: lr, weight decay), and the biases (group 1: lr x --bias-lr-mult, weight
+    decay only with --bias-decay), as Caffe's bvlc_alexnet (lr_mult 2, decay_mult 0) and, at its start,
+    cuda-convnet2 (epsB 0.04 against epsW 0.02, no wc on biases) train them. Every layout names its
     parameters conv1.weight ... fc8.bias, so the rule is the same for the whole net and for each stream."""
     named = list(model.named_parameters())
     weights = [p for n, p in named if not n.endswith("bias")]
     biases = [p for n, p in named if n.endswith("bias")]
-    return torch.optim.SGD([
+    return make_optimizer(cfg.update, [
         dict(params=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, name="weights"),
         dict(params=biases, lr=cfg.lr * cfg.bias_lr_mult,
              weight_decay=cfg.weight_decay if cfg.bias_decay else 0.0, name="biases"),
     ], lr=cfg.lr, momentum=cfg.momentum)
+
+
+def build_scheduler(optimizer, cfg):
+    """--schedule: plateau (PlateauOnError), dexp (optim.DexpSchedule, from each group's lr), or None."""
+    if cfg.schedule == "plateau":
+        return PlateauOnError(optimizer, cfg.lr_factor, cfg.lr_patience, cfg.lr_drops)
+    if cfg.schedule == "dexp":
+        return DexpSchedule(optimizer, [(cfg.lr, *parse_dexp(cfg.dexp_weights, "--dexp-weights")),
+                                        (cfg.lr * cfg.bias_lr_mult, *parse_dexp(cfg.dexp_biases, "--dexp-biases"))])
+    return None
 
 
 class PlateauOnError:
@@ -205,6 +217,7 @@ def build(cfg, ctx=None):
         mean, how = _mean_image_rank0_first(cfg, train_raw, spec.in_channels, rank, world)
         if rank == 0 and not cfg.quiet:
             log(f"mean image {tuple(mean.shape)}: {how}")
+        aug.update(subtract_mean=cfg.subtract_mean, lighting_pca=cfg.lighting_pca)
         train_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=True, **aug)
         val_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=False,
                                         ten_crop=cfg.ten_crop, **aug)
@@ -218,8 +231,7 @@ def build(cfg, ctx=None):
     model, parts = build_model(cfg, spec, rank, device, ctx)
     model = for_speed(cfg, model)
     optimizer = build_optimizer(model, cfg)
-    scheduler = PlateauOnError(optimizer, cfg.lr_factor, cfg.lr_patience, cfg.lr_drops) \
-        if cfg.schedule == "plateau" else None
+    scheduler = build_scheduler(optimizer, cfg)
     out = run_folder(cfg, world)
     if not cfg.eval_only and os.path.exists(os.path.join(out, "metrics.jsonl")):   # every rank: all stop together
         raise UsageError(f"--out {out} already holds metrics.jsonl: give another --out (runs are "
@@ -347,6 +359,7 @@ def resume(job, path):
             check_dropout_state(state.get("dropout"), devices[name], os.path.join(found, name))
         return found, meta, states
     path, meta, states = stop_all_on_error(read, job.world)   # one rank's bad shard stops every rank
+    check_resume_update(meta.get("config"), job.cfg.update, path)
     for name, m in job.parts.items():
         ckpt.load_stream_state(m, job.optimizer, states[name])
     # every group's (scheduled) lr from the checkpoint, unless this run's --lr differs from the one the
@@ -394,6 +407,8 @@ def run(job):
         t_prev, position = time.perf_counter(), dict(state)
         for x, y in epoch_loader(job, state):
             guard.phase(f"training step {state['step'] + 1}")
+            if isinstance(job.scheduler, DexpSchedule):   # cuda-convnet2's rates by training progress
+                job.scheduler.before_step(state["step"], cfg.epochs * steps_per_epoch)   # --max-steps: a stop
             loss = train_step(job, x, y)
             if job.replicas > 1:                   # the global batch's loss: the replicas' mean
                 loss = _replica_mean(job, loss)
@@ -578,7 +593,7 @@ def announce(job, progress, steps_per_epoch, resumed_from, state):
                  f"{f' ({job.world} processes: {job.replicas} replica(s) x {job.spec.streams} streams)' if cfg.layout == 'split' else ''} on {job.device}; "
                  f"{cfg.dataset} ({len(job.train_set)} train / {len(job.val_set)} val images, "
                  f"{len(job.classes)} classes) at {cfg.image_size} px, {job.spec.in_channels} channel(s)")
-    progress.say(f"recipe {cfg.recipe}: init {cfg.init}, SGD lr {cfg.lr:g} momentum {cfg.momentum:g} weight "
+    progress.say(f"recipe {cfg.recipe}: init {cfg.init}, SGD ({cfg.update}'s update) lr {cfg.lr:g} momentum {cfg.momentum:g} weight "
                  f"decay {cfg.weight_decay:g} (biases: lr x{cfg.bias_lr_mult:g}, decay {cfg.bias_decay}), "
                  f"input {cfg.preprocess}, batch {cfg.batch_size}, {cfg.epochs} epochs of {steps_per_epoch} "
                  f"steps{f' (stop at step {cfg.max_steps})' if cfg.max_steps else ''}, schedule {cfg.schedule}"

@@ -18,7 +18,7 @@ from split_alexnet import data as data_mod
 from split_alexnet.cli import UsageError, run_main
 from split_alexnet.config import parse_config
 from split_alexnet.data import (
-    PCA_EIGVAL_255,
+    PCA_MXNET_255,
     build_paper_transforms,
     cached_mean_image,
     mean_image,
@@ -90,7 +90,7 @@ def test_input_scale_is_0_255_minus_mean(mnist_dir):
 
 def test_lighting_eigenvalues_on_the_pixel_scale():
     """The PCA shift is the same fraction of the range on 0-255 as on [0, 1]: eigenvalues x 255."""
-    assert torch.allclose(PCA_EIGVAL_255, torch.tensor([55.46, 4.794, 1.148]), atol=2e-3)
+    assert torch.allclose(PCA_MXNET_255, torch.tensor([55.46, 4.794, 1.148]), atol=2e-3)
     mean = torch.zeros(3, 76, 76)
     img = torch.full((3, 80, 80), 128, dtype=torch.uint8)
     tf = build_paper_transforms(67, 3, mean, train=True, crop=False, flip=False, lighting=0.1)
@@ -218,10 +218,9 @@ def test_ten_crop_transform_corners_centre_mirrors():
     assert crops.shape == (10, 3, 67, 67)
     assert torch.equal(crops[0], base[:, :67, :67]) and torch.equal(crops[3], base[:, 9:, 9:])
     assert torch.equal(crops[4], base[:, 4:71, 4:71])            # the centre
-    # and their mirrors (torchvision crops the mirrored image: its top-left is the top-right's mirror)
-    for i, j in zip(range(5, 9), (1, 0, 3, 2)):
-        assert torch.equal(crops[i], crops[j].flip(-1))
-    assert torch.equal(crops[9], base.flip(-1)[:, 4:71, 4:71])  # the mirrored image's centre
+    # and their mirrors, each patch's own (§4.1: "the five ... patches as well as their horizontal reflections")
+    for i in range(5):
+        assert torch.equal(crops[5 + i], crops[i].flip(-1))
 
 
 class _PerCrop(nn.Module):

@@ -9,7 +9,7 @@ def test_paper_figures():
     assert spec.params_total == 60_965_224
     assert [spec.params_per_stream(s) for s in range(2)] == [30_482_612, 30_482_612]
     assert [r.neurons for r in spec.shapes][1:] == list(PAPER_NEURONS[1:])
-    assert spec.shapes[0].neurons == 55 * 55 * 96  # the paper's 253,440 is an erratum
+    assert spec.shapes[0].neurons == 55 * 55 * 96  # the paper's first figure is 253,440
     assert [r.post_hw for r in spec.shapes[:5]] == [27, 13, 13, 13, 6]
     assert [r.params_total for r in spec.shapes][5:] == [37_752_832, 16_781_312, 4_097_000]
 
@@ -33,8 +33,11 @@ def test_streams_together_hold_every_parameter(streams):
 
 
 def test_derived_sizes_follow_the_input():
+    spec = Spec(image_size=195, in_channels=1, num_classes=10)
+    assert spec.shapes[0].out_hw == 47 and spec.shapes[5].in_channels == 256 * 5 * 5
+    # 224 acts as 227 (cuda-convnet2's output size, 3 zero pixels right and bottom): the paper's net
     spec = Spec(image_size=224, in_channels=1, num_classes=10)
-    assert spec.shapes[0].out_hw == 54 and spec.shapes[5].in_channels == 256 * 5 * 5
+    assert spec.shapes[0].out_hw == 55 and spec.shapes[5].in_channels == 256 * 6 * 6
     assert Spec(image_size=MIN_IMAGE_SIZE).shapes[4].post_hw == 1
     assert Spec(streams=4, num_classes=10).out_sizes(Spec().layers[-1]) == [3, 3, 2, 2]
 
