@@ -255,8 +255,8 @@ def _check_stat(st, path, limit):
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"checkpoint file {path} is not a regular file: refused unread; use another checkpoint")
     if st.st_size > limit:
-        raise UsageError(f"checkpoint file {path} is {st.st_size} bytes, more than the {limit} bytes this net's "
-                         f"file can hold: refused unread; it is not this checkpoint's file, use another checkpoint")
+        raise UsageError(f"checkpoint file {path} is {st.st_size} bytes, more than the {limit} bytes such a file "
+                         f"can hold (for this net): refused unread; it is not a checkpoint's file, use another one")
 
 
 def _open_in(ckpt_dir, name, limit):
