@@ -360,7 +360,7 @@ def read_meta(ckpt_dir):
                          f"resume from another checkpoint")
     with f:
         meta = _torch_load(f, meta_path, MAX_META_BYTES)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or not _is_int(meta.get("format")) or meta["format"] != FORMAT:
         raise UsageError(f"{meta_path} is not a split_alexnet checkpoint of format {FORMAT}")
     check_meta(meta, ckpt_dir)
     limits = max_file_bytes(spec_of(meta), meta["layout"])
@@ -591,7 +591,7 @@ def _check_dropout(state, bad):
         bad(f"its dropout state's device is {_show(pair[0])}, not a device")
     st = pair[1]
     size = torch.Generator().get_state().numel() if device.type == "cpu" else \
-        torch.Generator(device).get_state().numel() if device.type == "cuda" and torch.cuda.is_available() else None
+        torch.Generator("cuda").get_state().numel() if device.type == "cuda" and torch.cuda.is_available() else None
     if device.type not in ("cpu", "cuda") or not isinstance(st, torch.Tensor) or st.dtype != torch.uint8 \
             or st.dim() != 1 or (st.numel() != size if size else not 0 < st.numel() <= 64):
         bad(f"its dropout state is {_show(state)}, not a CPU or CUDA generator's state")

@@ -400,3 +400,14 @@ def test_end_to_end_process_exits_2_in_one_line(real, tmp_path, case, script, ar
     assert record["seconds"] < LIMIT_S, record["seconds"]
     assert not [p for p in record["opened"] if _inside(p, outside)], record["opened"]
     assert not [p for p in record["opened"] if _inside(p, root) and not _inside(p, folder)], record["opened"]
+
+
+@pytest.mark.slow
+def test_a_scheduler_state_of_another_schedule_is_one_line(real, tmp_path, capsys):
+    """A plain-data scheduler state that is not the plateau schedule's: refused in one line on resume."""
+    folder = _meta_with(real, tmp_path, scheduler={"last_epoch": 3})
+    argv = TINY + ["--resume", folder, "--eval-only", "--out", str(tmp_path / "out")]
+    code, _, _ = _run_recorded(lambda: _launcher("train").main(argv), [])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "meta.pt field scheduler {'last_epoch': 3} is not the state of this run's --schedule plateau" in err, err
