@@ -12,8 +12,9 @@ temporary files of an interrupted save are removed at the next save. Every file 
 torch.load(weights_only=True): a checkpoint holds data (tensors, dicts, lists, str, int, float), never
 code, and one that holds anything else is refused before it can run. Nothing is loaded into a model until every file has been
 read and checked against it. Reading treats a checkpoint as untrusted input: names, files, fields and
-tensors are checked before use (the reading section below; docs/troubleshooting.md, "Checkpoints"). Weights and momentum buffers are cut along dim 0 exactly as
-model.shard_state_dict cuts them, so `cut`/`join` convert between layouts bit for bit.
+tensors are checked before use (the reading section below; docs/troubleshooting.md, "Checkpoints").
+Weights and momentum buffers are cut along dim 0 exactly as model.shard_state_dict cuts them, so
+`cut`/`join` convert between layouts bit for bit.
 """
 import hashlib
 import math
