@@ -384,7 +384,8 @@ def read_meta(ckpt_dir):
 def check_meta(meta, ckpt_dir):
     """Every field of meta.pt, for type and range, before any is used (and before any file it names is
     looked at). Optional, with the value older checkpoints imply: lrs (every group at lr), sha256
-    (none: written before checksums), config (none), spec's net (the paper's). Other fields are never used."""
+    (none: written before checksums), config (none), spec's net (the paper's), train_images and
+    data_fingerprint (none: the data is not compared). Other fields are never used."""
     def bad(field, problem):
         raise _bad_field(ckpt_dir, field, problem)
 
@@ -451,6 +452,12 @@ def check_meta(meta, ckpt_dir):
         for name in names:
             if not (isinstance(digests[name], str) and _HEX64.match(digests[name])):
                 bad("sha256", f"gives {name} {_show(digests[name])}, not a sha256 digest (64 hex digits)")
+    images = meta.get("train_images")              # the data's size and digest (train.check_data), newer
+    if images is not None and (not _is_int(images) or images < 0):   # checkpoints only: None, unchecked
+        bad("train_images", f"is {_show(images)}, not an integer >= 0")
+    digest = meta.get("data_fingerprint")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{1,64}", digest)):
+        bad("data_fingerprint", f"is {_show(digest)}, not a hex digest")
     check_saved_config(meta.get("config", {}), bad)
 
 

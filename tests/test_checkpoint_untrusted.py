@@ -270,6 +270,8 @@ def _meta_with(real, tmp_path, **fields):
     ("config", {"batch_size": "8"}, "meta.pt field config.batch_size is '8' (str), not int"),
     ("config", {"dataset": "imagenet"}, "meta.pt field config.dataset is 'imagenet' (str), not one of"),
     ("config", "x", "meta.pt field config is 'x' (str), not a dict"),
+    ("train_images", -3, "meta.pt field train_images is -3 (int), not an integer >= 0"),
+    ("data_fingerprint", "../x", "meta.pt field data_fingerprint is '../x' (str), not a hex digest"),
 ])
 def test_each_meta_field_is_checked(real, tmp_path, field, value, message):
     folder = _meta_with(real, tmp_path, **{field: value})
