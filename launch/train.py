@@ -25,6 +25,7 @@ def resume_settings(cfg, argv):
     found = ckpt.find_checkpoint(cfg.resume)      # the newest that verifies, from a run directory
     meta = ckpt.read_meta(found)
     cfg, lines = guard.resolve_resume(cfg, argv, meta.get("config") or {}, meta.get("batch", 0))
+    ckpt.check_resumed_config(cfg, found)        # the checkpoint's settings pass the flags' checks
     for line in lines:
         log(line)
     return replace(cfg, resume=found)

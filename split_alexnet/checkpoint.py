@@ -11,12 +11,19 @@ lists, or one whose checksum differs) is an interrupted save or a damaged file a
 temporary files of an interrupted save are removed at the next save. Every file is loaded with
 torch.load(weights_only=True): a checkpoint holds data (tensors, dicts, lists, str, int, float), never
 code, and one that holds anything else is refused before it can run. Nothing is loaded into a model until every file has been
-read and checked against it. Weights and momentum buffers are cut along dim 0 exactly as
-model.shard_state_dict cuts them, so `cut`/`join` convert between layouts bit for bit.
+read and checked against it. Reading treats a checkpoint as untrusted input: names, files, fields and
+tensors are checked before use (the reading section below; docs/troubleshooting.md, "Checkpoints").
+Weights and momentum buffers are cut along dim 0 exactly as model.shard_state_dict cuts them, so
+`cut`/`join` convert between layouts bit for bit.
 """
 import hashlib
+import math
 import os
 import re
+import stat
+import zipfile
+from dataclasses import fields
+from functools import lru_cache
 
 import torch
 
@@ -173,7 +180,116 @@ def newest_complete(run_dir):
     return os.path.join(sub, done[-1]) if done else None
 
 
-# ---- reading ------------------------------------------------------------------------------------
+# ---- reading: a checkpoint is untrusted input -----------------------------------------------------
+#
+# A checkpoint may come from anywhere, so everything meta.pt says is checked before it is used: its
+# file names are the layout's own (shard_names), never paths; each file is a regular file in the
+# checkpoint's folder (not a link, FIFO, device or folder: checked with lstat before it is opened,
+# and again on the open descriptor), of a size this net's tensors bound; meta.pt itself is at most
+# MAX_META_BYTES; every field has its type and range checked; every tensor of a shard has the name,
+# shape and dtype the net's parameters have, and nothing else is in it. Each refusal is one line
+# (UsageError) naming the file or the field.
+
+MAX_META_BYTES = 16 << 20     # meta.pt: some numbers, the torch RNG state (5 KiB), the config, the schedule's state
+_SLACK_BYTES = 1 << 20        # a shard beyond its tensors' bytes: the pickle, the dropout state, zip headers
+_PER_TENSOR_BYTES = 4096      # each tensor's zip record: its header and 64-byte alignment
+SHARD_KEYS = ("model", "momentum", "dropout")   # what stream_state writes
+SPEC_DEFAULTS = {"net": "paper"}                 # spec fields older checkpoints lack, and their values
+_MAX_PARAMS = 1 << 36         # a spec describing more parameters than this is not a net anyone saved
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _bad_field(ckpt_dir, field, problem):
+    return UsageError(f"checkpoint {ckpt_dir}: meta.pt field {field} {problem}: the checkpoint is damaged, "
+                      f"edited or not a split_alexnet one; use another checkpoint")
+
+
+def _show(value):
+    """A value for a one-line message: its repr, shortened, and its type."""
+    text = repr(value)
+    return f"{text[:60] + '...' if len(text) > 60 else text} ({type(value).__name__})"
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def spec_of(meta):
+    """The Spec a (checked) meta.pt describes."""
+    return Spec(**{**SPEC_DEFAULTS, **meta["spec"]})
+
+
+@lru_cache(maxsize=8)
+def expected_tensors(spec, layout):
+    """{file name: {tensor name: shape}}: what each file of a checkpoint of this spec and layout holds
+    under "model", from the net itself (built on the meta device: no memory, no random numbers)."""
+    from .model import AlexNet, Stream
+    single = layout == "single"
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        nets = {"single.pt": AlexNet(spec=spec)} if single else \
+            {f"stream{s}.pt": Stream(spec, s) for s in range(spec.streams)}
+    return {name: {k: tuple(v.shape) for k, v in net.state_dict().items()} for name, net in nets.items()}
+
+
+def max_file_bytes(spec, layout):
+    """{file name: the most bytes it can hold}: its tensors twice (weights and momentum) at 8 bytes an
+    element (float64, the widest dtype a model is saved in), and the slack of the file format."""
+    out = {}
+    for name, shapes in expected_tensors(spec, layout).items():
+        numel = sum(math.prod(s) for s in shapes.values())
+        out[name] = _SLACK_BYTES + 2 * (8 * numel + _PER_TENSOR_BYTES * len(shapes))
+    return out
+
+
+_KINDS = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _check_stat(st, path, limit):
+    for test, kind in _KINDS:
+        if test(st.st_mode):
+            raise UsageError(f"checkpoint file {path} is {kind}, not a regular file: refused unread (a checkpoint "
+                             f"is regular files in one folder; copy the real file in, or use another checkpoint)")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"checkpoint file {path} is not a regular file: refused unread; use another checkpoint")
+    if st.st_size > limit:
+        raise UsageError(f"checkpoint file {path} is {st.st_size} bytes, more than the {limit} bytes such a file "
+                         f"can hold (for this net): refused unread; it is not a checkpoint's file, use another one")
+
+
+def _open_in(ckpt_dir, name, limit):
+    """A binary file object for CKPT_DIR/NAME (NAME: one of the layout's own file names, or meta.pt):
+    a regular file in the folder of at most `limit` bytes (lstat before the open, fstat on the open
+    descriptor: the file read is the file checked). None if there is no such file."""
+    path = os.path.join(ckpt_dir, name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise UsageError(f"checkpoint file {path} cannot be read ({e.strerror}); use another checkpoint") from None
+    _check_stat(st, path, limit)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise UsageError(f"checkpoint file {path} cannot be opened ({e.strerror}); use another checkpoint") from None
+    f = os.fdopen(fd, "rb")
+    try:
+        now = os.fstat(fd)
+        _check_stat(now, path, limit)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            raise UsageError(f"checkpoint file {path} was replaced while it was opened: use a checkpoint "
+                             f"nothing is writing to")
+    except BaseException:
+        f.close()
+        raise
+    return f
+
 
 def find_checkpoint(path, what="--resume"):
     """PATH is a checkpoint directory, or a run directory whose newest checkpoints/step* that verifies
@@ -200,9 +316,20 @@ def find_checkpoint(path, what="--resume"):
     return path
 
 
-def _torch_load(path):
+def _torch_load(f, path, limit):
+    """Load the torch file open as `f` (data only: weights_only). A torch file is a zip of stored
+    records: one that is not, or whose records hold more than `limit` bytes, is refused unloaded."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        records = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise UsageError(f"checkpoint file {path} cannot be read (not a torch file): it is damaged or "
+                         f"truncated; resume from another checkpoint") from None
+    if any(r.compress_type != zipfile.ZIP_STORED for r in records) or sum(r.file_size for r in records) > limit:
+        raise UsageError(f"checkpoint file {path} holds compressed records, or more than its {limit} bytes: "
+                         f"torch.save writes neither; refused unloaded, use another checkpoint")
+    f.seek(0)
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
     except __import__("pickle").UnpicklingError as e:   # weights_only refused a global: code, not data
         what = str(e).split("Unsupported global: GLOBAL ", 1)[-1].split()[0] if "Unsupported global" in str(e) \
             else "a non-data object"
@@ -213,31 +340,184 @@ def _torch_load(path):
                          f"truncated; resume from another checkpoint") from None
 
 
+def _hash(f, size):
+    h, left = hashlib.sha256(), size
+    while left > 0:
+        block = f.read(min(left, 1 << 22))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
 def read_meta(ckpt_dir):
+    """meta.pt of CKPT_DIR, every field checked (check_meta), and every file it lists verified: a
+    regular file in the folder, of the size and sha256 checksum meta.pt gives."""
     meta_path = os.path.join(ckpt_dir, "meta.pt")
-    if not os.path.isfile(meta_path):
+    f = _open_in(ckpt_dir, "meta.pt", MAX_META_BYTES)
+    if f is None:
         raise UsageError(f"{ckpt_dir} has no meta.pt: not a checkpoint, or its save was interrupted; "
                          f"resume from another checkpoint")
-    meta = _torch_load(meta_path)
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    with f:
+        meta = _torch_load(f, meta_path, MAX_META_BYTES)
+    if not isinstance(meta, dict) or not _is_int(meta.get("format")) or meta["format"] != FORMAT:
         raise UsageError(f"{meta_path} is not a split_alexnet checkpoint of format {FORMAT}")
-    for name, size in meta["files"].items():
-        path = os.path.join(ckpt_dir, name)
-        have = os.path.getsize(path) if os.path.isfile(path) else None
+    check_meta(meta, ckpt_dir)
+    limits = max_file_bytes(spec_of(meta), meta["layout"])
+    for name in shard_names(meta):
+        path, size = os.path.join(ckpt_dir, name), meta["files"][name]
+        f = _open_in(ckpt_dir, name, limits[name])
+        have = None if f is None else os.fstat(f.fileno()).st_size
         if have != size:
+            if f is not None:
+                f.close()
             raise UsageError(f"checkpoint file {path} is {'missing' if have is None else f'{have} bytes'}, "
                              f"meta.pt says {size} bytes: the checkpoint is truncated; resume from another one")
-    for name, digest in meta.get("sha256", {}).items():     # checkpoints written before checksums: none
-        if sha256(os.path.join(ckpt_dir, name)) != digest:
-            raise UsageError(f"checkpoint file {os.path.join(ckpt_dir, name)} fails its sha256 checksum: it "
-                             f"is damaged; resume from another checkpoint (a run directory takes the newest "
-                             f"that verifies)")
+        with f:
+            if "sha256" in meta and _hash(f, size) != meta["sha256"][name]:   # written before checksums: none
+                raise UsageError(f"checkpoint file {path} fails its sha256 checksum: it is damaged; resume from "
+                                 f"another checkpoint (a run directory takes the newest that verifies)")
     return meta
+
+
+def check_meta(meta, ckpt_dir):
+    """Every field of meta.pt, for type and range, before any is used (and before any file it names is
+    looked at). Optional, with the value older checkpoints imply: lrs (every group at lr), sha256
+    (none: written before checksums), config (none), spec's net (the paper's), train_images and
+    data_fingerprint (none: the data is not compared). Other fields are never used."""
+    def bad(field, problem):
+        raise _bad_field(ckpt_dir, field, problem)
+
+    def need(field):
+        if field not in meta:
+            bad(field, "is missing")
+        return meta[field]
+
+    layout = need("layout")
+    if layout not in ("single", "streams", "split"):
+        bad("layout", f"is {_show(layout)}, not single, streams or split")
+    spec = need("spec")
+    if not isinstance(spec, dict):
+        bad("spec", f"is {_show(spec)}, not a dict of {', '.join(SPEC_FIELDS)}")
+    types = {f.name: f.type for f in fields(Spec)}
+    for k in spec:
+        if k not in SPEC_FIELDS:
+            bad("spec", f"has the key {_show(k)}, not one of {', '.join(SPEC_FIELDS)}")
+    for k in SPEC_FIELDS:
+        v = spec.get(k, SPEC_DEFAULTS.get(k))
+        if v is None:
+            bad(f"spec.{k}", "is missing")
+        if not (_is_int(v) if types[k] is int else isinstance(v, types[k])):
+            bad(f"spec.{k}", f"is {_show(v)}, not {types[k].__name__}")
+    try:
+        net = spec_of(meta)
+    except ValueError as e:
+        bad("spec", f"is not a net: {e}")
+    if net.params_total > _MAX_PARAMS:
+        bad("spec", f"describes a net of {net.params_total} parameters, more than any checkpoint holds")
+    streams = need("streams")
+    if not _is_int(streams) or streams != net.streams:
+        bad("streams", f"is {_show(streams)}, not the spec's {net.streams} streams")
+    for field in ("step", "epoch", "batch"):
+        v = need(field)
+        if not _is_int(v) or v < 0:
+            bad(field, f"is {_show(v)}, not an integer >= 0")
+    lr = need("lr")
+    if not _is_number(lr) or not (math.isfinite(lr) and lr > 0):
+        bad("lr", f"is {_show(lr)}, not a positive number")
+    lrs = meta.get("lrs")
+    if lrs is not None and (not isinstance(lrs, (list, tuple)) or not 1 <= len(lrs) <= 64
+                            or not all(_is_number(x) and math.isfinite(x) and x > 0 for x in lrs)):
+        bad("lrs", f"is {_show(lrs)}, not a list of positive numbers (one per parameter group)")
+    _check_scheduler(need("scheduler"), bad)
+    rng = need("torch_rng")
+    want = torch.get_rng_state()
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == want.dtype and rng.shape == want.shape):
+        bad("torch_rng", f"is {_show(rng)}, not the torch RNG state (a {want.dtype} tensor of {want.numel()})")
+    names, limits = shard_names(meta), max_file_bytes(net, layout)
+    files = need("files")
+    if not isinstance(files, dict) or set(files) != set(names):
+        bad("files", f"names {_show(list(files) if isinstance(files, dict) else files)}: a {layout} checkpoint's "
+                     f"files are {', '.join(names)} (file names in its folder, never paths)")
+    for name in names:
+        if not _is_int(files[name]) or not 0 <= files[name] <= limits[name]:
+            bad("files", f"gives {name} {_show(files[name])} bytes, not a size from 0 to the {limits[name]} "
+                         f"bytes this net's file can hold")
+    if "sha256" in meta:
+        digests = meta["sha256"]
+        if not isinstance(digests, dict) or set(digests) != set(names):
+            bad("sha256", f"names {_show(list(digests) if isinstance(digests, dict) else digests)}: a {layout} "
+                          f"checkpoint's files are {', '.join(names)} (file names in its folder, never paths)")
+        for name in names:
+            if not (isinstance(digests[name], str) and _HEX64.match(digests[name])):
+                bad("sha256", f"gives {name} {_show(digests[name])}, not a sha256 digest (64 hex digits)")
+    images = meta.get("train_images")              # the data's size and digest (train.check_data), newer
+    if images is not None and (not _is_int(images) or images < 0):   # checkpoints only: None, unchecked
+        bad("train_images", f"is {_show(images)}, not an integer >= 0")
+    digest = meta.get("data_fingerprint")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{1,64}", digest)):
+        bad("data_fingerprint", f"is {_show(digest)}, not a hex digest")
+    check_saved_config(meta.get("config", {}), bad)
+
+
+def _check_scheduler(state, bad):
+    """None (no schedule) or the schedule's state_dict: a flat dict of numbers, strings, None and lists
+    of numbers; the plateau schedule's (best, bad, drops) with their types and ranges."""
+    if state is None:
+        return
+    if not isinstance(state, dict) or len(state) > 64:
+        bad("scheduler", f"is {_show(state)}, not None or a schedule's state (a dict)")
+    for k, v in state.items():
+        plain = v is None or isinstance(v, (bool, int, float, str))
+        numbers = isinstance(v, (list, tuple)) and len(v) <= 1024 and all(v_ is None or _is_number(v_) for v_ in v)
+        if not isinstance(k, str) or not (plain or numbers):
+            bad("scheduler", f"holds {_show(k)}: {_show(v)}, not a number, string or list of numbers")
+    if {"best", "bad", "drops"} <= set(state):         # PlateauOnError's
+        if not _is_number(state["best"]) or math.isnan(state["best"]):
+            bad("scheduler.best", f"is {_show(state['best'])}, not a number")
+        for k in ("bad", "drops"):
+            if not _is_int(state[k]) or state[k] < 0:
+                bad(f"scheduler.{k}", f"is {_show(state[k])}, not an integer >= 0")
+
+
+def check_saved_config(saved, bad):
+    """The checkpoint's config (the run's settings, which a resume takes): a dict whose every setting
+    this version has holds a value of its type, one of its flag's choices where it has some. Settings
+    this version does not have are not used (guard.resolve_resume). Ranges: check_resumed_config."""
+    from .config import Config, build_parser
+    if not isinstance(saved, dict):
+        bad("config", f"is {_show(saved)}, not a dict of the run's settings")
+    types = {f.name: f.type for f in fields(Config)}
+    choices = {a.dest: [*a.choices, a.default] for a in build_parser(add_help=False)._actions if a.choices}
+    for k, v in saved.items():
+        if not isinstance(k, str):
+            bad("config", f"has the key {_show(k)}, not a setting's name")
+        t = types.get(k)
+        if t is None:
+            continue
+        ok = {bool: isinstance(v, bool), int: _is_int(v), float: _is_number(v),
+              str: v is None or isinstance(v, str)}.get(t, True)
+        if not ok:
+            bad(f"config.{k}", f"is {_show(v)}, not {t.__name__}")
+        if k in choices and v is not None and v not in choices[k]:
+            bad(f"config.{k}", f"is {_show(v)}, not one of {', '.join(map(repr, choices[k]))}")
+
+
+def check_resumed_config(cfg, ckpt_dir):
+    """The flags' own checks (config.validate) on a resume's settings, which come from the checkpoint
+    where no flag was given: a value no flag would accept is refused, naming the field."""
+    from .config import validate
+    try:
+        validate(cfg)
+    except UsageError as e:
+        raise UsageError(f"checkpoint {ckpt_dir}: meta.pt field config: {e} (the checkpoint's run setting; "
+                         f"give the flag to override it, or use another checkpoint)") from None
 
 
 def check_matches(meta, spec, layout, ckpt_dir):
     """Refuse a checkpoint of another net or of the other kind of layout, before anything is loaded."""
-    want, have = spec_dict(spec), {"net": "paper", **meta["spec"]}   # older checkpoints: the paper's net
+    want, have = spec_dict(spec), {**SPEC_DEFAULTS, **meta["spec"]}   # older checkpoints: the paper's net
     if have != want:
         diff = ", ".join(f"{k} {have.get(k)} (this run: {want[k]})" for k in want if have.get(k) != want[k])
         raise UsageError(f"checkpoint {ckpt_dir} is of another net: {diff}; train with the same "
@@ -248,17 +528,84 @@ def check_matches(meta, spec, layout, ckpt_dir):
                          f"convert it first (python launch/convert.py {ckpt_dir} OUT --to {to})")
 
 
-def load_files(ckpt_dir, meta, names, expected):
-    """Read files `names` and check each tensor against expected[name] ({key: shape}) before use."""
+def load_files(ckpt_dir, meta, names, expected=None, dtype=None):
+    """Read files `names` of a checkpoint whose meta.pt read_meta checked, and check each against
+    expected[name] ({tensor name: shape}; default: the net meta.pt describes) before use: the tensors
+    of "model" are exactly those, with those shapes; "momentum" holds none or all of them, alike;
+    every tensor has `dtype` (default: one floating dtype for every tensor of every file); the dropout
+    state is a generator's. Returns {name: state}."""
+    expected = expected or expected_tensors(spec_of(meta), meta["layout"])
+    limits = max_file_bytes(spec_of(meta), meta["layout"])
     states = {}
     for name in names:
-        state = _torch_load(os.path.join(ckpt_dir, name))
-        model, want = state.get("model", {}), expected[name]
-        if set(model) != set(want) or any(tuple(model[k].shape) != tuple(want[k]) for k in want):
-            raise UsageError(f"checkpoint file {os.path.join(ckpt_dir, name)} does not match this model's "
-                             f"parameters: it is damaged or from another version; start afresh")
+        path = os.path.join(ckpt_dir, name)
+        if name not in limits or name not in expected:
+            raise UsageError(f"checkpoint {ckpt_dir} has no file {name} (a {meta['layout']} checkpoint has "
+                             f"{', '.join(limits)}): convert it to this run's layout")
+        f = _open_in(ckpt_dir, name, limits[name])
+        if f is None:
+            raise UsageError(f"checkpoint file {path} is missing: resume from another checkpoint")
+        with f:
+            state = _torch_load(f, path, limits[name])
+        dtype = _check_shard(state, expected[name], dtype, path)
         states[name] = state
     return states
+
+
+def _check_shard(state, want, dtype, path):
+    """One file's content against {tensor name: shape}; returns the dtype its tensors have."""
+    def bad(problem):
+        raise UsageError(f"checkpoint file {path} does not match this model's parameters: {problem}; it is "
+                         f"damaged, edited or from another version; start afresh or use another checkpoint")
+
+    if not isinstance(state, dict) or set(state) != set(SHARD_KEYS):
+        bad(f"it holds {_show(sorted(map(str, state)) if isinstance(state, dict) else state)}, not "
+            f"{', '.join(SHARD_KEYS)}")
+    for part in ("model", "momentum"):
+        tensors = state[part]
+        if not isinstance(tensors, dict):
+            bad(f"its {part} is {_show(tensors)}, not a dict of tensors")
+        extra = [k for k in tensors if k not in want]
+        if extra:
+            bad(f"it has a tensor {part}[{extra[0]!r:.60}] this net does not have")
+        if tensors and len(tensors) != len(want):
+            missing = [k for k in want if k not in tensors]
+            bad(f"its {part} lacks {missing[0]}" + (" (momentum is saved for none or every parameter)"
+                                                    if part == "momentum" else ""))
+        for k, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                bad(f"{part}[{k!r}] is {_show(t)}, not a dense tensor")
+            if tuple(t.shape) != tuple(want[k]):
+                bad(f"{part}[{k!r}] has the shape {tuple(t.shape)}, this net's {tuple(want[k])}")
+            dtype = t.dtype if dtype is None else dtype
+            if t.dtype != dtype or not t.dtype.is_floating_point:
+                bad(f"{part}[{k!r}] is {t.dtype}, not {dtype}" + ("" if dtype.is_floating_point
+                                                                   else " (a floating dtype)"))
+    _check_dropout(state["dropout"], bad)
+    return dtype
+
+
+def _check_dropout(state, bad):
+    """None (no mask drawn yet) or a generator's (device, state), as DropoutMasks.state() saves it (or
+    the older {"device", "state"} dict)."""
+    if state is None:
+        return
+    pair = (state.get("device"), state.get("state")) if isinstance(state, dict) else state
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+        bad(f"its dropout state is {_show(state)}, not a generator's (device, state)")
+    try:
+        device = torch.device(pair[0])
+    except (RuntimeError, ValueError):
+        bad(f"its dropout state's device is {_show(pair[0])}, not a device")
+    st = pair[1]
+    if device.type not in ("cpu", "cuda") or not isinstance(st, torch.Tensor) or st.dtype != torch.uint8 \
+            or st.dim() != 1 or not 0 < st.numel() <= 1 << 16:
+        bad(f"its dropout state is {_show(state)}, not a CPU or CUDA generator's state")
+    if device.type == "cpu" or torch.cuda.is_available():     # else: refused by check_dropout_state
+        try:
+            torch.Generator(device.type).set_state(st)           # what resuming does with it: its own check
+        except RuntimeError:
+            bad(f"its dropout state is {_show(state)}, not a {device.type} generator's state")
 
 
 # ---- conversion between layouts ----------------------------------------------------------------
@@ -268,8 +615,9 @@ def join(src, dst):
     meta = read_meta(src)
     if meta["layout"] == "single":
         raise UsageError(f"{src} already holds the single layout: nothing to join (use --to shards to cut it)")
-    spec = Spec(**meta["spec"])
-    shards = [_torch_load(os.path.join(src, n)) for n in shard_names(meta)]
+    spec = spec_of(meta)
+    states = load_files(src, meta, shard_names(meta))   # every tensor checked against the spec
+    shards = [states[n] for n in shard_names(meta)]
     state = {"model": join_state_dicts([s["model"] for s in shards], spec),
              "momentum": (join_state_dicts([s["momentum"] for s in shards], spec)
                           if all(s["momentum"] for s in shards) else {}),
@@ -286,8 +634,8 @@ def cut(src, dst):
     if meta["layout"] != "single":
         raise UsageError(f"{src} already holds shards ({meta['layout']} layout): nothing to cut "
                          f"(use --to single to join them)")
-    spec = Spec(**meta["spec"])
-    state = _torch_load(os.path.join(src, "single.pt"))
+    spec = spec_of(meta)
+    state = load_files(src, meta, ["single.pt"])["single.pt"]   # every tensor checked against the spec
     models = shard_state_dict(state["model"], spec)
     moms = shard_state_dict(state["momentum"], spec) if state["momentum"] else [{}] * spec.streams
     files = {f"stream{s}.pt": {"model": models[s], "momentum": moms[s], "dropout": state["dropout"]}

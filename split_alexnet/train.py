@@ -354,7 +354,8 @@ def resume(job, path):
             check_data(job, meta, found)
         expected = {name: {k: v.shape for k, v in m.state_dict().items()} for name, m in job.parts.items()}
         devices = {name: ckpt._device_of(m) for name, m in job.parts.items()}
-        states = ckpt.load_files(found, meta, list(job.parts), expected)
+        dtype = next(iter(job.parts.values())).conv1.weight.dtype      # the model's: no cast on load
+        states = ckpt.load_files(found, meta, list(job.parts), expected, dtype)
         for name, state in states.items():    # a CUDA generator on a CPU-only machine: one line, here
             check_dropout_state(state.get("dropout"), devices[name], os.path.join(found, name))
         return found, meta, states
@@ -376,7 +377,12 @@ def resume(job, path):
     for group, lr in zip(job.optimizer.param_groups, lrs):
         group["lr"] = lr
     if job.scheduler and meta["scheduler"]:
-        job.scheduler.load_state_dict(meta["scheduler"])
+        try:
+            job.scheduler.load_state_dict(meta["scheduler"])
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"checkpoint {path}: meta.pt field scheduler {meta['scheduler']!r:.80} is not the "
+                             f"state of this run's --schedule {job.cfg.schedule}: resume with the schedule it "
+                             f"was trained with") from None
         job.scheduler.factor, job.scheduler.patience = job.cfg.lr_factor, job.cfg.lr_patience
         job.scheduler.max_drops = job.cfg.lr_drops
     torch.set_rng_state(meta["torch_rng"])
