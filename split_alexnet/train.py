@@ -360,7 +360,8 @@ def resume(job, path):
             check_dropout_state(state.get("dropout"), devices[name], os.path.join(found, name))
         return found, meta, states
     path, meta, states = stop_all_on_error(read, job.world)   # one rank's bad shard stops every rank
-    check_resume_update(meta.get("config"), job.cfg.update, path)
+    if not job.cfg.eval_only:                     # evaluating reads the weights alone, never the velocities
+        check_resume_update(meta.get("config"), job.cfg.update, path)
     for name, m in job.parts.items():
         ckpt.load_stream_state(m, job.optimizer, states[name])
     # every group's (scheduled) lr from the checkpoint, unless this run's --lr differs from the one the
