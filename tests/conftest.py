@@ -70,7 +70,7 @@ SLOW = {
                      "test_overlap_keeps_no_activations_after_the_step"],
     "test_checkpoint.py": ["test_cut_join_round_trip_bit_exact_and_same_logits"],
     "test_allocator.py": ["test_freed_buffers_are_reused_without_page_faults"],
-    "test_recipe.py": ["test_resume_cuda_checkpoint_on_cpu_one_line", "test_single_checkpoint_converted_keeps_every_streams_masks"],
+    "test_recipe.py": ["test_resume_of_an_old_generator_checkpoint_is_one_line", "test_single_checkpoint_converted_keeps_every_streams_masks"],
     "test_first_minutes.py": ["test_a_short_run_plots_logs_and_says_how_to_go_on", "test_convert_names_what_it_wrote"],
     "test_cli.py": ["test_one_ranks_error_stops_every_rank"],
 }
