@@ -8,6 +8,8 @@
 All three run the same loop over the spec (`forward_plan`): before every layer that reads all
 streams, exchange; then the layer. Shapes below are for the paper's 227 px input and 2 streams.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -143,6 +145,7 @@ class _Layers(nn.Module):
         super().__init__()
         self.spec, self.stream = spec, stream
         self.dropout = DropoutMasks(dropout_seed)
+        self._compiled = {}                       # layer name -> its compiled function (compile_layers)
         for shape in spec.shapes:
             layer = shape.layer
             if stream is None:  # the whole layer: reading only its own stream becomes groups
@@ -162,8 +165,22 @@ class _Layers(nn.Module):
         """Where this module's neurons start in the layer's full width."""
         return 0 if self.stream is None else sum(self.spec.out_sizes(layer)[:self.stream])
 
+    def compile_layers(self, **kwargs):
+        """torch.compile (kwargs: its options) every layer's function on its own: the split layout's
+        --compile. Its exchanges, the collectives inside comm.py's autograd Functions, then run eagerly
+        between the graphs, so the meter counts them, the watchdog names them, and the overlapped
+        forward's waits stay where they are. A layer boundary costs no fusion: the next conv or linear
+        is a library kernel either way, and ReLU, LRN, max-pool and dropout fuse within their layer."""
+        self._compiled = {layer.name: torch.compile(functools.partial(self._layer, layer), **kwargs)
+                          for layer in self.spec.layers if hasattr(self, layer.name)}
+        return self
+
     def layer_fn(self, layer, x, row=0, last=True):
         """One layer on x; row, last: where x's rows lie in the global batch (DropoutMasks.forward)."""
+        compiled = self._compiled.get(layer.name)
+        return self._layer(layer, x, row, last) if compiled is None else compiled(x, row, last)
+
+    def _layer(self, layer, x, row=0, last=True):
         if layer.kind == "fc":
             x = x.flatten(1)                      # fc6: (B, 256*6*6), every stream's maps, gathered
         x = getattr(self, layer.name)(x)

@@ -111,7 +111,6 @@ def test_train_fp16_uses_a_grad_scaler(tmp_path):
     (["--precision", "fp8"], "invalid choice: 'fp8'"),
     (["--layout", "single", "--micro-batches", "2"], "--micro-batches 2 overlaps the split layout's "
                                                      "exchanges: --layout single has none"),
-    (["--layout", "streams", "--compile"], "--compile: the streams layout's exchanges"),
     (["--micro-batches", "0"], "--micro-batches 0: use 1"),
 ])
 def test_train_refuses_bad_speed_flags(argv, message):
