@@ -73,6 +73,11 @@ SLOW = {
     "test_recipe.py": ["test_resume_of_an_old_generator_checkpoint_is_one_line", "test_single_checkpoint_converted_keeps_every_streams_masks"],
     "test_first_minutes.py": ["test_a_short_run_plots_logs_and_says_how_to_go_on", "test_convert_names_what_it_wrote"],
     "test_cli.py": ["test_one_ranks_error_stops_every_rank"],
+    "test_lrn.py": ["test_lrn_is_one_dynamo_graph", "test_traced_path_equals_eager_float64",
+                    "test_traced_path_keeps_the_half_dtype"],
+    "test_compile.py": ["test_single_layout_train_forward_is_one_graph",
+                        "test_compiled_single_and_streams_steps_equal_eager_without_recompiling",
+                        "test_compiled_split_step_equals_eager"],
 }
 
 
