@@ -8,7 +8,7 @@ A step: forward, cross-entropy, backward, SGD (lr 0.01, momentum 0.9, weight dec
 on a fixed random batch. Variants (--variants, comma-separated):
   single-torchlrn  AlexNet(), 227 px, F.local_response_norm (main before this branch)
   single           AlexNet(), 227 px, split_alexnet.lrn
-  single-inplace   the same with ReLU in place (layer_fn patched here, not in model.py)
+  single-inplace   the same with ReLU in place (layer_fn patched here; model.py has since made ReLU in place)
   single-cl        the same in channels_last
   torchvision      torchvision.models.alexnet(), 224 px
 Rounds alternate the order (A B C, C B A, ...); round 0 is warm-up; medians over the rest. The LRN is
@@ -81,7 +81,7 @@ def inplace_layer_fn(self, layer, x):
     if layer.pool:
         x = F.max_pool2d(x, **POOL)
     if layer.dropout and self.training:
-        x = self.dropout.apply(x, layer.dropout, self.spec.width(layer), self.offset(layer))
+        x = self.dropout(x, layer.dropout, self.spec.width(layer), self.offset(layer))
     return x
 
 

@@ -2,7 +2,7 @@
 
   CKPT/meta.pt            layout, streams, spec, step, epoch, batch, lr, scheduler, torch RNG, files
   CKPT/stream0.pt ...     split / streams layouts: {"model": one stream's state_dict,
-                          "momentum": {param name: SGD momentum buffer}, "dropout": mask generator state}
+                          "momentum": {param name: SGD momentum buffer}, "dropout": the masks' {seed, draws}}
   CKPT/single.pt          single layout: the same for the whole net
 
 Every file is written to a temporary name, fsynced, and renamed (os.replace), and the directory is
@@ -28,7 +28,7 @@ from functools import lru_cache
 import torch
 
 from .cli import UsageError, log
-from .model import join_state_dicts, shard_state_dict
+from .model import check_dropout_state, join_state_dicts, shard_state_dict
 from .spec import Spec
 
 FORMAT = 1
@@ -533,7 +533,7 @@ def load_files(ckpt_dir, meta, names, expected=None, dtype=None):
     expected[name] ({tensor name: shape}; default: the net meta.pt describes) before use: the tensors
     of "model" are exactly those, with those shapes; "momentum" holds none or all of them, alike;
     every tensor has `dtype` (default: one floating dtype for every tensor of every file); the dropout
-    state is a generator's. Returns {name: state}."""
+    state is the masks' {seed, draws}. Returns {name: state}."""
     expected = expected or expected_tensors(spec_of(meta), meta["layout"])
     limits = max_file_bytes(spec_of(meta), meta["layout"])
     states = {}
@@ -581,31 +581,14 @@ def _check_shard(state, want, dtype, path):
             if t.dtype != dtype or not t.dtype.is_floating_point:
                 bad(f"{part}[{k!r}] is {t.dtype}, not {dtype}" + ("" if dtype.is_floating_point
                                                                    else " (a floating dtype)"))
-    _check_dropout(state["dropout"], bad)
+    _check_dropout(state["dropout"], path)
     return dtype
 
 
-def _check_dropout(state, bad):
-    """None (no mask drawn yet) or a generator's (device, state), as DropoutMasks.state() saves it (or
-    the older {"device", "state"} dict)."""
-    if state is None:
-        return
-    pair = (state.get("device"), state.get("state")) if isinstance(state, dict) else state
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
-        bad(f"its dropout state is {_show(state)}, not a generator's (device, state)")
-    try:
-        device = torch.device(pair[0])
-    except (RuntimeError, ValueError):
-        bad(f"its dropout state's device is {_show(pair[0])}, not a device")
-    st = pair[1]
-    if device.type not in ("cpu", "cuda") or not isinstance(st, torch.Tensor) or st.dtype != torch.uint8 \
-            or st.dim() != 1 or not 0 < st.numel() <= 1 << 16:
-        bad(f"its dropout state is {_show(state)}, not a CPU or CUDA generator's state")
-    if device.type == "cpu" or torch.cuda.is_available():     # else: refused by check_dropout_state
-        try:
-            torch.Generator(device.type).set_state(st)           # what resuming does with it: its own check
-        except RuntimeError:
-            bad(f"its dropout state is {_show(state)}, not a {device.type} generator's state")
+def _check_dropout(state, path):
+    """None (no mask drawn yet) or DropoutMasks.state()'s {"seed", "draws"}: model.check_dropout_state's
+    rule, which also names an earlier version's generator state."""
+    check_dropout_state(state, where=f"checkpoint file {path}")
 
 
 # ---- conversion between layouts ----------------------------------------------------------------

@@ -118,6 +118,9 @@ class Config:
     channels_last: bool = False
     compile: bool = False
     keep_freed_memory: bool = True
+    cudnn_benchmark: object = None   # None: on with CUDA (precision.set_cudnn_benchmark)
+    fused_sgd: object = None         # None: on with CUDA (precision.fused_sgd)
+    sync_debug: bool = False
     eval_only: bool = False
     update: str = "torch"          # the recipes set these (older configs lack them: their defaults)
     subtract_mean: str = "caffe"
@@ -241,7 +244,16 @@ def build_parser(add_help=True):
                    f"(default {DEFAULT_MICRO_BATCHES} for split, measured: docs/benchmarks.md)")
     g.add_argument("--channels-last", action="store_true", help="channels_last weights and inputs (for "
                    "GPUs: slower on CPU, measured in benchmarks/README.md)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (single layout)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model: single, streams: the "
+                   "whole forward as one graph; split: each layer of the stream, the exchanges between graphs")
+    g.add_argument("--cudnn-benchmark", action=B, default=None,
+                   help="cuDNN's algorithm search per convolution shape (default: on with CUDA, off elsewhere)")
+    g.add_argument("--fused-sgd", action=B, default=None,
+                   help="torch's fused SGD kernel (default: on with CUDA, off elsewhere)")
+    g.add_argument("--sync-debug", action="store_true",
+                   help="CUDA: every step from the third under torch.cuda.set_sync_debug_mode('error'): a host "
+                   "synchronisation inside forward, backward or the SGD step stops the run, naming it "
+                   "(default: off; on the CPU there is nothing to check)")
     g.add_argument("--keep-freed-memory", action=B, default=True,
                    help="glibc: keep freed buffers for reuse, no page faults per step (allocator.py)")
     return p
@@ -317,7 +329,8 @@ def validate(cfg):
 
 
 def validate_speed(cfg, given_m=True):
-    """--micro-batches, --compile: where they apply (one line each, exit status 2)."""
+    """--micro-batches, --compile: where they apply and whether torch.compile is here (one line each, exit
+    status 2)."""
     m = cfg.micro_batches
     if m < 1:
         raise UsageError(f"--micro-batches {m}: use 1 (no micro-batches) or more")
@@ -333,9 +346,6 @@ def validate_speed(cfg, given_m=True):
         raise UsageError(f"--batch-size {cfg.batch_size} does not divide into {m} micro-batches: use a "
                          f"multiple of {m}{'' if given_m else f' (the split default --micro-batches {m})'} "
                          f"or --micro-batches 1")
-    if cfg.compile and cfg.layout != "single":
-        raise UsageError(f"--compile: the {cfg.layout} layout's exchanges (comm.py's autograd Functions and "
-                         f"collectives) are not compiled here: use --layout single, or drop --compile")
     if cfg.compile:
         from .precision import compile_available
         ok, why = compile_available()

@@ -331,11 +331,12 @@ RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedul
 # never taken from the checkpoint: where this run writes, reads and runs
 RESUME_LOCAL = ("out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
                 "plot", "log_every", "layout", "streams", "eval_only",
-                "micro_batches", "precision", "channels_last", "compile", "keep_freed_memory")  # how, not what
+                "micro_batches", "precision", "channels_last", "compile", "keep_freed_memory",  # how, not what
+                "cudnn_benchmark", "fused_sgd", "sync_debug")
 # cannot be honoured after the run started: field -> why, the fix
 RESUME_REFUSED = {
     "seed": "the data order and augmentation come from the seed",
-    "dropout_seed": "the dropout masks continue from the checkpoint's generator",
+    "dropout_seed": "the dropout masks continue from the checkpoint's seed and draw counter",
     "init": "the weights come from the checkpoint",
     "dataset": "the checkpoint was trained on another data set",
     "train_size": "the epoch's order depends on the training set's size",

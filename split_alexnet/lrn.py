@@ -28,8 +28,20 @@ sums are computed in fp32 from the half input (a window of 5 squares summed in b
 2^-8 of s per add, and fp16's x^2 overflows beyond |x| = 256), and y and dL/dx are returned in the
 input's dtype, so the activations after LRN (and the split's conv3 exchange) stay 2-byte tensors.
 What is saved for backward: x in its own dtype, s and s^-beta in fp32.
+
+No host synchronisation: k/size reaches the fused multiply-add as a 0-dim tensor made on x's device by
+a fill (`torch.full`), not copied from the host (`torch.tensor(..., device=...)` is a synchronising
+host-to-device copy on CUDA).
+
+Under torch.compile (dynamo) the same Function is traced, forward and closed-form backward, into the
+caller's graph: the padded buffers are built with `F.pad` instead of `out=` into a view (which breaks a
+dynamo graph), and only x is saved, s and s^-beta being recomputed in the backward. Inductor fuses each
+direction into one kernel with the ReLU before and the max-pool after it (conv1/conv2); it reads and
+writes the step's dtype (bf16: x, y, dL/dy and dL/dx are 2-byte tensors in memory), and the fp32 that
+the window sums need (s, s^-beta, the backward's windowed sum) lives in registers, not in memory.
 """
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch.overrides import handle_torch_function, has_torch_function_unary
 
@@ -63,6 +75,29 @@ def _padded(x, front, back, fill=0.0):
     return buf, buf[:, front:front + c]
 
 
+def _pad_channels(t, front, back, fill=0.0):
+    """t padded along dim 1 (the traced path: one op that Inductor fuses, no out= into a view)."""
+    return F.pad(t, (0, 0) * (t.dim() - 2) + (front, back), value=fill)
+
+
+def _norm(xc, size, alpha, beta, k, traced):
+    """s = k + alpha/size * window sum of xc^2, and s^-beta (xc in fp32 for half inputs)."""
+    channels, lo, hi = xc.shape[1], size // 2, (size - 1) // 2
+    # every padded channel holds k/size + alpha/size * x^2 (pads: k/size), so that the window's
+    # sum of `size` entries is s itself: k folded in, no separate scale and shift passes. The 0-dim
+    # k/size is made on x's device by a fill: CUDA's addcmul refuses a CPU scalar tensor as self (H100
+    # run), and torch.tensor(..., device=cuda) would be a synchronising host-to-device copy.
+    k_over_n = torch.full((), k / size, dtype=xc.dtype, device=xc.device)
+    if traced:
+        sq = _pad_channels(torch.addcmul(k_over_n, xc, xc, value=alpha / size), lo, hi, fill=k / size)
+    else:                                         # eager: written straight into the padded buffer
+        sq, mid = _padded(xc, lo, hi, fill=k / size)
+        torch.addcmul(k_over_n, xc, xc, value=alpha / size, out=mid)
+        del mid
+    s = _window_sum(sq, size, channels)
+    return s, _neg_pow(s, beta)
+
+
 def _neg_pow(s, beta):
     """s ** -beta; rsqrt and sqrt instead of pow for the common betas."""
     if beta == 0.75:
@@ -80,40 +115,45 @@ class LRNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, size, alpha, beta, k):
-        x = x.contiguous()
-        out_dtype = x.dtype
+        traced = torch.compiler.is_compiling()       # under dynamo: functional ops (module docstring)
+        if not traced:
+            x = x.contiguous()
         xc = x.float() if x.dtype in _HALF else x      # computed in fp32 for half inputs (docstring)
-        channels, lo, hi = x.shape[1], size // 2, (size - 1) // 2
-        # every padded channel holds k/size + alpha/size * x^2 (pads: k/size), so that the window's
-        # sum of `size` entries is s itself: k folded in, no separate scale and shift passes
-        sq, mid = _padded(xc, lo, hi, fill=k / size)
-        # the 0-dim k/size on x's device: CUDA's addcmul refuses a CPU scalar tensor as self (H100 run)
-        torch.addcmul(torch.tensor(k / size, dtype=xc.dtype, device=xc.device), xc, xc, value=alpha / size,
-                      out=mid)
-        s = _window_sum(sq, size, channels)
-        del sq, mid
-        p = _neg_pow(s, beta)
+        s, p = _norm(xc, size, alpha, beta, k, traced)
+        ctx.lrn = (size, alpha, beta, k)
+        if traced:                                     # s, p recomputed in the backward's fused kernel
+            ctx.save_for_backward(x)
+            return (xc * p).to(x.dtype)
         ctx.save_for_backward(x, s, p)
-        ctx.lrn = (size, alpha, beta)
-        return (xc * p).to(out_dtype)
+        if xc is x:
+            return xc * p
+        return torch.mul(xc, p, out=torch.empty_like(x))  # fp32 product, written once in x's dtype
 
     @staticmethod
     @once_differentiable                              # s, p were saved without history
     def backward(ctx, g):
-        x, s, p = ctx.saved_tensors
-        size, alpha, beta = ctx.lrn
+        saved = ctx.saved_tensors
+        traced = len(saved) == 1
+        x = saved[0]
         out_dtype = x.dtype
-        if x.dtype != s.dtype:                         # a half input: fp32 here, its dtype out
-            x, g = x.to(s.dtype), g.to(s.dtype)
+        if x.dtype in _HALF:                           # a half input: fp32 here, its dtype out
+            x, g = x.float(), g.float()
+        size, alpha, beta, k = ctx.lrn
+        s, p = _norm(x, size, alpha, beta, k, True) if traced else saved[1:]
         channels, lo, hi = x.shape[1], size // 2, (size - 1) // 2
         gp = g * p                                     # g s^-beta, becomes dL/dx below
-        t, mid = _padded(x, hi, lo)                    # the transposed window's padding
+        c = -2.0 * alpha * beta / size
+        if traced:                                     # the transposed window's padding
+            u = _window_sum(_pad_channels(gp * x / s, hi, lo), size, channels)
+            return (gp + c * x * u).to(out_dtype), None, None, None, None
+        t, mid = _padded(x, hi, lo)
         torch.mul(gp, x, out=mid)
         mid.div_(s)                                    # g x s^(-beta-1)
         u = _window_sum(t, size, channels)
         del t, mid
-        dx = gp.addcmul_(x, u, value=-2.0 * alpha * beta / size)
-        return dx.to(out_dtype), None, None, None, None
+        if out_dtype == x.dtype:
+            return gp.addcmul_(x, u, value=c), None, None, None, None
+        return torch.addcmul(gp, x, u, value=c, out=torch.empty_like(x, dtype=out_dtype)), None, None, None, None
 
 
 def local_response_norm(x, size, alpha=1e-4, beta=0.75, k=1.0):

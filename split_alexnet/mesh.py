@@ -7,34 +7,16 @@ the (replica, stream) DeviceMesh).
 - Gradients are averaged over the replica group by DDP (bucketed, overlapped with backward). Each
   replica's loss is the mean over its b rows, so the mean over replicas of their gradients is the
   gradient of the mean over all B rows: the single layout's on the global batch.
-- Dropout draws the GLOBAL batch's mask (B rows, the layer's full width) from the shared seeded generator
-  and keeps its own rows (and its stream's columns): the same neurons drop as in the single layout.
+- Dropout: every rank computes its rows of the GLOBAL batch's mask (B rows, the layer's full width) and its
+  stream's columns (counter-based masks, model.keep_mask; the net is built with replica=r): the same
+  neurons drop as in the single layout.
 """
 import torch.nn as nn
 from torch.utils.data import Sampler
 
 from .cli import UsageError
 from .data import EpochSampler
-from .model import DropoutMasks, split_from_single
-
-
-class ReplicaMasks(DropoutMasks):
-    """DropoutMasks for replica `replica` of `replicas`: every draw is the global batch's, rows kept."""
-
-    def __init__(self, seed=0, replicas=1, replica=0):
-        super().__init__(seed)
-        self.replicas, self.replica = replicas, replica
-
-    def draw(self, batch, full_width, keep, device):
-        mask = super().draw(batch * self.replicas, full_width, keep, device)  # the global batch's mask
-        return mask[self.replica * batch:(self.replica + 1) * batch]
-
-
-def use_replica_masks(stream, replicas, replica):
-    """Give a Stream (or AlexNet) replica masks in place of its dropout, generator state kept."""
-    masks = ReplicaMasks(stream.dropout.seed, replicas, replica)
-    masks.load_state(stream.dropout.state())
-    stream.dropout = masks
+from .model import split_from_single
 
 
 def replica_batch(batch_size, replicas):
@@ -46,20 +28,22 @@ def replica_batch(batch_size, replicas):
 
 
 def wrap_replicas(net, ctx, allreduce=True):
-    """net (a SplitAlexNet on ctx's stream group) as one replica: replica masks, and DDP over the
-    replica group so its gradients are averaged (allreduce=False leaves that out: the check's negative)."""
-    if ctx.replicas == 1:
-        return net
-    use_replica_masks(net.stream, ctx.replicas, ctx.replica)
-    if not allreduce:
+    """net (a SplitAlexNet on ctx's stream group, built with replica=ctx.replica) as one replica: DDP over
+    the replica group so its gradients are averaged (allreduce=False leaves that out: the check's
+    negative). The dropout counters advance alike on every replica: DDP broadcasts no buffers."""
+    if net.replica != ctx.replica:
+        raise ValueError(f"the net was built as replica {net.replica}, this rank is replica {ctx.replica}: "
+                         f"build it with replica=ctx.replica (its rows of the dropout masks)")
+    if ctx.replicas == 1 or not allreduce:
         return net
     kwargs = dict(device_ids=[ctx.device]) if ctx.device.type == "cuda" else {}
-    return nn.parallel.DistributedDataParallel(net, process_group=ctx.replica_group, **kwargs)
+    return nn.parallel.DistributedDataParallel(net, process_group=ctx.replica_group, broadcast_buffers=False,
+                                               **kwargs)
 
 
 def split_replica_from_single(model, ctx, device=None, allreduce=True):
     """This rank's stream of a single-layout AlexNet, as one replica of the mesh."""
-    net = split_from_single(model, ctx.stream_rank, ctx.stream_group, device or ctx.device)
+    net = split_from_single(model, ctx.stream_rank, ctx.stream_group, device or ctx.device, replica=ctx.replica)
     return wrap_replicas(net, ctx, allreduce)
 
 

@@ -8,6 +8,8 @@
 All three run the same loop over the spec (`forward_plan`): before every layer that reads all
 streams, exchange; then the layer. Shapes below are for a 227 px input (the paper's 224 acts as 227: spec.pad_end) and 2 streams.
 """
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,84 +29,110 @@ def forward_plan(spec, x, layer_fn, exchange):
     return exchange("logits", x)
 
 
-class DropoutMasks:
-    """Dropout masks drawn over a layer's FULL width from one seeded generator per stream.
+# ---- dropout: counter-based masks, the same on every device ----------------------------------------
 
-    Every stream draws the same full-width mask and keeps its own slice, so all layouts drop the
-    same neurons given the same seed: train mode can be compared exactly, not only eval mode.
-    """
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x, c):
+    """x * c mod 2^32, exactly, for 0 <= x < 2^32 (an int64 tensor or a Python int) and a 32-bit
+    constant c: the products with c's two 16-bit halves stay below 2^48, so int64 never overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """lowbias32 (C. Wellons, hash-prospector): a bijection of [0, 2^32) with strong avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mask_keys(seed, draw):
+    """Two 32-bit keys for draw number `draw` (a 0-dim int64 tensor or an int) of seed `seed` (any int)."""
+    k1 = _mix32(_mix32(_mix32((draw & _M32) ^ (seed & _M32)) ^ ((draw >> 32) & _M32)) ^ ((seed >> 32) & _M32))
+    return k1, _mix32(k1 ^ 0x9E3779B9)
+
+
+def keep_mask(seed, draw, rows, cols, full_width, keep, device="cpu"):
+    """The dropout mask's entries for rows [r0, r0 + nr) of the (global) batch and columns [c0, c0 + nc)
+    of a layer `full_width` wide, rows = (r0, nr), cols = (c0, nc): True where the neuron is kept.
+
+    Entry (i, j) of draw d is kept iff h < keep * 2^32, with h = mix(mix(n ^ k1) ^ k2), n = i * full_width
+    + j its index in the full-width mask and (k1, k2) = keys(seed, d): a counter-based generator (as
+    Philox is), computed with int64 tensor ops on 32-bit values, exact on every device and backend (no
+    overflow, no floating point). So an entry depends only on (seed, d, i, j): not on the device, its
+    model, the dtype, the batch size or how the batch is cut, and any slice of the mask is computed
+    without the rest (every stream its columns, every replica and micro-batch its rows)."""
+    (r0, nr), (c0, nc) = rows, cols
+    if (r0 + nr) * full_width > 2**32:
+        raise ValueError(f"a dropout mask of {r0 + nr} x {full_width} entries: at most 2^32 (a smaller batch)")
+    i = torch.arange(r0, r0 + nr, dtype=torch.int64, device=device)
+    j = torch.arange(c0, c0 + nc, dtype=torch.int64, device=device)
+    k1, k2 = _mask_keys(seed, draw)
+    h = _mix32(_mix32((i[:, None] * full_width + j) ^ k1) ^ k2)
+    return h < round(keep * 2**32)
+
+
+class DropoutMasks(nn.Module):
+    """Dropout masks over a layer's FULL width, counter-based: entry (row, column) of the draw-th mask
+    is a hash of (seed, draw, row * width + column) (`keep_mask`).
+
+    Every stream computes its own columns of the same full-width mask, every replica (mesh.py) its
+    rows of the global batch's, every micro-batch (overlap.py) its rows: all layouts drop the same
+    neurons given the same seed, so train mode can be compared exactly, not only eval mode. The state
+    is the seed and a draw counter (a 0-dim int64 buffer, not in the state_dict: checkpoints carry it
+    as `state()`), advanced once per layer per batch, in place: under torch.compile the forward stays
+    one graph and no step recompiles. The masks do not depend on the device or its model: a checkpoint
+    resumes on any device (CPU, any GPU) with the masks the uninterrupted run draws."""
 
     def __init__(self, seed=0):
-        self.seed, self.gen = seed, None
+        super().__init__()
+        self.seed = int(seed)
+        self.register_buffer("draws", torch.zeros((), dtype=torch.int64), persistent=False)
 
-    def generator(self, device):
-        device = torch.device(device)
-        if self.gen is None:                       # first use: seeded on the device the masks are drawn on
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(self.seed)
-        elif self.gen.device != device:            # the stream moved: its sequence moves with it
-            self.gen = _moved(self.gen, device)
-        return self.gen
-
-    def draw(self, batch, full_width, keep, device):
-        """The next (batch, full_width) mask of ones (kept) and zeros (dropped)."""
-        mask = torch.empty(batch, full_width, device=device)
-        return mask.bernoulli_(keep, generator=self.generator(device))
-
-    def apply(self, x, p, full_width, offset):
+    def forward(self, x, p, full_width, offset, row=0, last=True):
+        """x (rows, columns [offset, offset + x.shape[1]) of the layer) with dropout p: x * mask, where
+        the mask holds 0 or 1 / (1 - p) in x's dtype (one multiply). row: x's first row in the global
+        batch; last: whether x holds the batch's last rows (then the counter moves on)."""
         keep = 1.0 - p
-        mask = self.draw(x.shape[0], full_width, keep, x.device)
-        return x * mask[:, offset:offset + x.shape[1]].to(x.dtype) / keep
+        kept = keep_mask(self.seed, self.draws, (row, x.shape[0]), (offset, x.shape[1]), full_width, keep,
+                         x.device)
+        if last:
+            self.draws.add_(1)
+        return x * torch.where(kept, x.new_full((), 1.0 / keep), 0.0)
 
     def state(self):
-        """The generator's device and state (for checkpoints), or None before the first mask."""
-        return None if self.gen is None else (str(self.gen.device), self.gen.get_state())
+        """What checkpoints keep: {"seed", "draws"} (a synchronisation on CUDA: outside the steps)."""
+        return {"seed": self.seed, "draws": int(self.draws)}
 
     def load_state(self, state, device=None):
-        """Continue the sequence of a saved generator on `device` (default: the one it was saved from).
-        A CUDA state loads on any CUDA device (it is a seed and an offset, not tied to one GPU: a
-        single-GPU run resumed as two streams on cuda:0 and cuda:1 keeps every stream's masks); a
-        CPU state on the CPU. Across kinds there is no such state (mt19937 on the CPU, Philox on CUDA
-        draw other sequences): refused with one line (check_dropout_state)."""
+        """Continue the masks of a saved state (on any device: `device` is not needed and kept for
+        callers). None (nothing saved) leaves the masks as they are; a torch.Generator state written
+        before the masks were counter-based is refused in one line (check_dropout_state)."""
         if state is None:
             return
-        saved, st = _unpack_dropout(state)
-        target = torch.device(device) if device is not None else saved
-        check_dropout_state(state, target)
-        self.gen = torch.Generator(device=target)
-        self.gen.set_state(st)
+        check_dropout_state(state, device)
+        self.seed = int(state["seed"])
+        self.draws.fill_(int(state["draws"]))
 
 
-def _unpack_dropout(state):
-    """(device, generator state) from a checkpoint's dropout entry: a (device, state) pair or a dict."""
-    if isinstance(state, dict):
-        return torch.device(state["device"]), state["state"]
-    device, st = state
-    return torch.device(device), st
-
-
-def _moved(gen, device):
-    """The generator's sequence on another device of its kind; a new seeded one across kinds."""
-    new = torch.Generator(device=device)
-    if gen.device.type == device.type:
-        new.set_state(gen.get_state())
-    else:                                          # CPU <-> CUDA: no state carries over; start afresh
-        new.manual_seed(gen.initial_seed())
-    return new
-
-
-def check_dropout_state(state, device, where="the dropout state"):
-    """One line (UsageError) if a saved dropout generator cannot continue on `device`."""
+def check_dropout_state(state, device=None, where="the dropout state"):
+    """One line (UsageError) if a saved dropout state cannot be continued: it must be {"seed", "draws"}
+    (DropoutMasks.state); the (device, generator state) of earlier versions draws other masks."""
     if state is None:
         return
-    saved, device = _unpack_dropout(state)[0], torch.device(device)
-    if saved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"{where}: its dropout masks come from a CUDA generator ({saved}) and this machine "
-                         f"has no CUDA device: resume it on a GPU (a CPU generator draws other masks)")
-    if saved.type != device.type:
-        raise UsageError(f"{where}: its dropout masks come from a {saved.type} generator ({saved}) and this "
-                         f"run draws them on {device}: resume on a {saved.type} device (the {device.type} "
-                         f"generator draws other masks)")
+    if isinstance(state, dict) and set(state) == {"seed", "draws"}:
+        if all(isinstance(state[k], int) and not isinstance(state[k], bool) for k in state) and state["draws"] >= 0:
+            return
+        raise UsageError(f"{where}: a dropout state of seed {state['seed']!r} and draws {state['draws']!r}: "
+                         f"both must be integers, draws 0 or more (a damaged checkpoint)")
+    if isinstance(state, (tuple, list)) or isinstance(state, dict) and "state" in state:
+        raise UsageError(f"{where}: its dropout masks come from a torch.Generator (a checkpoint written before "
+                         f"the masks became counter-based) and this version cannot continue them: resume it "
+                         f"with the split_alexnet that wrote it, or start a new run")
+    raise UsageError(f"{where}: not a dropout state ({type(state).__name__}): a damaged checkpoint")
 
 
 class _Layers(nn.Module):
@@ -118,6 +146,7 @@ class _Layers(nn.Module):
         self.spec, self.stream = spec, stream
         self.dropout = DropoutMasks(dropout_seed)
         self.pad_end = {s.layer.name: s.pad_end for s in spec.shapes if s.pad_end}   # cuda-convnet2's rule
+        self._compiled = {}                       # layer name -> its compiled function (compile_layers)
         for shape in spec.shapes:
             layer = shape.layer
             if stream is None:  # the whole layer: reading only its own stream becomes groups
@@ -137,14 +166,29 @@ class _Layers(nn.Module):
         """Where this module's neurons start in the layer's full width."""
         return 0 if self.stream is None else sum(self.spec.out_sizes(layer)[:self.stream])
 
-    def layer_fn(self, layer, x):
+    def compile_layers(self, **kwargs):
+        """torch.compile (kwargs: its options) every layer's function on its own: the split layout's
+        --compile. Its exchanges, the collectives inside comm.py's autograd Functions, then run eagerly
+        between the graphs, so the meter counts them, the watchdog names them, and the overlapped
+        forward's waits stay where they are. A layer boundary costs no fusion: the next conv or linear
+        is a library kernel either way, and ReLU, LRN, max-pool and dropout fuse within their layer."""
+        self._compiled = {layer.name: torch.compile(functools.partial(self._layer, layer), **kwargs)
+                          for layer in self.spec.layers if hasattr(self, layer.name)}
+        return self
+
+    def layer_fn(self, layer, x, row=0, last=True):
+        """One layer on x; row, last: where x's rows lie in the global batch (DropoutMasks.forward)."""
+        compiled = self._compiled.get(layer.name)
+        return self._layer(layer, x, row, last) if compiled is None else compiled(x, row, last)
+
+    def _layer(self, layer, x, row=0, last=True):
         if layer.kind == "fc":
             x = x.flatten(1)                      # fc6: (B, 256*6*6), every stream's maps, gathered
         if layer.name in self.pad_end:            # conv1 at 224 px: 3 zero pixels right and bottom -> 55
             x = F.pad(x, (0, self.pad_end[layer.name], 0, self.pad_end[layer.name]))
         x = getattr(self, layer.name)(x)
-        if layer.relu:
-            x = F.relu(x)
+        if layer.relu:                            # in place: conv and linear keep their input, not output
+            x = F.relu(x, inplace=True)
         if layer.lrn:                             # within each stream, never across streams
             groups = self.spec.streams if self.stream is None and not self.lrn_across_streams else 1
             b, c, h, w = x.shape
@@ -152,7 +196,7 @@ class _Layers(nn.Module):
         if layer.pool:
             x = F.max_pool2d(x, **POOL)
         if layer.dropout and self.training:
-            x = self.dropout.apply(x, layer.dropout, self.spec.width(layer), self.offset(layer))
+            x = self.dropout(x, layer.dropout, self.spec.width(layer), self.offset(layer), row, last)
         return x
 
 
@@ -219,13 +263,15 @@ class StreamsAlexNet(nn.Module):
 class SplitAlexNet(nn.Module):
     """The split layout: this process's stream of the net; the other streams are other ranks."""
 
-    def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", **kwargs):
+    def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", replica=0, **kwargs):
         super().__init__()
         self.spec, self.rank, self.group = _spec(spec, kwargs), rank, group
+        self.replica = replica   # streams x replicas (mesh.py): replica r's rows of the global batch start at r * b
         self.stream = Stream(self.spec, rank, dropout_seed, init)
 
-    def layer_fn(self, layer, x):
-        return self.stream.layer_fn(layer, x)
+    def layer_fn(self, layer, x, row=None, last=True):
+        """One layer of this stream; row (default: this replica's first) of the global batch."""
+        return self.stream.layer_fn(layer, x, self.replica * x.shape[0] if row is None else row, last)
 
     def exchange(self, name, x):
         if name == "logits":                      # one loss on every rank: backward keeps own slice
@@ -299,19 +345,22 @@ def join_state_dicts(shards, spec):
 
 
 def streams_from_single(model, devices=None):
-    """A StreamsAlexNet holding exactly the weights of a single-layout AlexNet."""
+    """A StreamsAlexNet holding exactly the weights (and the dropout draw counter) of a single-layout AlexNet."""
     with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the caller's RNG
         net = StreamsAlexNet(model.spec, devices, dropout_seed=model.dropout.seed)
     net.to(model.conv1.weight.dtype)  # so that float64 weights load as float64
     for stream, shard in zip(net.streams, shard_state_dict(model.state_dict(), model.spec)):
         stream.load_state_dict(shard)
+        stream.dropout.draws.copy_(model.dropout.draws)   # the seed is the constructor's
     return net
 
 
-def split_from_single(model, rank, group=None, device="cpu"):
-    """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet."""
+def split_from_single(model, rank, group=None, device="cpu", replica=0):
+    """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet (replica: its
+    replica's index on a streams x replicas mesh, mesh.py)."""
     with torch.random.fork_rng(devices=[]):  # shards differ in size: keep every rank's RNG in step
-        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed)
+        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed, replica=replica)
     net.to(device, model.conv1.weight.dtype)
     net.stream.load_state_dict(shard_state_dict(model.state_dict(), model.spec)[rank])
+    net.stream.dropout.draws.copy_(model.dropout.draws)
     return net

@@ -51,30 +51,34 @@ class PaperSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                v = state.get("momentum_buffer")
-                if v is None:
-                    v = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                v.mul_(momentum)
-                if decay:
-                    v.add_(p, alpha=-decay * lr)
-                v.add_(p.grad, alpha=-lr)
-                p.add_(v)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if not params:
+                continue
+            # the rule on every tensor of the group at once (torch's multi-tensor ops: a few kernel
+            # launches per group on a GPU, not a few per tensor); elementwise the same arithmetic
+            v = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(v, momentum)
+            if decay:
+                torch._foreach_add_(v, params, alpha=-decay * lr)
+            torch._foreach_add_(v, [p.grad for p in params], alpha=-lr)
+            torch._foreach_add_(params, v)
         return loss
 
 
 UPDATES = ("paper", "torch")   # --update: the paper's form (PaperSGD) or torch.optim.SGD's
 
 
-def make_optimizer(update, groups, lr, momentum, weight_decay=0.0):
-    """The optimizer of --update over parameter groups (each may set lr and weight_decay)."""
+def make_optimizer(update, groups, lr, momentum, weight_decay=0.0, fused=False):
+    """The optimizer of --update over parameter groups (each may set lr and weight_decay). fused:
+    torch.optim.SGD's fused kernel (CUDA); PaperSGD always runs as multi-tensor ops."""
     if update == "paper":
         return PaperSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if update == "torch":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               **({"fused": True} if fused else {}))
     raise ValueError(f"unknown update rule {update!r}: use {' or '.join(UPDATES)}")
 
 

@@ -13,8 +13,8 @@ exists and wait only when the layer below needs it; autograd runs the other micr
 meanwhile.
 
 Same function as `SplitAlexNet.forward`: the same layers on the same rows, logits concatenated back in
-batch order, and dropout masks drawn exactly as the full batch draws them (one full-batch mask per layer
-from the same generator, each micro-batch taking its rows). What differs is only floating-point
+batch order, and the full batch's dropout masks (each micro-batch computes its rows of the layer's
+counter-based mask, model.keep_mask; the last micro-batch moves the counter on). What differs is only floating-point
 summation order: a weight gradient summed over M micro-batches instead of in one GEMM, and kernels
 that may block differently for a smaller batch (the tolerance: split_alexnet/check.py, tested).
 """
@@ -35,51 +35,31 @@ def segments(spec):
     return out
 
 
-class _MicroBatchMasks:
-    """Hands each micro-batch its rows of the full-batch dropout mask, drawn by `base` (a DropoutMasks)."""
-
-    def __init__(self, base, batch):
-        self.base, self.batch, self.row, self.mask = base, batch, 0, None
-
-    def apply(self, x, p, full_width, offset):
-        keep = 1.0 - p
-        if self.row == 0:  # a new layer: the same draw as DropoutMasks.apply on the whole batch
-            self.mask = self.base.draw(self.batch, full_width, keep, x.device)
-        rows = self.mask[self.row:self.row + x.shape[0]]
-        self.row = (self.row + x.shape[0]) % self.batch
-        return x * rows[:, offset:offset + x.shape[1]].to(x.dtype) / keep
-
-
 def overlapped_forward(net: SplitAlexNet, x, micro_batches=2):
     """SplitAlexNet's forward, over `micro_batches` micro-batches with async exchanges. (B, classes)."""
-    spec, stream, group = net.spec, net.stream, net.group
+    spec, group = net.spec, net.group
     batch = x.shape[0]
     if batch % micro_batches:
         raise ValueError(f"batch {batch} does not divide into {micro_batches} micro-batches: "
                          f"use a batch size that is a multiple of {micro_batches}")
     fc8_sizes = spec.out_sizes(spec.layers[-1])
-    plan = segments(spec)
-    base = stream.dropout
-    stream.dropout = _MicroBatchMasks(base, batch)
-    try:
-        cur = list(x.chunk(micro_batches))              # M x (B/M, 3, 227, 227); later M x Pending
-        for i, (exchange, layers) in enumerate(plan):
-            after = plan[i + 1][0] if i + 1 < len(plan) else "logits"
-            for m in range(micro_batches):
-                if exchange is None:
-                    t = cur[m]
+    plan, rows = segments(spec), batch // micro_batches
+    cur = list(x.chunk(micro_batches))                  # M x (B/M, 3, 227, 227); later M x Pending
+    for i, (exchange, layers) in enumerate(plan):
+        after = plan[i + 1][0] if i + 1 < len(plan) else "logits"
+        for m in range(micro_batches):
+            if exchange is None:
+                t = cur[m]
+            else:
+                with record_function(f"exchange:{exchange}/wait"):
+                    t = cur[m].result()                 # e.g. (B/M, 256, 13, 13) at conv3
+            for layer in layers:                        # micro-batch m: rows [m B/M, (m+1) B/M) of the masks
+                with record_function(layer.name):
+                    t = net.layer_fn(layer, t, net.replica * batch + m * rows, m == micro_batches - 1)
+            with record_function(f"exchange:{after}/start"):
+                if after == "logits":
+                    cur[m] = start_gather_for_same_computation(t, fc8_sizes, group, after)
                 else:
-                    with record_function(f"exchange:{exchange}/wait"):
-                        t = cur[m].result()             # e.g. (B/M, 256, 13, 13) at conv3
-                for layer in layers:
-                    with record_function(layer.name):
-                        t = stream.layer_fn(layer, t)
-                with record_function(f"exchange:{after}/start"):
-                    if after == "logits":
-                        cur[m] = start_gather_for_same_computation(t, fc8_sizes, group, after)
-                    else:
-                        cur[m] = start_gather_for_distinct_kernels(t, group, after)
-        with record_function("exchange:logits/wait"):
-            return torch.cat([p.result() for p in cur], dim=0)  # (B, num_classes)
-    finally:
-        stream.dropout = base
+                    cur[m] = start_gather_for_distinct_kernels(t, group, after)
+    with record_function("exchange:logits/wait"):
+        return torch.cat([p.result() for p in cur], dim=0)  # (B, num_classes)

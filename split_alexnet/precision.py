@@ -91,3 +91,39 @@ def ieee_fp32():
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+# ---- speed flags (train: --cudnn-benchmark, --fused-sgd; measured on and off by the bench on a GPU) ----
+
+def set_cudnn_benchmark(device_type, flag=None):
+    """cuDNN's algorithm search for every new convolution shape (--cudnn-benchmark; None: on with CUDA,
+    where a step's shapes repeat, so the search's first-step cost buys every later step; off elsewhere,
+    where it does nothing). It picks among algorithms of the same precision: TF32 stays as ieee_fp32 and
+    torch's flags set it, so the check's error model is unchanged. Returns the value set."""
+    on = device_type == "cuda" if flag is None else bool(flag)
+    torch.backends.cudnn.benchmark = on
+    return on
+
+
+def fused_sgd(device_type, flag=None):
+    """Whether SGD runs as torch's fused kernel (--fused-sgd; None: on with CUDA, one launch for every
+    parameter instead of a few per tensor; it also lets a GradScaler skip an fp16 step on the device,
+    without reading found_inf on the host). Off on the CPU by default: the foreach path is as fast there."""
+    return device_type == "cuda" if flag is None else bool(flag)
+
+
+@contextlib.contextmanager
+def no_host_sync(device, enabled=True):
+    """Inside the block, on CUDA, a synchronising CUDA call (an .item(), a copy to the host, a blocking
+    host-to-device copy, a stream synchronize) raises RuntimeError naming it:
+    torch.cuda.set_sync_debug_mode("error"), restored after. Elsewhere (or enabled=False) a no-op: a CPU
+    step has no device to wait for. train.py wraps each step in it with --sync-debug."""
+    if not enabled or torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(before)

@@ -109,20 +109,22 @@ def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
     return result if rank == 0 else cached_mean_image(path, train_raw, side, channels)
 
 
-def build_optimizer(model, cfg):
+def build_optimizer(model, cfg, device=None):
     """SGD by --update (paper: PaperSGD, the paper's form; torch: torch.optim.SGD) with two parameter
     groups: the weights (group 0: lr, weight decay), and the biases (group 1: lr x --bias-lr-mult, weight
     decay only with --bias-decay), as Caffe's bvlc_alexnet (lr_mult 2, decay_mult 0) and, at its start,
     cuda-convnet2 (epsB 0.04 against epsW 0.02, no wc on biases) train them. Every layout names its
-    parameters conv1.weight ... fc8.bias, so the rule is the same for the whole net and for each stream."""
+    parameters conv1.weight ... fc8.bias, so the rule is the same for the whole net and for each stream.
+    --fused-sgd (default: on with CUDA): torch's fused SGD kernel, one launch for all parameters."""
     named = list(model.named_parameters())
+    fused = precision.fused_sgd(device.type if device is not None else "cpu", cfg.fused_sgd)
     weights = [p for n, p in named if not n.endswith("bias")]
     biases = [p for n, p in named if n.endswith("bias")]
     return make_optimizer(cfg.update, [
         dict(params=weights, lr=cfg.lr, weight_decay=cfg.weight_decay, name="weights"),
         dict(params=biases, lr=cfg.lr * cfg.bias_lr_mult,
              weight_decay=cfg.weight_decay if cfg.bias_decay else 0.0, name="biases"),
-    ], lr=cfg.lr, momentum=cfg.momentum)
+    ], lr=cfg.lr, momentum=cfg.momentum, fused=fused)
 
 
 def build_scheduler(optimizer, cfg):
@@ -167,11 +169,15 @@ class PlateauOnError:
 
 
 def for_speed(cfg, model):
-    """--channels-last and --compile (single layout): the model the steps run; the parts stay the
-    uncompiled modules (checkpoints hold their plain state dicts)."""
+    """--channels-last and --compile: the model the steps run; the parts stay the uncompiled modules
+    (checkpoints hold their plain state dicts). single, streams: the whole forward is one graph. split:
+    every layer of this rank's stream is compiled on its own and the exchanges run between the graphs
+    (comm.py's autograd Functions, their collectives, the overlap's waits: _Layers.compile_layers)."""
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
+    if cfg.compile and cfg.layout == "split":
+        unwrap(model).stream.compile_layers()       # in place: DDP and overlapped_forward keep the net
+    elif cfg.compile:
         model = torch.compile(model)
     return model
 
@@ -228,9 +234,10 @@ def build(cfg, ctx=None):
     train_set, val_set = Seeded(train_raw, train_tf, cfg.seed), Seeded(val_raw, val_tf, cfg.seed)
     train_set.bad_images = val_set.bad_images = cfg.bad_images
     check_precision(cfg.precision, device.type)
+    precision.set_cudnn_benchmark(device.type, cfg.cudnn_benchmark)
     model, parts = build_model(cfg, spec, rank, device, ctx)
     model = for_speed(cfg, model)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     out = run_folder(cfg, world)
     if not cfg.eval_only and os.path.exists(os.path.join(out, "metrics.jsonl")):   # every rank: all stop together
@@ -356,7 +363,7 @@ def resume(job, path):
         devices = {name: ckpt._device_of(m) for name, m in job.parts.items()}
         dtype = next(iter(job.parts.values())).conv1.weight.dtype      # the model's: no cast on load
         states = ckpt.load_files(found, meta, list(job.parts), expected, dtype)
-        for name, state in states.items():    # a CUDA generator on a CPU-only machine: one line, here
+        for name, state in states.items():    # an old checkpoint's generator state: one line, here
             check_dropout_state(state.get("dropout"), devices[name], os.path.join(found, name))
         return found, meta, states
     path, meta, states = stop_all_on_error(read, job.world)   # one rank's bad shard stops every rank
@@ -410,15 +417,19 @@ def run(job):
     announce(job, progress, steps_per_epoch, resumed_from, state)
     job.model.train()
     last_val, n_images, t_start = None, 0, time.perf_counter()
+    first = state["step"]
     while state["step"] < total:
         t_prev, position = time.perf_counter(), dict(state)
         for x, y in epoch_loader(job, state):
             guard.phase(f"training step {state['step'] + 1}")
             if isinstance(job.scheduler, DexpSchedule):   # cuda-convnet2's rates by training progress
                 job.scheduler.before_step(state["step"], cfg.epochs * steps_per_epoch)   # --max-steps: a stop
-            loss = train_step(job, x, y)
-            if job.replicas > 1:                   # the global batch's loss: the replicas' mean
-                loss = _replica_mean(job, loss)
+            # --sync-debug: from the third step of this run on (the first two tune cuDNN, compile, and
+            # let DDP rebuild its buckets), a host synchronisation inside the step is an error on CUDA
+            with precision.no_host_sync(job.device, cfg.sync_debug and state["step"] >= first + 2):
+                loss = train_step(job, x, y)           # a device tensor: read by progress, not here
+                if job.replicas > 1:                   # the global batch's loss: the replicas' mean
+                    loss = _replica_mean(job, loss)
             state["step"] += 1
             state["batch"] += 1
             now = time.perf_counter()
@@ -429,11 +440,13 @@ def run(job):
             scheduled = bool(cfg.eval_every and state["step"] % cfg.eval_every == 0
                              or not cfg.eval_every and end_of_epoch)
             if scheduled or state["step"] == total:
+                progress.flush()                       # the train rows before the val row
                 last_val = evaluate_and_log(job, state, progress, scheduled)
             if end_of_epoch:
                 state["epoch"] += 1
                 state["batch"] = 0
             if cfg.save_every and (state["step"] % cfg.save_every == 0 or state["step"] == total):
+                progress.flush()                       # a non-finite loss stops before it is saved
                 save_checkpoint(job, state)
             if state["step"] >= total or end_of_epoch:
                 break
@@ -482,9 +495,11 @@ def epoch_loader(job, state):
 
 
 def train_step(job, x, y):
-    """One SGD step on the batch; returns its loss. --precision bf16/fp16: forward and loss under
-    autocast (fp32 weights, gradients and SGD); fp16 scales the loss (GradScaler). --micro-batches M > 1
-    (split): the overlapped forward (overlap.py), the same function in another summation order."""
+    """One SGD step on the batch; returns its loss, a 0-dim tensor on the device, unread: nothing in the
+    step waits for the device (Progress reads the losses every --log-every steps). --precision bf16/fp16:
+    forward and loss under autocast (fp32 weights, gradients and SGD); fp16 scales the loss (GradScaler).
+    --micro-batches M > 1 (split): the overlapped forward (overlap.py), the same function in another
+    summation order."""
     cfg = job.cfg
     x = x.to(job.device, non_blocking=True)
     if cfg.channels_last:
@@ -494,20 +509,20 @@ def train_step(job, x, y):
             logits = overlapped_forward(job.model, x, cfg.micro_batches)      # (B, classes)
         else:
             logits = job.model(x)                                          # (B, classes)
-        loss = F.cross_entropy(logits.float(), y.to(logits.device))
+        loss = F.cross_entropy(logits.float(), y.to(logits.device, non_blocking=True))
     job.optimizer.zero_grad(set_to_none=True)
     if cfg.precision != "fp16":
         loss.backward()
         job.optimizer.step()
-        return loss.item()
+        return loss.detach()
     if job.scaler is None:
         job.scaler = torch.amp.GradScaler(job.device.type)
     job.scaler.scale(loss).backward()
     if job.world > 1:
         _skip_together(job)
-    job.scaler.step(job.optimizer)                 # skipped when a gradient overflowed
-    job.scaler.update()
-    return loss.item()
+    job.scaler.step(job.optimizer)                 # skipped when a gradient overflowed (fused SGD: on the
+    job.scaler.update()                            # device; otherwise the scaler reads found_inf)
+    return loss.detach()
 
 
 def _skip_together(job):
@@ -517,14 +532,15 @@ def _skip_together(job):
     grads = [p.grad for p in job.model.parameters() if p.grad is not None]
     bad = torch.stack([~torch.isfinite(g).all() for g in grads]).any().float().reshape(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() and all(torch.isfinite(g).all() for g in grads):
-        grads[0].fill_(float("inf"))
+    # inf where any rank overflowed, unread on the host (a rank's own non-finite gradient stays non-finite)
+    grads[0].add_(torch.where(bad > 0, float("inf"), 0.0).to(grads[0].dtype))
 
 
-def _replica_mean(job, value):
-    t = torch.tensor([value], dtype=torch.float64)
+def _replica_mean(job, loss):
+    """The replicas' mean of a 0-dim loss tensor, on its device (not read on the host)."""
+    t = loss.detach().to(torch.float64).reshape(1)
     dist.all_reduce(t, group=job.replica_group)
-    return t.item() / job.replicas
+    return t[0] / job.replicas
 
 
 def evaluate_and_log(job, state, progress, scheduled=True):
@@ -546,6 +562,7 @@ def evaluate_and_log(job, state, progress, scheduled=True):
 def finish(job, progress, state, last_val, n_images, seconds):
     """Close the bar, plot (unless --no-plot), say the result, what the run folder holds and how to go on
     from it; returns the run's summary."""
+    progress.flush()
     progress.close()
     if job.rank == 0 and job.cfg.plot:
         plot_curves(progress.metrics.rows, os.path.join(job.out, "curves.png"))
@@ -635,13 +652,16 @@ def strict_json(row):
 
 class Progress:
     """What a run reports: metrics.jsonl (rank 0) and, from rank 0 unless --quiet, a bar on a terminal
-    or else a log line every --log-every steps."""
+    or else a log line every --log-every steps. The steps' losses stay on the device until a flush (every
+    --log-every steps, the first and the last step, before an evaluation or a checkpoint): one
+    synchronisation for many steps, none inside a step."""
 
     def __init__(self, job, total, initial):
         from tqdm import tqdm
         self.job, self.total, self.first = job, total, initial + 1
         self.metrics = Metrics(os.path.join(job.out, "metrics.jsonl"), job.rank == 0)
         self.quiet = job.cfg.quiet or job.rank != 0
+        self.pending = []                         # (state, loss tensor, lr, images/s, mean images/s) per step
         tty = sys.stderr.isatty()
         sized = tty and os.get_terminal_size(sys.stderr.fileno()).columns > 0   # a pty may report 0 columns
         self.bar = tqdm(total=total, initial=initial, disable=self.quiet or not tty, desc="train",
@@ -652,18 +672,32 @@ class Progress:
             self.bar.write(line) if not self.bar.disable else log(line)
 
     def step(self, state, loss, images_per_s, mean_images_per_s):
-        """A training step: its metrics row; a non-finite loss stops the run; the bar or a log line."""
+        """A training step (loss: a tensor, or a number): kept, and flushed every --log-every steps."""
         lr = self.job.optimizer.param_groups[0]["lr"]
-        self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, lr=lr,
-                                images_per_s=images_per_s))
-        why = (self.job.divergence.loss(loss) if self.job.divergence else
-               None if math.isfinite(loss) else f"the training loss became {loss}")
-        if why:                                    # NaN, or grown a hundredfold (guard.Divergence)
-            raise UsageError(diverged(self.job, state, why))
+        logged = state["step"] % self.job.cfg.log_every == 0 or state["step"] in (self.first, self.total)
+        self.pending.append((dict(state), loss, lr, mean_images_per_s if logged else None, images_per_s))
         self.bar.update(1)
-        self.bar.set_postfix(epoch=state["epoch"], loss=f"{loss:.3f}", refresh=False)
-        logged = (state["step"] % self.job.cfg.log_every == 0 or state["step"] in (self.first, self.total))
-        if self.bar.disable and not self.quiet and logged:   # the first and the last step always
+        if logged:
+            self.flush()
+
+    def flush(self):
+        """The pending steps' metrics rows (their losses read in one transfer); a non-finite loss stops the
+        run, named by its step; the bar's loss, or a log line for the last of them."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        values = [torch.as_tensor(p[1]).detach().reshape(()) for p in pending]
+        losses = torch.stack([v.to(values[0].device) for v in values]).to(torch.float64).tolist()
+        for (state, _, lr, _, images_per_s), loss in zip(pending, losses):
+            self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, lr=lr,
+                                    images_per_s=images_per_s))
+            why = (self.job.divergence.loss(loss) if self.job.divergence else
+                   None if math.isfinite(loss) else f"the training loss became {loss}")
+            if why:                                # NaN, or grown a hundredfold (guard.Divergence)
+                raise UsageError(diverged(self.job, state, why))
+        self.bar.set_postfix(epoch=pending[-1][0]["epoch"], loss=f"{losses[-1]:.3f}", refresh=False)
+        (state, _, lr, mean_images_per_s, _), loss = pending[-1], losses[-1]
+        if self.bar.disable and not self.quiet and mean_images_per_s is not None:   # a logged step
             self.say(f"step {state['step']}/{self.total} epoch {state['epoch']}: loss {loss:.4f} "
                      f"lr {lr:g} {mean_images_per_s:.1f} img/s")
 

@@ -320,8 +320,10 @@ def test_a_settings_value_no_flag_accepts_is_refused_on_resume(real, tmp_path, c
      "torch.float64, not torch.float32"),
     (lambda s: s["model"].update({"fc8.bias": s["model"]["fc8.bias"].long()}), "model['fc8.bias'] is torch.int64"),
     (lambda s: s["model"].update({"fc8.bias": [0.0] * 10}), "model['fc8.bias'] is [0.0,"),
-    (lambda s: s.update(dropout=("cpu", torch.zeros(7, dtype=torch.uint8))), "its dropout state is ('cpu', "),
-    (lambda s: s.update(dropout=("tpu", torch.zeros(7, dtype=torch.uint8))), "its dropout state"),
+    (lambda s: s.update(dropout=("cpu", torch.zeros(7, dtype=torch.uint8))),
+     "its dropout masks come from a torch.Generator (a checkpoint written before"),
+    (lambda s: s.update(dropout={"seed": 0, "draws": -1}), "both must be integers, draws 0 or more"),
+    (lambda s: s.update(dropout="x"), "not a dropout state (str): a damaged checkpoint"),
 ])
 def test_shard_contents_are_checked_before_use(real, tmp_path, edit, message):
     folder = str(tmp_path / "ckpt")

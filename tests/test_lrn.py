@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from split_alexnet.lrn import local_response_norm
+from split_alexnet.lrn import LRNFunction, local_response_norm
 from split_alexnet.spec import LRN
 
 
@@ -139,3 +139,62 @@ def test_cuda_matches_cpu():
     xf = x.float().cuda()
     y32, _ = _both(xf, g.float().cuda(), local_response_norm, **LRN)
     torch.testing.assert_close(y32, F.local_response_norm(xf, **LRN), rtol=1e-5, atol=1e-6)
+
+
+# ---- fast on GPUs: no host copy per call, one dynamo graph, the traced path (issue 15) ---------------
+
+class _Calls(torch.overrides.TorchFunctionMode):
+    """The torch functions called inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_tensor_is_copied_from_the_host_per_call():
+    """torch.tensor(k/size, device=x.device) was a synchronising host-to-device copy on CUDA per call."""
+    x = torch.rand(2, 8, 5, 5, requires_grad=True)
+    with _Calls() as calls:
+        LRNFunction.apply(x, 5, 1e-4, 0.75, 2.0).sum().backward()
+    assert "tensor" not in calls.names and "full" in calls.names
+
+
+def _lrn_relu_pool(x):
+    return F.max_pool2d(local_response_norm(F.relu(x), **LRN), 3, 2)
+
+
+def test_lrn_is_one_dynamo_graph():
+    explained = torch._dynamo.explain(_lrn_relu_pool)(torch.randn(2, 12, 9, 9, requires_grad=True))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+@pytest.mark.parametrize("shape,size", [((2, 7, 3, 4), 5), ((2, 6, 3, 3), 4), ((1, 4, 2, 2, 2), 3)])
+def test_traced_path_equals_eager_float64(shape, size):
+    """Under torch.compile the Function takes its traced branch (F.pad, only x saved, s and s^-beta
+    recomputed in the backward): the same formula in another order, so float64 round-off apart."""
+    torch.manual_seed(6)
+    x = torch.relu(torch.randn(shape, dtype=torch.float64) * 30)
+    g = torch.randn_like(x)
+    kw = dict(size=size, alpha=1e-2, beta=0.75, k=2.0)
+    y, dx = _both(x, g, local_response_norm, **kw)
+    torch._dynamo.reset()
+    yc, dxc = _both(x, g, torch.compile(local_response_norm, backend="aot_eager", fullgraph=True), **kw)
+    torch.testing.assert_close(yc, y, rtol=1e-13, atol=0)
+    torch.testing.assert_close(dxc, dx, rtol=1e-12, atol=1e-14 * dx.abs().max().item())
+
+
+def test_traced_path_keeps_the_half_dtype():
+    torch.manual_seed(7)
+    x = (torch.rand(2, 12, 5, 5) * 40).bfloat16().requires_grad_()
+    torch._dynamo.reset()
+    y = torch.compile(local_response_norm, backend="aot_eager", fullgraph=True)(x, **LRN)
+    ref = local_response_norm(x.detach().float(), **LRN)
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - ref).abs() <= 2.0**-8 * ref.abs()).all()   # fp32 inside: one final rounding
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()

@@ -111,7 +111,6 @@ def test_train_fp16_uses_a_grad_scaler(tmp_path):
     (["--precision", "fp8"], "invalid choice: 'fp8'"),
     (["--layout", "single", "--micro-batches", "2"], "--micro-batches 2 overlaps the split layout's "
                                                      "exchanges: --layout single has none"),
-    (["--layout", "streams", "--compile"], "--compile: the streams layout's exchanges"),
     (["--micro-batches", "0"], "--micro-batches 0: use 1"),
 ])
 def test_train_refuses_bad_speed_flags(argv, message):
@@ -178,3 +177,51 @@ def test_compile_available_answers_without_raising():
     from split_alexnet.precision import compile_available
     ok, why = compile_available()
     assert isinstance(ok, bool) and (ok or why)
+
+
+# ---- no host synchronisation inside a step ------------------------------------------------------------
+
+def test_train_step_returns_the_loss_unread(tmp_path):
+    """The step hands back a device tensor (it once ended in loss.item(), a synchronisation per step);
+    the run still logs every step's loss in metrics.jsonl, read every --log-every steps."""
+    from split_alexnet.train import train_step
+    job = build(parse_config(TINY + ["--layout", "single", "--out", str(tmp_path / "s")]))
+    x, y = next(iter(torch.utils.data.DataLoader(job.train_set, batch_size=8)))
+    loss = train_step(job, x, y)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
+    out = str(tmp_path / "r")
+    run(build(parse_config(TINY + ["--layout", "single", "--max-steps", "3", "--log-every", "2",
+                                   "--sync-debug", "--out", out])))
+    train = [r for r in _metrics(out) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3] and all(0 < r["loss"] < 100 for r in train)
+
+
+def _one_rank_overflows(rank, world):
+    from types import SimpleNamespace
+
+    from split_alexnet.train import _skip_together
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.ones(3)
+    if rank == 1:
+        params[1].grad[0] = float("inf")
+    _skip_together(SimpleNamespace(model=SimpleNamespace(parameters=lambda: params)))
+    assert not all(torch.isfinite(p.grad).all() for p in params)     # every rank skips the step
+
+
+def test_fp16_ranks_skip_together_without_reading_the_flag():
+    from conftest import spawn
+    spawn(_one_rank_overflows, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_a_cuda_step_does_not_synchronise():
+    from split_alexnet.precision import no_host_sync
+    from split_alexnet.train import train_step
+    job = build(parse_config(TINY + ["--layout", "single", "--device", "cuda", "--out", "/tmp/sync-debug-test"]))
+    x, y = next(iter(torch.utils.data.DataLoader(job.train_set, batch_size=8, pin_memory=True)))
+    for k in range(3):
+        with no_host_sync(job.device, enabled=k >= 2):
+            loss = train_step(job, x, y)
+    with pytest.raises(RuntimeError), no_host_sync(job.device):
+        loss.item()                                                    # the check can fail

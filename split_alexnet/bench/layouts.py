@@ -209,7 +209,8 @@ def build_runs(cfg, spec, ctx):
             sub = dataclasses.replace(ctx, streams=cfg.streams,
                                       mesh=build_mesh(ctx.device.type, ctx.world // cfg.streams, cfg.streams))
             net_spec = Spec(streams=cfg.streams, image_size=spec.image_size, dtype_bytes=spec.dtype_bytes)
-            net = SplitAlexNet(net_spec, sub.stream_rank, sub.stream_group, dropout_seed=cfg.seed).to(ctx.device)
+            net = SplitAlexNet(net_spec, sub.stream_rank, sub.stream_group, dropout_seed=cfg.seed,
+                              replica=sub.replica).to(ctx.device)
             net = wrap_replicas(net, sub)
             run = make("mesh", f"mesh {sub.replicas}x{sub.streams}", ctx.world, every_rank, net, lambda n, x: n(x))
             run.rows, run.net_spec = (sub.replica, sub.replicas), net_spec
