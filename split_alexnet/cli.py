@@ -1,5 +1,7 @@
 """What every launcher shares: the environment torchrun sets, bad input as one line and exit status 2,
 logging from rank 0, and one rank's error stopping every rank."""
+import argparse
+import copy
 import os
 import sys
 from dataclasses import dataclass
@@ -44,6 +46,27 @@ def log(*args, **kwargs):
     """Print from rank 0 only (the one place the launchers log through)."""
     if env().rank == 0:
         print(*args, **kwargs, flush=True)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every launcher's parser: a bad flag is one line (UsageError), like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+class DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default (a flag without help text too), but an empty one (its help
+    says in words what it means); the description is printed as written."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default not in (None, "", argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
 def run_main(main):
