@@ -32,12 +32,12 @@ from split_alexnet.bench import (
     run_bench,
     write_outputs,
 )
-from split_alexnet.cli import UsageError, env, log, run_main
+from split_alexnet.cli import DefaultsHelp, Parser, UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--batch-size", type=int, default=64, help="global batch: every layout processes it")
     p.add_argument("--sweep-batch", default=None, help="comma-separated batch sizes to measure as well, "
                    "e.g. 16,32,64,128 (throughput and memory against batch size)")
