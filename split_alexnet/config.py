@@ -302,7 +302,7 @@ def load_config_file(path, parser):
         if not nullable and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
             raise UsageError(f"--config {path}: {k} = {value!r} is not {'an' if want is int else 'a'} "
                              f"{want.__name__}: give it as its flag takes it")
-        if actions[k].choices and value not in actions[k].choices:
+        if actions[k].choices and value not in actions[k].choices and value != actions[k].default:
             raise UsageError(f"--config {path}: {k} = {value!r}: choose from "
                              f"{', '.join(map(str, actions[k].choices))}")
         settings[k] = value
