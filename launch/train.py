@@ -50,7 +50,7 @@ def main(argv=None):
         guard.agree(world, guard.config_fields(cfg), "the arguments")
         job = build(cfg, ctx)
         guard.agree(world, guard.data_fields(job), "the data")
-        return EXIT_PREEMPTED if run(job)["stopped"] else 0
+        return EXIT_PREEMPTED if run(job).get("stopped") else 0   # --eval-only: never stopped
     finally:
         guard.stop()
         teardown()

@@ -771,7 +771,7 @@ def next_steps(job):
     """What the run folder holds, and the commands that resume or evaluate it (or how to keep a checkpoint)."""
     import shlex
     out, cfg = job.out, job.cfg
-    held = [f for f in ("config.json", "metrics.jsonl", "curves.png") if os.path.isfile(os.path.join(out, f))]
+    held = [f for f in ("config.json", "run.json", "metrics.jsonl", "curves.png") if os.path.isfile(os.path.join(out, f))]
     found = ckpt.newest_complete(out)
     run_dir, cmd = shlex.quote(out), launcher(job)
     if found is None:
