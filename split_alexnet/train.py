@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -476,7 +477,7 @@ def run(job, write=torch.save):
                 saved = cfg.save_every and (state["step"] % cfg.save_every == 0 or state["step"] == total)
                 if saved:
                     save_checkpoint(job, state, write)
-                stopped = preemption.agreed()
+                stopped = preemption.agreed() if state["step"] < total else 0   # the last step: just finish
                 if stopped:                            # every rank, at this step: save (unless just saved)
                     path = save_checkpoint(job, state, write) if not saved else \
                         os.path.join(job.out, "checkpoints", f"step{state['step']:07d}")
@@ -549,11 +550,12 @@ def cut_metrics(path, step):
 
 
 def _git(*args):
+    """git's answer about the checkout this code runs from, or None (not a checkout, no git)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        p = __import__("subprocess").run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
+        p = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
         return p.stdout.strip() if p.returncode == 0 else None
-    except (OSError, ValueError, __import__("subprocess").TimeoutExpired):
+    except (OSError, ValueError, subprocess.TimeoutExpired):
         return None
 
 
