@@ -37,7 +37,7 @@ from split_alexnet.bench import (
     write_outputs,
 )
 from split_alexnet.bench.bound import format_bound
-from split_alexnet.cli import UsageError, env, log, run_main
+from split_alexnet.cli import DefaultsHelp, Parser, UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
 
 CUDA_SWEEP = "128,256,512,1024"   # after --batch-size (64): the sweep on a GPU, as far as memory allows
@@ -45,7 +45,7 @@ CUDA_STEPS, CPU_STEPS, CUDA_WARMUP = 30, 5, 3
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--batch-size", type=int, default=64, help="global batch: every layout processes it")
     p.add_argument("--sweep-batch", default=None, help="comma-separated batch sizes to measure as well, "
                    "e.g. 16,32,64,128 (throughput and memory against batch size); default: "

@@ -18,7 +18,7 @@ import torch
 
 from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.check import AUTOCAST, criterion, format_table, run_check, verdict
-from split_alexnet.cli import UsageError, env, log, run_main
+from split_alexnet.cli import DefaultsHelp, Parser, UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
 from split_alexnet.exercises import EXERCISES, switch
 from split_alexnet.precision import check_precision
@@ -26,7 +26,7 @@ from split_alexnet.spec import Spec, parse_reads
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--layout", choices=["split", "streams", "hybrid"], default=None,
                    help="default: split under torchrun, streams otherwise; hybrid: conv data parallel, fc "
                    "model parallel over every process (docs/scaling.md)")

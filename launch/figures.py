@@ -4,17 +4,16 @@
   python launch/figures.py --out /tmp/figs
   python launch/figures.py --timeline /tmp/prof   # figure 3 from the traces of launch/bench.py --profile /tmp/prof
 """
-import argparse
 from pathlib import Path
 
-from split_alexnet.cli import UsageError, run_main
+from split_alexnet.cli import DefaultsHelp, Parser, UsageError, run_main
 from split_alexnet.figures import write_all
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write the PNGs into")
     p.add_argument("--timeline", type=Path, metavar="DIR", default=None,
                    help="draw only figure 3, one training step per rank, from DIR/trace_rank*.json "

@@ -9,15 +9,14 @@ or with --trace the shape after every step of a real forward pass, per stream.
   python launch/summary.py --streams 4 --precision bf16      # where the bytes go, and the crossover batch
   python launch/summary.py --net half                        # the paper's one-GPU comparison net (§3.2)
 """
-import argparse
 
-from split_alexnet.cli import UsageError, run_main
+from split_alexnet.cli import DefaultsHelp, Parser, UsageError, run_main
 from split_alexnet.spec import Spec, parse_reads
 from split_alexnet.summary import LAYOUTS, summary_table, trace_table
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=DefaultsHelp)
     p.add_argument("--net", choices=["paper", "half"], default="paper",
                    help="paper: the two-GPU net; half: the paper's one-GPU comparison net (§3.2), one stream")
     p.add_argument("--streams", type=int, default=None, help="default: 2 (--net half: 1)")

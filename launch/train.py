@@ -7,6 +7,9 @@
   torchrun --nproc_per_node=2 launch/train.py --dataset mnist --data-dir DIR
   torchrun --nproc_per_node=2 launch/train.py --micro-batches 1   # the plain split (default: 2, overlapped)
   python launch/train.py --layout single --device cuda --precision bf16 --channels-last --compile
+  torchrun --nproc_per_node=2 launch/train.py --config run.toml --out runs/a --save-every 500
+      # run again, the same command continues runs/a from its newest checkpoint (a restart, a requeue)
+SIGTERM or SIGUSR1: every rank stops at the next step with a checkpoint, exit status 75 (EX_TEMPFAIL).
 See docs/training.md and --help.
 """
 from dataclasses import replace
@@ -17,7 +20,7 @@ from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.cli import log, run_main
 from split_alexnet.config import parse_config
 from split_alexnet.distributed import setup, teardown
-from split_alexnet.train import build, run, run_folder
+from split_alexnet.train import EXIT_PREEMPTED, build, resume_source, run, run_folder
 
 
 def resume_settings(cfg, argv):
@@ -39,6 +42,7 @@ def main(argv=None):
         log(f"{allocator}; precision {cfg.precision}, micro-batches {cfg.micro_batches}, "
             f"channels-last {cfg.channels_last}, compile {cfg.compile}")
     guard.check_out(cfg.out, cfg.save_every > 0 and not cfg.eval_only)   # before any work
+    cfg = resume_source(cfg)                       # --out's newest checkpoint, in place (or --resume)
     if cfg.resume:
         cfg = resume_settings(cfg, argv)
     ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout, cfg.streams) if cfg.layout == "split" else None
@@ -51,12 +55,12 @@ def main(argv=None):
             guard.lock_out(cfg.out, world)
         job = build(cfg, ctx)
         guard.agree(world, guard.data_fields(job), "the data")
-        run(job)
-        return 0
+        return EXIT_PREEMPTED if run(job).get("stopped") else 0   # --eval-only: never stopped
     finally:
         guard.stop()                               # the watchdog joined before the group goes
         teardown()
         guard.unlock_out()
+
 
 if __name__ == "__main__":
     run_main(main)

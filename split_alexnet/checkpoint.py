@@ -1,8 +1,11 @@
 """Checkpoints: one file per stream (or one for the single layout) plus meta.pt, written atomically.
 
-  CKPT/meta.pt            layout, streams, spec, step, epoch, batch, lr, scheduler, torch RNG, files
-  CKPT/stream0.pt ...     split / streams layouts: {"model": one stream's state_dict,
-                          "momentum": {param name: SGD momentum buffer}, "dropout": the masks' {seed, draws}}
+  CKPT/meta.pt            layout, streams, spec, step, epoch, batch, lr, scheduler, GradScaler
+                          (fp16: its state_dict()), torch RNG, files
+  CKPT/stream0.pt ...     split / streams layouts: {"model": one stream's state_dict, "optimizer": the
+                          optimizer's state_dict() for its parameters, keyed by parameter name,
+                          "dropout": the masks' {seed, draws}} (before: "momentum": {name: SGD buffer},
+                          which still loads)
   CKPT/single.pt          single layout: the same for the whole net
 
 Every file is written to a temporary name, fsynced, and renamed (os.replace), and the directory is
@@ -16,10 +19,12 @@ tensors are checked before use (the reading section below; docs/troubleshooting.
 Weights and momentum buffers are cut along dim 0 exactly as model.shard_state_dict cuts them, so
 `cut`/`join` convert between layouts bit for bit.
 """
+import errno
 import hashlib
 import math
 import os
 import re
+import shutil
 import stat
 import zipfile
 from dataclasses import fields
@@ -43,13 +48,13 @@ def shard_names(meta):
     return ["single.pt"] if meta["layout"] == "single" else [f"stream{s}.pt" for s in range(meta["streams"])]
 
 
-def atomic_save(obj, path):
+def atomic_save(obj, path, write=torch.save):
     """Write to PATH.tmpPID, fsync it, rename it to PATH, fsync the directory: PATH is either the old
-    file or the whole new one, also after a power cut."""
+    file or the whole new one, also after a power cut. write(obj, file): how the bytes are written."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -130,23 +135,96 @@ def _alive(pid):
 
 def stream_state(module, optimizer):
     """module: a Stream (split/streams) or the AlexNet (single)."""
-    momentum = {}
-    for name, p in module.named_parameters():
-        buf = optimizer.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            momentum[name] = buf.detach().cpu().clone()
     return {"model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
-            "momentum": momentum, "dropout": module.dropout.state()}
+            "optimizer": optimizer_state(module, optimizer), "dropout": module.dropout.state()}
+
+
+def _positions(optimizer, packed):
+    """id(parameter) -> its number in optimizer.state_dict() (`packed`)."""
+    return {id(p): i for group, pg in zip(optimizer.param_groups, packed["param_groups"])
+            for p, i in zip(group["params"], pg["params"])}
+
+
+def optimizer_state(module, optimizer):
+    """optimizer.state_dict() for `module`'s parameters, its state keyed by parameter name (state_dict()
+    numbers the parameters of the whole optimizer; a name is the same in every layout, so cut/join move
+    the state along with the weights), its groups' settings without their parameter numbers."""
+    packed = optimizer.state_dict()
+    at = _positions(optimizer, packed)
+    state = {}
+    for name, p in module.named_parameters():
+        if at.get(id(p)) in packed["state"]:
+            state[name] = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v
+                           for k, v in packed["state"][at[id(p)]].items()}
+    return {"state": state, "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                             for g in packed["param_groups"]]}
+
+
+def _optimizer_of(state):
+    """A file's optimizer state by parameter name; files written before it hold SGD's momentum alone."""
+    if "optimizer" in state:
+        return state["optimizer"]
+    return {"state": {n: {"momentum_buffer": b} for n, b in state.get("momentum", {}).items()}, "param_groups": []}
+
+
+def momentum(state):
+    """{parameter name: SGD momentum buffer} of a stream's file (either format)."""
+    return {n: st["momentum_buffer"] for n, st in _optimizer_of(state)["state"].items()
+            if torch.is_tensor(st.get("momentum_buffer"))}
 
 
 def load_stream_state(module, optimizer, state):
+    """The weights and dropout state into `module`; its optimizer state into `optimizer` (or None)."""
     module.load_state_dict(state["model"])
-    params = dict(module.named_parameters())
-    for name, buf in state["momentum"].items():
-        p = params[name]
-        if optimizer is not None:
-            optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+    if optimizer is not None:
+        load_optimizer_states(optimizer, [(module, state)])
     module.dropout.load_state(state["dropout"], device=_device_of(module))
+
+
+def load_optimizer_states(optimizer, pairs):
+    """[(module, its file's state)] into the optimizer through optimizer.load_state_dict: the saved
+    state of each named parameter, this optimizer's own groups (their lr is set by the caller)."""
+    packed = optimizer.state_dict()
+    at = _positions(optimizer, packed)
+    for module, state in pairs:
+        params = dict(module.named_parameters())
+        for name, st in _optimizer_of(state)["state"].items():
+            packed["state"][at[id(params[name])]] = st
+    optimizer.load_state_dict(packed)
+
+
+def _per_key(opt_state):
+    """{state key: {name: value}}, e.g. {"momentum_buffer": {"conv1.weight": tensor, ...}}."""
+    keys = dict.fromkeys(k for st in opt_state["state"].values() for k in st)
+    return {k: {n: st.get(k) for n, st in opt_state["state"].items()} for k in keys}
+
+
+def _cuttable(values, spec):
+    names = {f"{l.name}.{kind}" for l in spec.layers for kind in ("weight", "bias")}
+    return set(values) == names and all(torch.is_tensor(v) and v.dim() > 0 for v in values.values())
+
+
+def _join_optimizer(parts, spec):
+    """Per-stream optimizer states -> the single layout's (every stream names its parameters as the whole
+    net does): a tensor per parameter is joined along dim 0 as the weights are; anything else (a count)
+    is the same on every stream: stream 0's."""
+    joined = {}
+    for k, values in _per_key(parts[0]).items():
+        per_stream = [_per_key(p).get(k, {}) for p in parts]
+        whole = join_state_dicts(per_stream, spec) if all(_cuttable(v, spec) for v in per_stream) else values
+        for n, v in whole.items():
+            joined.setdefault(n, {})[k] = v
+    return {"state": joined, "param_groups": parts[0]["param_groups"]}
+
+
+def _cut_optimizer(whole, spec):
+    parts = [{"state": {}, "param_groups": whole["param_groups"]} for _ in range(spec.streams)]
+    for k, values in _per_key(whole).items():
+        cut = shard_state_dict(values, spec) if _cuttable(values, spec) else [values] * spec.streams
+        for part, vs in zip(parts, cut):
+            for n, v in vs.items():
+                part["state"].setdefault(n, {})[k] = v
+    return parts
 
 
 def _device_of(module):
@@ -155,21 +233,80 @@ def _device_of(module):
 
 # ---- writing ------------------------------------------------------------------------------------
 
-def save_files(ckpt_dir, files):
-    """files: {name: state} written by this process (one per stream it holds)."""
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(UsageError):
+    """A checkpoint write ran out of space: one line, the folder and the space it needed."""
+
+
+def state_bytes(obj):
+    """The bytes of the tensors in obj (nested dicts, lists): about the size torch.save writes."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def _disk_full(error, folder, need):
+    """Did this write fail for want of space? ENOSPC/EDQUOT, or (torch.save's writer reports a failed
+    write as a RuntimeError without its errno) less free space in the folder than the write needs."""
+    if isinstance(error, OSError) and error.errno in DISK_FULL:
+        return True
+    try:
+        return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < need
+    except OSError:
+        return False
+
+
+def save_files(ckpt_dir, files, write=torch.save):
+    """files: {name: state} written by this process (one per stream it holds). A full disk raises
+    DiskFull naming the folder and the space the files need; the partial file is removed."""
     os.makedirs(ckpt_dir, exist_ok=True)
     for name, state in files.items():
-        atomic_save(state, os.path.join(ckpt_dir, name))
+        try:
+            atomic_save(state, os.path.join(ckpt_dir, name), write)
+        except (OSError, RuntimeError) as e:
+            need = sum(state_bytes(s) for s in files.values())
+            if not _disk_full(e, ckpt_dir, need):
+                raise
+            free = shutil.disk_usage(ckpt_dir).free
+            raise DiskFull(f"no space left for checkpoint {ckpt_dir}: {', '.join(files)} need about "
+                           f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free in "
+                           f"{os.path.dirname(os.path.abspath(ckpt_dir))} ({os.strerror(errno.ENOSPC)})") from None
 
 
-def save_meta(ckpt_dir, meta):
+def save_meta(ckpt_dir, meta, write=torch.save):
     """Last: lists every file with its size, which marks the checkpoint complete. Returns the meta written."""
     meta = dict(meta, format=FORMAT)
     meta["files"] = {n: os.path.getsize(os.path.join(ckpt_dir, n)) for n in shard_names(meta)}
     meta["sha256"] = {n: sha256(os.path.join(ckpt_dir, n)) for n in shard_names(meta)}
-    atomic_save(meta, os.path.join(ckpt_dir, "meta.pt"))
+    save_files(ckpt_dir, {"meta.pt": meta}, write)
     fsync_dir(os.path.dirname(os.path.abspath(ckpt_dir)))   # the step folder's own entry
     return meta
+
+
+def prune(run_dir, keep):
+    """--keep-last K: remove all but the K newest complete checkpoints of RUN/checkpoints, and never the
+    newest that verifies nor any newer one. Returns the folders removed."""
+    sub = os.path.join(run_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(sub) if os.path.isfile(os.path.join(sub, d, "meta.pt"))) \
+        if os.path.isdir(sub) else []
+    if keep <= 0 or len(done) <= keep:
+        return []
+    try:
+        newest_ok = os.path.basename(find_checkpoint(run_dir, "--keep-last"))
+    except UsageError:                             # none verifies: remove nothing
+        return []
+    removed = []
+    for d in done[:-keep]:
+        if d < newest_ok:
+            shutil.rmtree(os.path.join(sub, d))
+            removed.append(os.path.join(sub, d))
+    return removed
 
 
 def newest_complete(run_dir):
@@ -193,7 +330,8 @@ def newest_complete(run_dir):
 MAX_META_BYTES = 16 << 20     # meta.pt: some numbers, the torch RNG state (5 KiB), the config, the schedule's state
 _SLACK_BYTES = 1 << 20        # a shard beyond its tensors' bytes: the pickle, the dropout state, zip headers
 _PER_TENSOR_BYTES = 4096      # each tensor's zip record: its header and 64-byte alignment
-SHARD_KEYS = ("model", "momentum", "dropout")   # what stream_state writes
+SHARD_KEYS = ("model", "optimizer", "dropout")  # what stream_state writes
+OLD_SHARD_KEYS = ("model", "momentum", "dropout")  # before the optimizer's state_dict(): SGD's buffers alone
 SPEC_DEFAULTS = {"net": "paper"}                 # spec fields older checkpoints lack, and their values
 _MAX_PARAMS = 1 << 36         # a spec describing more parameters than this is not a net anyone saved
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -431,6 +569,7 @@ def check_meta(meta, ckpt_dir):
                             or not all(_is_number(x) and math.isfinite(x) and x > 0 for x in lrs)):
         bad("lrs", f"is {_show(lrs)}, not a list of positive numbers (one per parameter group)")
     _check_scheduler(need("scheduler"), bad)
+    _check_scaler(meta.get("scaler"), bad)
     rng = need("torch_rng")
     want = torch.get_rng_state()
     if not (isinstance(rng, torch.Tensor) and rng.dtype == want.dtype and rng.shape == want.shape):
@@ -479,6 +618,18 @@ def _check_scheduler(state, bad):
         for k in ("bad", "drops"):
             if not _is_int(state[k]) or state[k] < 0:
                 bad(f"scheduler.{k}", f"is {_show(state[k])}, not an integer >= 0")
+
+
+def _check_scaler(state, bad):
+    """None (no fp16) or GradScaler.state_dict(): a few named numbers, the scale finite and positive."""
+    if state is None:
+        return
+    if not isinstance(state, dict) or len(state) > 16 or not all(isinstance(k, str) and _is_number(v)
+                                                                 for k, v in state.items()):
+        bad("scaler", f"is {_show(state)}, not None or a GradScaler's state (named numbers)")
+    scale = state.get("scale")
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        bad("scaler.scale", f"is {_show(scale)}, not a finite number > 0")
 
 
 def check_saved_config(saved, bad):
@@ -531,7 +682,7 @@ def check_matches(meta, spec, layout, ckpt_dir):
 def load_files(ckpt_dir, meta, names, expected=None, dtype=None):
     """Read files `names` of a checkpoint whose meta.pt read_meta checked, and check each against
     expected[name] ({tensor name: shape}; default: the net meta.pt describes) before use: the tensors
-    of "model" are exactly those, with those shapes; "momentum" holds none or all of them, alike;
+    of "model" are exactly those, with those shapes; the optimizer's per-parameter tensors (or an older file's "momentum") hold none or all of them, alike;
     every tensor has `dtype` (default: one floating dtype for every tensor of every file); the dropout
     state is the masks' {seed, draws}. Returns {name: state}."""
     expected = expected or expected_tensors(spec_of(meta), meta["layout"])
@@ -558,11 +709,15 @@ def _check_shard(state, want, dtype, path):
         raise UsageError(f"checkpoint file {path} does not match this model's parameters: {problem}; it is "
                          f"damaged, edited or from another version; start afresh or use another checkpoint")
 
-    if not isinstance(state, dict) or set(state) != set(SHARD_KEYS):
+    if not isinstance(state, dict) or set(state) not in (set(SHARD_KEYS), set(OLD_SHARD_KEYS)):
         bad(f"it holds {_show(sorted(map(str, state)) if isinstance(state, dict) else state)}, not "
             f"{', '.join(SHARD_KEYS)}")
-    for part in ("model", "momentum"):
-        tensors = state[part]
+    parts = {"model": state["model"]}
+    if "optimizer" in state:
+        parts.update(_optimizer_tensors(state["optimizer"], bad))
+    else:
+        parts["momentum"] = state["momentum"]
+    for part, tensors in parts.items():
         if not isinstance(tensors, dict):
             bad(f"its {part} is {_show(tensors)}, not a dict of tensors")
         extra = [k for k in tensors if k not in want]
@@ -570,8 +725,8 @@ def _check_shard(state, want, dtype, path):
             bad(f"it has a tensor {part}[{extra[0]!r:.60}] this net does not have")
         if tensors and len(tensors) != len(want):
             missing = [k for k in want if k not in tensors]
-            bad(f"its {part} lacks {missing[0]}" + (" (momentum is saved for none or every parameter)"
-                                                    if part == "momentum" else ""))
+            bad(f"its {part} lacks {missing[0]}" + (f" ({part} is saved for none or every parameter)"
+                                                    if part != "model" else ""))
         for k, t in tensors.items():
             if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
                 bad(f"{part}[{k!r}] is {_show(t)}, not a dense tensor")
@@ -585,6 +740,29 @@ def _check_shard(state, want, dtype, path):
     return dtype
 
 
+def _optimizer_tensors(opt, bad):
+    """An optimizer state by parameter name (optimizer_state) -> {"optimizer[KEY]": {name: tensor}} for
+    every per-parameter tensor KEY (SGD's and PaperSGD's momentum_buffer), checked like the weights; its
+    other values and the groups' settings must be plain numbers, strings or None."""
+    if not isinstance(opt, dict) or set(opt) != {"state", "param_groups"} or not isinstance(opt["state"], dict) \
+            or not isinstance(opt["param_groups"], list) or len(opt["param_groups"]) > 16:
+        bad(f"its optimizer is {_show(opt)}, not an optimizer's state (state, param_groups)")
+    for group in opt["param_groups"]:
+        if not isinstance(group, dict) or len(group) > 64 or not all(
+                isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str))) for k, v in group.items()):
+            bad(f"its optimizer's param_groups hold {_show(group)}, not a group's settings (numbers, strings)")
+    out = {}
+    for name, st in opt["state"].items():
+        if not isinstance(st, dict) or len(st) > 16:
+            bad(f"its optimizer's state of {_show(name)} is {_show(st)}, not a dict")
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                out.setdefault(f"optimizer[{k}]", {})[name] = v
+            elif not (torch.is_tensor(v) and v.numel() == 1 or isinstance(v, (bool, int, float)) or v is None):
+                bad(f"its optimizer's state {name!r:.60}[{k!r:.30}] is {_show(v)}, not a tensor or a number")
+    return out
+
+
 def _check_dropout(state, path):
     """None (no mask drawn yet) or DropoutMasks.state()'s {"seed", "draws"}: model.check_dropout_state's
     rule, which also names an earlier version's generator state."""
@@ -592,6 +770,34 @@ def _check_dropout(state, path):
 
 
 # ---- conversion between layouts ----------------------------------------------------------------
+
+EXPORT_FORMAT = "split_alexnet.state_dict/1"
+
+
+def export_state_dict(src, dst):
+    """A checkpoint (any layout) -> one file: the single layout's weights and the spec, nothing else
+    (no optimizer, dropout or RNG state), loadable with torch.load(weights_only=True) alone. Returns
+    what was written."""
+    meta = read_meta(src)
+    spec = Spec(**meta["spec"])
+    shards = [_torch_load(os.path.join(src, n)) for n in shard_names(meta)]
+    weights = shards[0]["model"] if meta["layout"] == "single" else join_state_dicts([s["model"] for s in shards], spec)
+    out = {"format": EXPORT_FORMAT, "spec": spec_dict(spec), "state_dict": weights, "step": meta["step"]}
+    atomic_save(out, dst)
+    return out
+
+
+def load_exported(path):
+    """The AlexNet of a `convert.py --to state_dict` file (weights_only load; evaluation mode)."""
+    from .model import AlexNet
+    d = _torch_load(path)
+    if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT:
+        raise UsageError(f"{path} is not a split_alexnet state_dict export ({EXPORT_FORMAT}): write one with "
+                         f"python launch/convert.py CKPT {path} --to state_dict")
+    net = AlexNet(spec=Spec(**d["spec"]), init="torch")
+    net.load_state_dict(d["state_dict"])
+    return net.eval()
+
 
 def join(src, dst):
     """Shards (split or streams layout) -> a single-layout checkpoint. Returns the meta written to dst."""
@@ -602,8 +808,7 @@ def join(src, dst):
     states = load_files(src, meta, shard_names(meta))   # every tensor checked against the spec
     shards = [states[n] for n in shard_names(meta)]
     state = {"model": join_state_dicts([s["model"] for s in shards], spec),
-             "momentum": (join_state_dicts([s["momentum"] for s in shards], spec)
-                          if all(s["momentum"] for s in shards) else {}),
+             "optimizer": _join_optimizer([_optimizer_of(s) for s in shards], spec),
              "dropout": shards[0]["dropout"]}  # every stream draws the same masks: same state
     out = dict(meta, layout="single")
     save_files(dst, {"single.pt": state})
@@ -620,8 +825,8 @@ def cut(src, dst):
     spec = spec_of(meta)
     state = load_files(src, meta, ["single.pt"])["single.pt"]   # every tensor checked against the spec
     models = shard_state_dict(state["model"], spec)
-    moms = shard_state_dict(state["momentum"], spec) if state["momentum"] else [{}] * spec.streams
-    files = {f"stream{s}.pt": {"model": models[s], "momentum": moms[s], "dropout": state["dropout"]}
+    opts = _cut_optimizer(_optimizer_of(state), spec)
+    files = {f"stream{s}.pt": {"model": models[s], "optimizer": opts[s], "dropout": state["dropout"]}
              for s in range(spec.streams)}
     out = dict(meta, layout="split")
     save_files(dst, files)

@@ -1,5 +1,7 @@
 """What every launcher shares: the environment torchrun sets, bad input as one line and exit status 2,
 logging from rank 0, and one rank's error stopping every rank."""
+import argparse
+import copy
 import os
 import re
 import sys
@@ -57,6 +59,27 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken p
 def peer_gone(e):
     """Whether exception e is a collective failing because a peer process died or its link broke."""
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_GONE))
+
+
+class Parser(argparse.ArgumentParser):
+    """Every launcher's parser: a bad flag is one line (UsageError), like every other bad input."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+class DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default (a flag without help text too), but an empty one (its help
+    says in words what it means); the description is printed as written."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default not in (None, "", argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, "") else super()._get_help_string(action)
 
 
 def run_main(main):

@@ -3,6 +3,8 @@
 The flags have one source of defaults, argparse's, set in two passes: the first learns --recipe and
 --dataset, the second parses with the recipe's values and then the data set's as the defaults (a flag
 overrides both). So --help shows the defaults the run would use, e.g. `--dataset mnist --help`.
+`--config FILE` (TOML or JSON, a run's own config.json too) sets defaults over the recipe's and the data
+set's, and the flags still win: recipe < data set < file < flags.
 """
 import argparse
 import math
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cli import UsageError, env
+from .cli import DefaultsHelp, Parser, UsageError, env
 from .data import DATASETS
 from .optim import UPDATES, parse_dexp
 
@@ -113,6 +115,9 @@ class Config:
     quiet: bool
     log_every: int
     eval_every: int
+    keep_last: int = 3
+    tensorboard: bool = False
+    wandb: bool = False
     precision: str = "fp32"
     micro_batches: int = 1
     channels_last: bool = False
@@ -129,16 +134,7 @@ class Config:
     dexp_biases: str = "25,2"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, like every other bad input
-        raise UsageError(f"{message} (see --help)")
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every flag's default, but an empty one (its help says in words what it means)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, "") else super()._get_help_string(action)
+_Parser, _Help = Parser, DefaultsHelp    # the launchers' own (cli.py)
 
 
 def build_parser(add_help=True):
@@ -226,9 +222,15 @@ def build_parser(add_help=True):
                    help="split: seconds without a peer's heartbeat before the job ends naming it (0: off)")
     p.add_argument("--bad-images", choices=["stop", "skip"], default="stop",
                    help="an image file that fails to decode: stop naming it, or skip it (named once)")
-    p.add_argument("--out", default="", help="default: a new folder under runs/")
+    p.add_argument("--config", default="", metavar="FILE", help="TOML or JSON of settings (flag names, e.g. "
+                   "lr = 0.01, batch_size = 64; a run's own config.json too): the defaults; the flags win")
+    p.add_argument("--out", default="", help="default: a new folder under runs/. One that holds a checkpoint "
+                   "that verifies: the run continues there from its newest (a restart, a requeue)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and at the end")
-    p.add_argument("--resume", default="", help="a checkpoint (or run) directory to continue from")
+    p.add_argument("--keep-last", type=int, default=3, metavar="K", help="keep the K newest checkpoints "
+                   "(0: all); the newest that verifies is never deleted")
+    p.add_argument("--resume", default="", help="a checkpoint (or run) directory to continue from; auto: "
+                   "--out's newest checkpoint that verifies, if it has one, else a new run there")
     p.add_argument("--eval-only", action="store_true", help="with --resume: evaluate the checkpoint on the "
                    "validation set, print one line, train nothing and write nothing")
     p.add_argument("--plot", action=B, default=True, help="write curves.png (loss and accuracy) at the end")
@@ -236,6 +238,10 @@ def build_parser(add_help=True):
     p.add_argument("--log-every", type=int, default=50, help="steps between log lines without a bar (the "
                    "first and the last step are always logged)")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: each epoch)")
+    p.add_argument("--tensorboard", action="store_true", help="also write the metrics rows as TensorBoard "
+                   "event files in OUT/tensorboard (pip install tensorboard)")
+    p.add_argument("--wandb", action="store_true", help="also log the metrics rows to Weights & Biases "
+                   "(pip install wandb; never required)")
     g = p.add_argument_group("speed (docs/training.md)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="bf16/fp16: forward and loss under torch.autocast, fp32 weights; fp16 with a GradScaler")
@@ -260,13 +266,21 @@ def build_parser(add_help=True):
 
 
 def parse_config(argv=None):
-    first, _ = build_parser(add_help=False).parse_known_args(argv)   # which recipe, which data set
+    from .guard import explicit_flags
+    first, _ = build_parser(add_help=False).parse_known_args(argv)   # which file, recipe, data set
     p = build_parser()
-    recipe = first.recipe or DATASETS[first.dataset].recipe
-    p.set_defaults(recipe=recipe, **{**RECIPES[recipe], **DATASETS[first.dataset].defaults})
-    if first.net == "half":                        # the one-GPU net has one stream
+    given = explicit_flags(argv)
+    file = load_config_file(first.config, p) if first.config else {}
+    pick = lambda k: getattr(first, k) if k in given else file.get(k, getattr(first, k))   # noqa: E731
+    dataset, net = pick("dataset"), pick("net")
+    recipe = pick("recipe") or DATASETS[dataset].recipe
+    p.set_defaults(recipe=recipe, **{**RECIPES[recipe], **DATASETS[dataset].defaults})
+    if net == "half":                              # the one-GPU net has one stream
         p.set_defaults(streams=1)
-    cfg = Config(**vars(p.parse_args(argv)))
+    p.set_defaults(**file)                         # the file over the recipe's; the flags over both
+    settings = vars(p.parse_args(argv))
+    settings.pop("config")
+    cfg = Config(**settings)
     given_m = cfg.micro_batches is not None
     replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
     if not given_m:  # the overlapped forward runs one replica of the split (mesh.py's DDP is not combined)
@@ -277,6 +291,72 @@ def parse_config(argv=None):
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _toml():
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise UsageError("--config: TOML needs Python 3.11 or pip install tomli: or give the settings "
+                             "as JSON") from None
+    return tomllib
+
+
+# a run's config.json holds these beside the settings: what the run was, not how to run it
+RUN_KEYS = ("spec", "torch")
+# and where that run wrote and what it resumed: a replay of its config.json takes them from its own flags
+NOT_REPLAYED = ("out", "resume", "eval_only")
+
+
+def load_config_file(path, parser):
+    """--config FILE: {Config field: value} from TOML (.toml) or JSON (.json; other names: JSON, else
+    TOML). Keys are the flags' names (lr, batch_size or batch-size); a run's own config.json (it has
+    `spec`) loads as it was written, without its out/resume. Each value is checked against its flag's
+    type and choices; a bad file is one line naming the key and the fix."""
+    import json
+    from dataclasses import fields
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file: give a TOML or JSON file of settings (a run's "
+                         f"config.json works)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    kinds = ["toml"] if path.endswith(".toml") else ["json"] if path.endswith(".json") else ["json", "toml"]
+    data, why = None, ""
+    for kind in kinds:
+        try:
+            data = json.loads(raw) if kind == "json" else _toml().loads(raw.decode())
+            break
+        except (ValueError, UnicodeDecodeError) as e:
+            why = f"not valid {kind.upper()}: {str(e).splitlines()[0]}"
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: {why or 'not a table of settings'}: write one setting per key, "
+                         f"e.g. lr = 0.01 (TOML) or {{\"lr\": 0.01}} (JSON)")
+    run_file = "spec" in data
+    types = {f.name: f.type for f in fields(Config)}
+    actions = {a.dest: a for a in parser._actions}
+    settings = {}
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        if k in RUN_KEYS or (run_file and k in NOT_REPLAYED):
+            continue
+        if k not in types:
+            raise UsageError(f"--config {path}: unknown setting {key!r}: use the flags' names (e.g. lr, "
+                             f"batch_size; python launch/train.py --help lists them)")
+        want = types[k]
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        nullable = value is None and actions[k].default is None
+        if not nullable and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise UsageError(f"--config {path}: {k} = {value!r} is not {'an' if want is int else 'a'} "
+                             f"{want.__name__}: give it as its flag takes it")
+        if actions[k].choices and value not in actions[k].choices and value != actions[k].default:
+            raise UsageError(f"--config {path}: {k} = {value!r}: choose from "
+                             f"{', '.join(map(str, actions[k].choices))}")
+        settings[k] = value
+    return settings
 
 
 def validate(cfg):
@@ -293,6 +373,7 @@ def validate(cfg):
         (cfg.timeout > 0, f"--timeout {cfg.timeout}: use a positive number of seconds"),
         (cfg.peer_timeout >= 0, f"--peer-timeout {cfg.peer_timeout}: use 0 (off) or a number of seconds"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: use 0 (only at the end: off) or more"),
+        (cfg.keep_last >= 0, f"--keep-last {cfg.keep_last}: use 0 (keep every checkpoint) or more"),
         (cfg.log_every >= 1 and cfg.eval_every >= 0, "--log-every must be >= 1 and --eval-every >= 0"),
         (cfg.split_test >= 0 and cfg.train_size >= 0 and cfg.val_size >= 0,
          "--split-test, --train-size and --val-size must be 0 or more"),

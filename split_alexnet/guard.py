@@ -329,7 +329,7 @@ RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedul
                "crop", "flip", "lighting", "lighting_pca", "ten_crop", "val_size", "eval_every", "save_every",
                "timeout", "peer_timeout", "bad_images")
 # never taken from the checkpoint: where this run writes, reads and runs
-RESUME_LOCAL = ("out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
+RESUME_LOCAL = ("keep_last", "tensorboard", "wandb", "out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
                 "plot", "log_every", "layout", "streams", "eval_only",
                 "micro_batches", "precision", "channels_last", "compile", "keep_freed_memory",  # how, not what
                 "cudnn_benchmark", "fused_sgd", "sync_debug")

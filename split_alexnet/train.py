@@ -10,6 +10,10 @@ are the same number on every rank without any extra collective.
 import json
 import math
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -69,6 +73,8 @@ class Job:
     replica_group: object = None
     divergence: object = None    # guard.Divergence: the loss and the weights' norm judged
     fingerprint: str = ""        # data.fingerprint of the training set (checkpoints hold it)
+    mean_source: str = ""        # where the input's mean came from (run.json)
+    dropped_rows: int = 0        # a resume in place: metrics.jsonl rows past the checkpoint, dropped
 
 
 def build_model(cfg, spec, ctx_rank, device, ctx=None):
@@ -219,6 +225,7 @@ def build(cfg, ctx=None):
         raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_raw)} training images: "
                          f"use a smaller batch")
     aug = dict(crop=cfg.crop, flip=cfg.flip, lighting=cfg.lighting)
+    how = f"the {cfg.dataset} data set's per-channel mean and std (data.py)"
     if cfg.preprocess == "paper":
         mean, how = _mean_image_rank0_first(cfg, train_raw, spec.in_channels, rank, world)
         if rank == 0 and not cfg.quiet:
@@ -240,13 +247,57 @@ def build(cfg, ctx=None):
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     out = run_folder(cfg, world)
-    if not cfg.eval_only and os.path.exists(os.path.join(out, "metrics.jsonl")):   # every rank: all stop together
-        raise UsageError(f"--out {out} already holds metrics.jsonl: give another --out (runs are "
-                         f"never overwritten)")
+    if not cfg.eval_only and os.path.exists(os.path.join(out, "metrics.jsonl")) and not in_place(cfg, out):
+        raise UsageError(f"--out {out} already holds metrics.jsonl and no checkpoint to continue from: give "
+                         f"another --out (runs are never overwritten; a run continues in its folder only from "
+                         f"a checkpoint: --save-every N)")     # every rank: all stop together
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
                rank, world, out, replicas=replicas, replica=ctx.replica if replicas > 1 else 0,
                replica_group=ctx.replica_group if replicas > 1 else None,
-               divergence=guard.Divergence(len(classes)))
+               divergence=guard.Divergence(len(classes)), mean_source=how)
+
+
+def in_place(cfg, out):
+    """Does this run continue the run in `out` (its --resume is one of out's checkpoints)?"""
+    return bool(cfg.resume) and os.path.realpath(ckpt.run_dir_of(cfg.resume)) == os.path.realpath(out)
+
+
+def resume_source(cfg):
+    """Where a run continues from, before any work (every rank alike): cfg with --out and --resume set.
+
+    --out holding a checkpoint that verifies (or --resume auto): its newest, in place, so that the same
+    command run again (torchrun --max-restarts, a SLURM requeue) continues the run. A torchrun restart
+    without --out finds its run folder by torchrun's run id (run.json). --out with metrics.jsonl but no
+    checkpoint is refused (build); --resume PATH elsewhere resumes into a new folder, as before."""
+    from dataclasses import replace
+    out, auto = cfg.out or restarted_out(), cfg.resume == "auto"
+    if auto and not out:
+        raise UsageError("--resume auto continues the run in --out: give --out DIR (the same on every restart)")
+    if not out or (cfg.resume and not auto):
+        return cfg
+    if ckpt.newest_complete(out) is None:
+        if cfg.eval_only:
+            raise UsageError(f"--eval-only --resume auto: {out} holds no checkpoint: give --resume a checkpoint "
+                             f"or a run directory saved with --save-every")
+        return replace(cfg, out=out, resume="")
+    found = ckpt.find_checkpoint(out, "--out")     # its newest that verifies (the skipped ones logged)
+    return replace(cfg, out=out, resume=found)
+
+
+def restarted_out():
+    """Under torchrun, after a restart (TORCHELASTIC_RESTART_COUNT > 0): the run folder under runs/ whose
+    run.json names this torchrun job's run id, else "" (a first start names a new folder)."""
+    run_id, restarts = os.environ.get("TORCHELASTIC_RUN_ID"), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not run_id or restarts == 0 or not os.path.isdir("runs"):
+        return ""
+    for d in sorted(os.listdir("runs"), reverse=True):
+        try:
+            with open(os.path.join("runs", d, "run.json")) as f:
+                if json.load(f).get("torchelastic_run_id") == run_id:
+                    return os.path.join("runs", d)
+        except (OSError, ValueError):
+            continue
+    return ""
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -290,24 +341,43 @@ def evaluate(job):
 
 # ---- checkpoints ----------------------------------------------------------------------------------
 
-def save_checkpoint(job, state):
+def save_checkpoint(job, state, write=torch.save):
+    """Every rank writes its shards (replica 0's), then rank 0 meta.pt, then --keep-last prunes (rank 0).
+    write(obj, file): how the bytes go out (torch.save). A full disk on any rank stops every rank with
+    one line: the partial step folder is removed, and the previous checkpoint stays the newest."""
     path = os.path.join(job.out, "checkpoints", f"step{state['step']:07d}")
     guard.phase(f"checkpoint write at step {state['step']}")
     stop_all_on_error(lambda: _judge_weights(job, state), job.world)   # never save a diverged net
-    if job.replica == 0:                           # one copy per stream: replica 0's (all hold the same)
-        ckpt.remove_stale_temps([job.out],         # this run's folder only, never the resume source's
-                                set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
-        ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()})
-    if job.world > 1:
-        dist.barrier()                             # every shard written before meta marks it complete
-    if job.rank == 0:
-        ckpt.save_meta(path, dict(
-            layout=job.cfg.layout, streams=job.spec.streams, spec=ckpt.spec_dict(job.spec),
-            step=state["step"], epoch=state["epoch"], batch=state["batch"],
-            lr=job.optimizer.param_groups[0]["lr"], lrs=[g["lr"] for g in job.optimizer.param_groups],
-            scheduler=job.scheduler.state_dict() if job.scheduler else None,
-            torch_rng=torch.get_rng_state(), config=asdict(job.cfg),
-            train_images=len(job.train_set), data_fingerprint=_fingerprint(job)))
+
+    def shards():
+        if job.replica == 0:                       # one copy per stream: replica 0's (all hold the same)
+            ckpt.remove_stale_temps([job.out],     # this run's folder only, never a resume source's
+                                    set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
+            ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()},
+                            write)
+
+    def meta():
+        if job.rank == 0:
+            ckpt.save_meta(path, dict(
+                layout=job.cfg.layout, streams=job.spec.streams, spec=ckpt.spec_dict(job.spec),
+                step=state["step"], epoch=state["epoch"], batch=state["batch"],
+                lr=job.optimizer.param_groups[0]["lr"], lrs=[g["lr"] for g in job.optimizer.param_groups],
+                scheduler=job.scheduler.state_dict() if job.scheduler else None,
+                scaler=job.scaler.state_dict() if job.scaler is not None else None,
+                torch_rng=torch.get_rng_state(), config=asdict(job.cfg),
+                train_images=len(job.train_set), data_fingerprint=_fingerprint(job)), write)
+    try:
+        for part in (shards, meta):                # each a collective: every shard is written before meta
+            stop_all_on_error(part, job.world)
+    except UsageError as e:                        # a full disk (ckpt.DiskFull) on the lowest such rank
+        if job.rank == 0 and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "meta.pt")):
+            shutil.rmtree(path, ignore_errors=True)   # every rank is past its write: the partial files go
+        newest = ckpt.newest_complete(job.out)
+        raise UsageError(f"{e}: removed the partial {path}; "
+                         f"{f'{newest} stays the newest checkpoint' if newest else 'no earlier checkpoint'}: "
+                         f"free space (or lower --keep-last) and run the same command to continue") from None
+    if job.rank == 0 and job.cfg.keep_last:
+        ckpt.prune(job.out, job.cfg.keep_last)
     if job.world > 1:
         dist.barrier()
     return path
@@ -370,7 +440,11 @@ def resume(job, path):
     if not job.cfg.eval_only:                     # evaluating reads the weights alone, never the velocities
         check_resume_update(meta.get("config"), job.cfg.update, path)
     for name, m in job.parts.items():
-        ckpt.load_stream_state(m, job.optimizer, states[name])
+        ckpt.load_stream_state(m, None, states[name])
+    ckpt.load_optimizer_states(job.optimizer, [(m, states[name]) for name, m in job.parts.items()])
+    if meta.get("scaler") and job.cfg.precision == "fp16":   # the loss scale and its growth count go on
+        job.scaler = torch.amp.GradScaler(job.device.type)
+        job.scaler.load_state_dict(meta["scaler"])
     # every group's (scheduled) lr from the checkpoint, unless this run's --lr differs from the one the
     # checkpoint's ran with: then this run's, as the groups were built (biases at --bias-lr-mult times it)
     saved = meta.get("config", {})
@@ -399,13 +473,58 @@ def resume(job, path):
 
 # ---- the run --------------------------------------------------------------------------------------
 
-def run(job):
-    """Train for cfg.epochs (or cfg.max_steps); evaluate each epoch (or each cfg.eval_every steps)."""
+EXIT_PREEMPTED = 75    # EX_TEMPFAIL: stopped on SIGTERM/SIGUSR1 with a checkpoint saved; the same command continues
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preemption:
+    """SIGTERM and SIGUSR1 set a flag on this rank; agreed(), at every step boundary, MAX-reduces the
+    ranks' flags on a gloo group (a CPU tensor, also beside NCCL), so every rank stops at the same step.
+    A second signal more than `again_s` seconds after the first stops this process at once (the
+    signal's default action); one within `again_s` is the same request delivered twice (a scheduler
+    signalling every process, and torchrun's agent passing it on to its ranks)."""
+
+    def __init__(self, world, again_s=2.0):
+        self.world, self.again_s, self.signum, self.first, self.previous = world, again_s, 0, None, {}
+        self.group = None
+        if world > 1 and dist.get_backend() != "gloo":   # a collective: every rank makes it
+            self.group = dist.new_group(backend="gloo")
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():   # where Python runs signal handlers
+            self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.first is None:
+            self.signum, self.first = signum, time.monotonic()
+        elif time.monotonic() - self.first > self.again_s:
+            signal.signal(signum, signal.SIG_DFL)  # the second: at once; the last complete checkpoint stays
+            os.kill(os.getpid(), signum)
+
+    def agreed(self):
+        """The signal some rank received (0: none); a collective with world > 1."""
+        if self.world == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+
+def run(job, write=torch.save):
+    """Train for cfg.epochs (or cfg.max_steps); evaluate each epoch (or each cfg.eval_every steps).
+    SIGTERM / SIGUSR1: every rank stops at the next step boundary with a checkpoint (summary["stopped"]).
+    write(obj, file): how checkpoint files are written (torch.save)."""
     cfg = job.cfg
     if cfg.eval_only:
         return evaluate_checkpoint(job)
     steps_per_epoch = len(job.train_set) // cfg.batch_size        # drop_last: every batch full
-    state, resumed_from = start(job)
+    state, resumed_from, rows, sinks = start(job)
     # the steps left counted from the position (epoch, batch): after a --batch-size change on resume the
     # steps taken so far were of another size, so `epochs x steps_per_epoch` would overrun
     total = state["step"] + (cfg.epochs - state["epoch"]) * steps_per_epoch - state["batch"]
@@ -413,48 +532,64 @@ def run(job):
         total = min(total, cfg.max_steps)
     if job.divergence:
         job.divergence.weights(list(job.model.parameters()))      # the norm this run starts from
-    progress = Progress(job, total, state["step"])
+    progress = Progress(job, total, state["step"], rows, sinks)
     announce(job, progress, steps_per_epoch, resumed_from, state)
     job.model.train()
-    last_val, n_images, t_start = None, 0, time.perf_counter()
+    last_val, n_images, t_start, stopped = None, 0, time.perf_counter(), 0
     first = state["step"]
-    while state["step"] < total:
-        t_prev, position = time.perf_counter(), dict(state)
-        for x, y in epoch_loader(job, state):
-            guard.phase(f"training step {state['step'] + 1}")
-            if isinstance(job.scheduler, DexpSchedule):   # cuda-convnet2's rates by training progress
-                job.scheduler.before_step(state["step"], cfg.epochs * steps_per_epoch)   # --max-steps: a stop
-            # --sync-debug: from the third step of this run on (the first two tune cuDNN, compile, and
-            # let DDP rebuild its buckets), a host synchronisation inside the step is an error on CUDA
-            with precision.no_host_sync(job.device, cfg.sync_debug and state["step"] >= first + 2):
-                loss = train_step(job, x, y)           # a device tensor: read by progress, not here
-                if job.replicas > 1:                   # the global batch's loss: the replicas' mean
-                    loss = _replica_mean(job, loss)
-            state["step"] += 1
-            state["batch"] += 1
-            now = time.perf_counter()
-            n_images += cfg.batch_size
-            progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start))
-            t_prev = now
-            end_of_epoch = state["batch"] == steps_per_epoch
-            scheduled = bool(cfg.eval_every and state["step"] % cfg.eval_every == 0
-                             or not cfg.eval_every and end_of_epoch)
-            if scheduled or state["step"] == total:
-                progress.flush()                       # the train rows before the val row
-                last_val = evaluate_and_log(job, state, progress, scheduled)
-            if end_of_epoch:
-                state["epoch"] += 1
-                state["batch"] = 0
-            if cfg.save_every and (state["step"] % cfg.save_every == 0 or state["step"] == total):
-                progress.flush()                       # a non-finite loss stops before it is saved
-                save_checkpoint(job, state)
-            if state["step"] >= total or end_of_epoch:
-                break
-        if state == position:                      # no batch: the loop would spin for ever
-            raise UsageError(f"epoch {state['epoch']} from batch {state['batch']} yields no batch of "
-                             f"{cfg.batch_size} from {len(job.train_set)} training images: resume with the "
-                             f"data and --batch-size the checkpoint was trained with")
-    return finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start)
+    with Preemption(job.world) as preemption:
+        while state["step"] < total and not stopped:
+            t_prev = t_ready = time.perf_counter()
+            position = dict(state)
+            for x, y in epoch_loader(job, state):
+                t_batch = time.perf_counter()
+                guard.phase(f"training step {state['step'] + 1}")
+                if isinstance(job.scheduler, DexpSchedule):   # cuda-convnet2's rates by training progress
+                    job.scheduler.before_step(state["step"], cfg.epochs * steps_per_epoch)   # --max-steps: a stop
+                # --sync-debug: from the third step of this run on (the first two tune cuDNN, compile, and
+                # let DDP rebuild its buckets), a host synchronisation inside the step is an error on CUDA
+                with precision.no_host_sync(job.device, cfg.sync_debug and state["step"] >= first + 2):
+                    loss = train_step(job, x, y)       # a device tensor: read by progress, not here
+                    if job.replicas > 1:               # the global batch's loss: the replicas' mean
+                        loss = _replica_mean(job, loss)
+                state["step"] += 1
+                state["batch"] += 1
+                now = time.perf_counter()
+                n_images += cfg.batch_size
+                progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start),
+                              data_s=t_batch - t_ready, step_s=now - t_batch)
+                t_prev = now
+                end_of_epoch = state["batch"] == steps_per_epoch
+                scheduled = bool(cfg.eval_every and state["step"] % cfg.eval_every == 0
+                                 or not cfg.eval_every and end_of_epoch)
+                if scheduled or state["step"] == total:
+                    progress.flush()                   # the train rows before the val row
+                    last_val = evaluate_and_log(job, state, progress, scheduled)
+                if end_of_epoch:
+                    state["epoch"] += 1
+                    state["batch"] = 0
+                saved = cfg.save_every and (state["step"] % cfg.save_every == 0 or state["step"] == total)
+                if saved:
+                    progress.flush()                   # a diverged loss stops before it is saved
+                    save_checkpoint(job, state, write)
+                stopped = preemption.agreed() if state["step"] < total else 0   # the last step: just finish
+                if stopped:                            # every rank, at this step: save (unless just saved)
+                    progress.flush()
+                    path = save_checkpoint(job, state, write) if not saved else \
+                        os.path.join(job.out, "checkpoints", f"step{state['step']:07d}")
+                    progress.say(f"stopped on {signal.Signals(stopped).name} at step {state['step']}: saved "
+                                 f"{path}; the same command continues the run in place (exit status "
+                                 f"{EXIT_PREEMPTED})")
+                    break
+                if state["step"] >= total or end_of_epoch:
+                    break
+                t_ready = time.perf_counter()
+            if state == position:                  # no batch: the loop would spin for ever
+                raise UsageError(f"epoch {state['epoch']} from batch {state['batch']} yields no batch of "
+                                 f"{cfg.batch_size} from {len(job.train_set)} training images: resume with the "
+                                 f"data and --batch-size the checkpoint was trained with")
+    summary = finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start, stopped)
+    return dict(summary, stopped=signal.Signals(stopped).name if stopped else None)
 
 
 def evaluate_checkpoint(job):
@@ -471,16 +606,160 @@ def evaluate_checkpoint(job):
 
 
 def start(job):
-    """Resume if asked; write config.json (rank 0). Returns (the state to start from, the checkpoint)."""
-    state, resumed_from = {"step": 0, "epoch": 0, "batch": 0}, None
+    """Resume if asked; write config.json and run.json (rank 0); in place, cut metrics.jsonl back to the
+    checkpoint's step. Returns (the state to start from, the checkpoint, the metrics rows kept, the
+    metrics sinks: TensorBoard, W&B)."""
+    state, resumed_from, rows = {"step": 0, "epoch": 0, "batch": 0}, None, []
     if job.cfg.resume:
         resumed_from, state = resume(job, job.cfg.resume)
+    info = run_info(job, resumed_from, state)      # a collective (every rank's host)
     if job.rank == 0:
         os.makedirs(job.out, exist_ok=True)
+        if resumed_from and in_place(job.cfg, job.out):
+            rows, job.dropped_rows = cut_metrics(os.path.join(job.out, "metrics.jsonl"), state["step"])
         with open(os.path.join(job.out, "config.json"), "w") as f:
             json.dump(dict(asdict(job.cfg), out=job.out, spec=ckpt.spec_dict(job.spec),
                            torch=torch.__version__), f, indent=1)
-    return state, resumed_from
+        write_run_json(os.path.join(job.out, "run.json"), info)
+    sinks = stop_all_on_error(lambda: metric_sinks(job, state["step"]) if job.rank == 0 else [], job.world)
+    return state, resumed_from, rows, sinks
+
+
+def cut_metrics(path, step):
+    """metrics.jsonl's rows up to `step` (a resumed run appends after them); the rows past it, and a
+    line cut short by a kill, are dropped from the file. Returns (rows kept, lines dropped)."""
+    if not os.path.isfile(path):
+        return [], 0
+    kept, lines, dropped = [], [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict) or row.get("step", step + 1) > step:
+                dropped += 1
+                continue
+            kept.append(row)
+            lines.append(line if line.endswith("\n") else line + "\n")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+    return kept, dropped
+
+
+def _git(*args):
+    """git's answer about the checkout this code runs from, or None (not a checkout, no git)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        p = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20)
+        return p.stdout.strip() if p.returncode == 0 else None
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+
+
+def run_info(job, resumed_from, state):
+    """How this start ran (run.json): the command line, the code's git commit and whether the tree had
+    changes, the versions (Python, torch, torchvision, CUDA, cuDNN, NCCL), world size, replicas and
+    streams, every rank's host, the start time, torchrun's run id and restart count, the SLURM job, where
+    the input's mean came from, and the checkpoint it resumed from. A collective with world > 1."""
+    import platform
+    import shlex
+
+    import torchvision
+    hosts = [socket.gethostname()]
+    if job.world > 1:
+        hosts = [None] * job.world
+        dist.all_gather_object(hosts, socket.gethostname())
+    if job.rank != 0:
+        return None
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None
+    except Exception:                              # a build without NCCL
+        nccl = None
+    return dict(
+        command=shlex.join(sys.argv), cwd=os.getcwd(), git_commit=commit,
+        git_dirty=None if status is None else bool(status),
+        python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
+        cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        nccl=nccl, backend=dist.get_backend() if dist.is_initialized() else None, device=str(job.device),
+        layout=job.cfg.layout, world_size=job.world, replicas=job.replicas, streams=job.spec.streams,
+        host=hosts[0], hosts=hosts, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        torchelastic_run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
+        torchelastic_restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        slurm_job_id=os.environ.get("SLURM_JOB_ID"), mean_image=job.mean_source,
+        resumed_from=resumed_from, start_step=state["step"])
+
+
+def write_run_json(path, info):
+    """This start's record; a run continued in place keeps its earlier starts' under "earlier"."""
+    earlier = []
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            earlier = old.pop("earlier", []) + [old]
+        except (OSError, ValueError):
+            pass
+    with open(path, "w") as f:
+        json.dump(dict(info, earlier=earlier), f, indent=1)
+
+
+class TensorBoardSink:
+    """--tensorboard: each metrics row's numbers as scalars SPLIT/KEY at its step (OUT/tensorboard)."""
+
+    def __init__(self, log_dir, purge_step):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard: the tensorboard package is not installed: pip install tensorboard "
+                             "(or pip install -e '.[tensorboard]'), or drop --tensorboard") from None
+        self.writer = SummaryWriter(log_dir, purge_step=purge_step)   # in place: drops events past the resume
+
+    def __call__(self, row):
+        for k, v in _numbers(row).items():
+            self.writer.add_scalar(f"{row['split']}/{k}", v, row["step"], walltime=row.get("time"))
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbSink:
+    """--wandb: each metrics row to Weights & Biases (project $WANDB_PROJECT, default split_alexnet; one
+    W&B run per run folder, continued on a resume in place)."""
+
+    def __init__(self, job):
+        try:
+            import wandb
+        except ImportError:
+            raise UsageError("--wandb: the wandb package is not installed: pip install wandb, or drop --wandb") from None
+        import hashlib
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "split_alexnet"), dir=job.out,
+                              name=os.path.basename(os.path.abspath(job.out)), config=asdict(job.cfg),
+                              id=hashlib.sha1(os.path.abspath(job.out).encode()).hexdigest()[:16], resume="allow")
+
+    def __call__(self, row):
+        self.run.log({f"{row['split']}/{k}": v for k, v in _numbers(row).items()}, step=row["step"])
+
+    def close(self):
+        self.run.finish()
+
+
+def _numbers(row):
+    return {k: v for k, v in row.items()
+            if k not in ("split", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def metric_sinks(job, step):
+    sinks = []
+    if job.cfg.tensorboard:
+        sinks.append(TensorBoardSink(os.path.join(job.out, "tensorboard"), step + 1 if step else None))
+    if job.cfg.wandb:
+        sinks.append(WandbSink(job))
+    return sinks
 
 
 def epoch_loader(job, state):
@@ -547,7 +826,8 @@ def evaluate_and_log(job, state, progress, scheduled=True):
     """Evaluate, record it, and step the plateau schedule on it if this evaluation was scheduled."""
     guard.phase(f"evaluation at step {state['step']}")
     loss, top1, top5 = evaluate(job)
-    row = dict(split="val", step=state["step"], epoch=state["epoch"], loss=loss, top1=top1, top5=top5)
+    row = dict(split="val", step=state["step"], epoch=state["epoch"], loss=loss, top1=top1, top5=top5,
+               time=time.time())
     progress.metrics.write(row)
     if job.scheduler and scheduled:                # not the extra evaluation where a run stops: a
         if job.scheduler.step(1.0 - top1):         # resumed run must see the same schedule
@@ -559,7 +839,7 @@ def evaluate_and_log(job, state, progress, scheduled=True):
     return row
 
 
-def finish(job, progress, state, last_val, n_images, seconds):
+def finish(job, progress, state, last_val, n_images, seconds, stopped=0):
     """Close the bar, plot (unless --no-plot), say the result, what the run folder holds and how to go on
     from it; returns the run's summary."""
     progress.flush()
@@ -568,7 +848,7 @@ def finish(job, progress, state, last_val, n_images, seconds):
         plot_curves(progress.metrics.rows, os.path.join(job.out, "curves.png"))
     summary = dict(steps=state["step"], seconds=seconds, images_per_s=n_images / max(seconds, 1e-9),
                    val=last_val, out=job.out)
-    if last_val:
+    if last_val and not stopped:
         progress.say(f"done: {state['step']} steps in {seconds:.0f} s "
                      f"({summary['images_per_s']:.1f} img/s); val loss {last_val['loss']:.4f} top1 {last_val['top1']:.4f} "
                      f"top5 {_fmt(last_val['top5'])}; out {job.out}")
@@ -597,7 +877,7 @@ def next_steps(job):
     """What the run folder holds, and the commands that resume or evaluate it (or how to keep a checkpoint)."""
     import shlex
     out, cfg = job.out, job.cfg
-    held = [f for f in ("config.json", "metrics.jsonl", "curves.png") if os.path.isfile(os.path.join(out, f))]
+    held = [f for f in ("config.json", "run.json", "metrics.jsonl", "curves.png") if os.path.isfile(os.path.join(out, f))]
     found = ckpt.newest_complete(out)
     run_dir, cmd = shlex.quote(out), launcher(job)
     if found is None:
@@ -624,19 +904,32 @@ def announce(job, progress, steps_per_epoch, resumed_from, state):
                  f"{f' (top-1, patience {cfg.lr_patience}, at most {cfg.lr_drops} drops)' if cfg.schedule == 'plateau' else ''}, "
                  f"crop {cfg.crop}, flip {cfg.flip}, lighting {cfg.lighting:g}, ten-crop {cfg.ten_crop}, "
                  f"seed {cfg.seed}; out {job.out}")
-    if resumed_from:
+    if resumed_from and in_place(cfg, job.out):
+        progress.say(f"resumed in place from {resumed_from} at step {state['step']}: appending to "
+                     f"{os.path.join(job.out, 'metrics.jsonl')} ({job.dropped_rows} row(s) past step "
+                     f"{state['step']} dropped)")
+    elif resumed_from:
         progress.say(f"resumed from {resumed_from} at step {state['step']}")
 
 
 class Metrics:
-    def __init__(self, path, enabled):
-        self.path, self.enabled, self.rows = path, enabled, []
+    """metrics.jsonl (appended, one strict-JSON row a line) and the sinks (TensorBoard, W&B) each row
+    also goes to; `rows`: the run's rows so far (those kept from before a resume in place first)."""
+
+    def __init__(self, path, enabled, rows=(), sinks=()):
+        self.path, self.enabled, self.rows, self.sinks = path, enabled, list(rows), list(sinks)
 
     def write(self, row):
         self.rows.append(row)
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(strict_json(row), allow_nan=False) + "\n")
+        for sink in self.sinks:
+            sink(row)
+
+    def close(self):
+        for sink in self.sinks:
+            sink.close()
 
 
 def strict_json(row):
@@ -656,12 +949,12 @@ class Progress:
     --log-every steps, the first and the last step, before an evaluation or a checkpoint): one
     synchronisation for many steps, none inside a step."""
 
-    def __init__(self, job, total, initial):
+    def __init__(self, job, total, initial, rows=(), sinks=()):
         from tqdm import tqdm
         self.job, self.total, self.first = job, total, initial + 1
-        self.metrics = Metrics(os.path.join(job.out, "metrics.jsonl"), job.rank == 0)
+        self.metrics = Metrics(os.path.join(job.out, "metrics.jsonl"), job.rank == 0, rows, sinks)
         self.quiet = job.cfg.quiet or job.rank != 0
-        self.pending = []                         # (state, loss tensor, lr, images/s, mean images/s) per step
+        self.pending = []                         # (state, loss tensor, row, mean images/s if logged) per step
         tty = sys.stderr.isatty()
         sized = tty and os.get_terminal_size(sys.stderr.fileno()).columns > 0   # a pty may report 0 columns
         self.bar = tqdm(total=total, initial=initial, disable=self.quiet or not tty, desc="train",
@@ -671,11 +964,15 @@ class Progress:
         if not self.quiet:
             self.bar.write(line) if not self.bar.disable else log(line)
 
-    def step(self, state, loss, images_per_s, mean_images_per_s):
-        """A training step (loss: a tensor, or a number): kept, and flushed every --log-every steps."""
-        lr = self.job.optimizer.param_groups[0]["lr"]
+    def step(self, state, loss, images_per_s, mean_images_per_s, data_s=None, step_s=None):
+        """A training step (loss: a tensor, or a number): kept, and flushed every --log-every steps.
+        data_s: host seconds waiting for the batch; step_s: the host's seconds for the step itself (on
+        CUDA, without a synchronisation, the time to queue it, until the queue is full)."""
+        groups = self.job.optimizer.param_groups
+        row = dict(lr=groups[0]["lr"], **{f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)},
+                   images_per_s=images_per_s, data_s=data_s, step_s=step_s, time=time.time())
         logged = state["step"] % self.job.cfg.log_every == 0 or state["step"] in (self.first, self.total)
-        self.pending.append((dict(state), loss, lr, mean_images_per_s if logged else None, images_per_s))
+        self.pending.append((dict(state), loss, row, mean_images_per_s if logged else None))
         self.bar.update(1)
         if logged:
             self.flush()
@@ -688,21 +985,22 @@ class Progress:
         pending, self.pending = self.pending, []
         values = [torch.as_tensor(p[1]).detach().reshape(()) for p in pending]
         losses = torch.stack([v.to(values[0].device) for v in values]).to(torch.float64).tolist()
-        for (state, _, lr, _, images_per_s), loss in zip(pending, losses):
-            self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, lr=lr,
-                                    images_per_s=images_per_s))
+        for (state, _, row, _), loss in zip(pending, losses):
+            self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, **row))
             why = (self.job.divergence.loss(loss) if self.job.divergence else
                    None if math.isfinite(loss) else f"the training loss became {loss}")
             if why:                                # NaN, or grown a hundredfold (guard.Divergence)
                 raise UsageError(diverged(self.job, state, why))
         self.bar.set_postfix(epoch=pending[-1][0]["epoch"], loss=f"{losses[-1]:.3f}", refresh=False)
-        (state, _, lr, mean_images_per_s, _), loss = pending[-1], losses[-1]
+        (state, _, row, mean_images_per_s), loss = pending[-1], losses[-1]
+        lr = row["lr"]
         if self.bar.disable and not self.quiet and mean_images_per_s is not None:   # a logged step
             self.say(f"step {state['step']}/{self.total} epoch {state['epoch']}: loss {loss:.4f} "
                      f"lr {lr:g} {mean_images_per_s:.1f} img/s")
 
     def close(self):
         self.bar.close()
+        self.metrics.close()
 
 
 def _fmt(x, digits=4):

@@ -79,6 +79,20 @@ SLOW = {
     "test_compile.py": ["test_single_layout_train_forward_is_one_graph",
                         "test_compiled_single_and_streams_steps_equal_eager_without_recompiling",
                         "test_compiled_split_step_equals_eager"],
+    "test_cluster_runs.py": ["test_sigterm_then_the_same_command_repeats_the_uninterrupted_losses",
+                             "test_torchrun_restart_after_a_killed_rank_continues_in_place",
+                             "test_sbatch_script_twice_resumes_the_run", "test_run_folder_records_how_it_ran",
+                             "test_metrics_rows_carry_time_and_every_groups_lr",
+                             "test_folder_with_metrics_but_no_checkpoint_is_refused_with_the_fix",
+                             "test_in_place_resume_drops_rows_past_the_checkpoint",
+                             "test_a_signal_sets_the_flag_and_a_second_stops_at_once",
+                             "test_sigusr1_stops_a_single_run_with_a_checkpoint",
+                             "test_config_replays_a_runs_config_json_exactly", "test_tensorboard_writes_the_metrics_rows",
+                             "test_wandb_is_off_by_default_and_refused_in_one_line_when_missing",
+                             "test_keep_last_two_leaves_two",
+                             "test_optimizer_state_goes_through_state_dict_and_old_checkpoints_load",
+                             "test_fp16_resume_keeps_the_loss_scale", "test_convert_to_state_dict_loads_with_weights_only_alone",
+                             "test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous"],
 }
 
 

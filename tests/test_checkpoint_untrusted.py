@@ -272,6 +272,8 @@ def _meta_with(real, tmp_path, **fields):
     ("config", "x", "meta.pt field config is 'x' (str), not a dict"),
     ("train_images", -3, "meta.pt field train_images is -3 (int), not an integer >= 0"),
     ("data_fingerprint", "../x", "meta.pt field data_fingerprint is '../x' (str), not a hex digest"),
+    ("scaler", {"scale": "big"}, "meta.pt field scaler is {'scale': 'big'}"),
+    ("scaler", {"scale": float("inf")}, "meta.pt field scaler.scale is inf"),
 ])
 def test_each_meta_field_is_checked(real, tmp_path, field, value, message):
     folder = _meta_with(real, tmp_path, **{field: value})
@@ -310,11 +312,19 @@ def test_a_settings_value_no_flag_accepts_is_refused_on_resume(real, tmp_path, c
 
 @pytest.mark.slow
 @pytest.mark.parametrize("edit, message", [
-    (lambda s: s.update(hook=1), "it holds ['dropout', 'hook', 'model', 'momentum']"),
+    (lambda s: s.update(hook=1), "it holds ['dropout', 'hook', 'model', 'optimizer']"),
     (lambda s: s["model"].pop("fc8.bias"), "its model lacks fc8.bias"),
-    (lambda s: s.update(momentum={"conv1.weight": s["model"]["conv1.weight"].clone()}),
+    (lambda s: s["optimizer"].update(state={"conv1.weight": {"momentum_buffer": s["model"]["conv1.weight"].clone()}}),
+     "its optimizer[momentum_buffer] lacks conv1.bias (optimizer[momentum_buffer] is saved for none or every"),
+    (lambda s: s["optimizer"].update(state={k: {"momentum_buffer": v[:1]} for k, v in s["model"].items()}),
+     "optimizer[momentum_buffer]['conv1.weight'] has the shape (1, 3, 11, 11), this net's (96, 3, 11, 11)"),
+    (lambda s: s["optimizer"].update(state={"conv1.weight": {"momentum_buffer": "x"}}),
+     "its optimizer's state 'conv1.weight'['momentum_buffer'] is 'x'"),
+    (lambda s: s.update(optimizer=[1]), "its optimizer is [1], not an optimizer's state"),
+    # a file from before the optimizer's state_dict(): SGD's momentum buffers alone, checked alike
+    (lambda s: (s.pop("optimizer"), s.update(momentum={"conv1.weight": s["model"]["conv1.weight"].clone()})),
      "its momentum lacks conv1.bias (momentum is saved for none or every parameter)"),
-    (lambda s: s.update(momentum={k: v[:1] for k, v in s["model"].items()}),
+    (lambda s: (s.pop("optimizer"), s.update(momentum={k: v[:1] for k, v in s["model"].items()})),
      "momentum['conv1.weight'] has the shape (1, 3, 11, 11), this net's (96, 3, 11, 11)"),
     (lambda s: s["model"].update({"fc8.bias": s["model"]["fc8.bias"].double()}), "model['fc8.bias'] is "
      "torch.float64, not torch.float32"),

@@ -43,7 +43,7 @@ def test_a_short_run_plots_logs_and_says_how_to_go_on(tmp_path, capsys):
     assert "step 1/3 epoch 0: loss" in said and "step 3/3 epoch 0: loss" in said
     lines = said.splitlines()
     done = next(i for i, line in enumerate(lines) if line.startswith("done: 3 steps"))
-    assert lines[done + 1] == f"{out} holds config.json, metrics.jsonl, curves.png, checkpoints/step0000003 (newest)"
+    assert lines[done + 1] == f"{out} holds config.json, run.json, metrics.jsonl, curves.png, checkpoints/step0000003 (newest)"
     evaluate, resume = lines[done + 2], lines[done + 3]
     cmd = "python launch/train.py --layout single"
     assert evaluate == f"  evaluate: {cmd} --resume {out} --eval-only"
@@ -55,14 +55,14 @@ def test_a_short_run_plots_logs_and_says_how_to_go_on(tmp_path, capsys):
     val = summary["val"]
     assert (f"eval: {out}/checkpoints/step0000003 (step 3, epoch 0) on 8 shapes val images: loss "
             f"{val['loss']:.4f} top1 {val['top1']:.4f}") in said
-    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl", "run.json"]
 
 
 def test_without_checkpoint_or_plot_the_last_line_says_so(tmp_path, capsys):
     out = str(tmp_path / "run")
     _, said = _train(TINY + ["--max-steps", "1", "--no-plot", "--out", out], capsys)
     assert not os.path.exists(os.path.join(out, "curves.png"))
-    assert said.splitlines()[-1] == (f"{out} holds config.json, metrics.jsonl; no checkpoint (add --save-every N "
+    assert said.splitlines()[-1] == (f"{out} holds config.json, run.json, metrics.jsonl; no checkpoint (add --save-every N "
                                      f"to keep one, for --resume and --eval-only)")
 
 

@@ -82,11 +82,12 @@ def test_metrics_schema(mnist_split):
     assert len(train) + len(val) == len(rows)
     assert [r["step"] for r in train] == list(range(1, 118))  # 3 epochs of 2,500 images in 64s: 39 steps
     for r in train:
-        assert set(r) == {"split", "step", "epoch", "loss", "lr", "images_per_s"}
+        assert set(r) == {"split", "step", "epoch", "loss", "lr", "lr_weights", "lr_biases", "images_per_s",
+                          "data_s", "step_s", "time"}
         assert r["epoch"] == (r["step"] - 1) // 39 and r["images_per_s"] > 0 and r["loss"] > 0
         assert r["lr"] == 0.01 if r["epoch"] == 0 else r["lr"] <= 0.01
     for r in val:
-        assert set(r) == {"split", "step", "epoch", "loss", "top1", "top5"}
+        assert set(r) == {"split", "step", "epoch", "loss", "top1", "top5", "time"}
         assert 0 <= r["top1"] <= r["top5"] <= 1
 
 
@@ -215,9 +216,14 @@ def test_bad_checkpoints_one_line(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_existing_run_is_not_overwritten(tiny_checkpoint, capsys):
+    """--out holding a run: it continues only from a checkpoint that verifies (test_cluster_runs.py);
+    this one's was truncated above, so the run is refused, naming why."""
     run_dir = os.path.dirname(os.path.dirname(tiny_checkpoint))
     err = _bad(TINY + ["--out", run_dir], capsys)
-    assert "already holds metrics.jsonl" in err
+    assert f"--out {run_dir}: no checkpoint in {run_dir}/checkpoints verifies" in err and "truncated" in err
+    os.remove(os.path.join(tiny_checkpoint, "meta.pt"))        # no checkpoint at all: metrics alone
+    err = _bad(TINY + ["--out", run_dir], capsys)
+    assert "already holds metrics.jsonl and no checkpoint to continue from: give another --out" in err
 
 
 def test_cli_bad_input_exit_status():
