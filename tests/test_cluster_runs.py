@@ -23,6 +23,7 @@ import torch
 from split_alexnet import checkpoint as ckpt
 from split_alexnet.cli import UsageError, run_main
 from split_alexnet.config import parse_config
+from split_alexnet.spec import Spec
 from split_alexnet.train import EXIT_PREEMPTED, build, resume, run
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -390,7 +391,8 @@ def test_keep_last_two_leaves_two(tmp_path):
 def _tiny_checkpoint(path, step):
     """A checkpoint folder with one small file (prune and find_checkpoint read only meta.pt's list)."""
     ckpt.save_files(path, {"single.pt": {"model": {"w": torch.full((4,), float(step))}}})
-    ckpt.save_meta(path, dict(layout="single", streams=2, spec={}, step=step))
+    ckpt.save_meta(path, dict(layout="single", streams=2, spec=ckpt.spec_dict(Spec(image_size=67, num_classes=10)),
+                              step=step, epoch=0, batch=step, lr=0.01, scheduler=None, torch_rng=torch.get_rng_state()))
 
 
 def test_keep_last_never_deletes_the_newest_that_verifies(tmp_path):
@@ -502,8 +504,8 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_pa
 
 @pytest.mark.parametrize("launcher, shown", [
     ("check", ["--image-size IMAGE_SIZE (default: 227)", "--batch-size BATCH_SIZE (default: 8)"]),
-    ("bench", ["--image-size IMAGE_SIZE (default: 227)", "--steps STEPS measured steps per layout (per batch size) "
-                                                         "(default: 5)"]),
+    ("bench", ["--image-size IMAGE_SIZE (default: 227)", "--steps STEPS measured steps per layout (per batch size); "
+                                                         "default 30 on CUDA, 5 on CPU"]),
     ("summary", ["--num-classes NUM_CLASSES (default: 1000)"]),
     ("convert", ["--to {single,shards,state_dict}"]),
 ])
