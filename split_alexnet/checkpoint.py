@@ -772,6 +772,7 @@ def _check_dropout(state, path):
 # ---- conversion between layouts ----------------------------------------------------------------
 
 EXPORT_FORMAT = "split_alexnet.state_dict/1"
+MAX_EXPORT_BYTES = 1 << 30   # the largest net's float32 weights (about 250 MB) with room to spare
 
 
 def export_state_dict(src, dst):
@@ -779,8 +780,9 @@ def export_state_dict(src, dst):
     (no optimizer, dropout or RNG state), loadable with torch.load(weights_only=True) alone. Returns
     what was written."""
     meta = read_meta(src)
-    spec = Spec(**meta["spec"])
-    shards = [_torch_load(os.path.join(src, n)) for n in shard_names(meta)]
+    spec = spec_of(meta)
+    states = load_files(src, meta, shard_names(meta))   # every tensor checked against the spec
+    shards = [states[n] for n in shard_names(meta)]
     weights = shards[0]["model"] if meta["layout"] == "single" else join_state_dicts([s["model"] for s in shards], spec)
     out = {"format": EXPORT_FORMAT, "spec": spec_dict(spec), "state_dict": weights, "step": meta["step"]}
     atomic_save(out, dst)
@@ -790,12 +792,19 @@ def export_state_dict(src, dst):
 def load_exported(path):
     """The AlexNet of a `convert.py --to state_dict` file (weights_only load; evaluation mode)."""
     from .model import AlexNet
-    d = _torch_load(path)
-    if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT:
-        raise UsageError(f"{path} is not a split_alexnet state_dict export ({EXPORT_FORMAT}): write one with "
-                         f"python launch/convert.py CKPT {path} --to state_dict")
-    net = AlexNet(spec=Spec(**d["spec"]), init="torch")
-    net.load_state_dict(d["state_dict"])
+    fix = f"write one with python launch/convert.py CKPT {path} --to state_dict"
+    f = _open_in(os.path.dirname(path) or ".", os.path.basename(path), MAX_EXPORT_BYTES)
+    if f is None:
+        raise UsageError(f"{path}: no such file: {fix}")
+    with f:
+        d = _torch_load(f, path, MAX_EXPORT_BYTES)
+    if not isinstance(d, dict) or d.get("format") != EXPORT_FORMAT or not isinstance(d.get("spec"), dict):
+        raise UsageError(f"{path} is not a split_alexnet state_dict export ({EXPORT_FORMAT}): {fix}")
+    try:
+        net = AlexNet(spec=Spec(**d["spec"]), init="torch")
+        net.load_state_dict(d["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UsageError(f"{path}: its spec or weights do not make a net ({str(e).splitlines()[0][:120]}): {fix}") from None
     return net.eval()
 
 
