@@ -320,7 +320,7 @@ def test_a_settings_value_no_flag_accepts_is_refused_on_resume(real, tmp_path, c
      "optimizer[momentum_buffer]['conv1.weight'] has the shape (1, 3, 11, 11), this net's (96, 3, 11, 11)"),
     (lambda s: s["optimizer"].update(state={"conv1.weight": {"momentum_buffer": "x"}}),
      "its optimizer's state 'conv1.weight'['momentum_buffer'] is 'x'"),
-    (lambda s: s.update(optimizer=[1]), "its optimizer is [1], not an optimizer's state"),
+    (lambda s: s.update(optimizer=[1]), "its optimizer is [1] (list), not an optimizer's state"),
     # a file from before the optimizer's state_dict(): SGD's momentum buffers alone, checked alike
     (lambda s: (s.pop("optimizer"), s.update(momentum={"conv1.weight": s["model"]["conv1.weight"].clone()})),
      "its momentum lacks conv1.bias (momentum is saved for none or every parameter)"),
