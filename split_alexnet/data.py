@@ -249,11 +249,14 @@ class Lighting(v2.Transform):
     def make_params(self, flat_inputs):
         return dict(alpha=torch.randn(3) * self.sigma)
 
+    def shift(self, params):
+        """The RGB shift (3,) of one image's draw: added to every pixel."""
+        return self.eigvec @ (params["alpha"] * self.eigval)
+
     def transform(self, inpt, params):
         if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point() or inpt.shape[-3] != 3:
             return inpt
-        rgb = self.eigvec @ (params["alpha"] * self.eigval)             # (3,)
-        return inpt + rgb[:, None, None].to(inpt.dtype)
+        return inpt + self.shift(params)[:, None, None].to(inpt.dtype)
 
 
 def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, lighting, ten_crop=False):
