@@ -519,6 +519,16 @@ def _imagefolder(data_dir, *, seed, download, split_test, train_size, val_size):
     return train, val, train.classes
 
 
+def encoded(train_set):
+    """The same data set with the files' bytes as images (1-D uint8, torchvision.io.read_file): for
+    decoding on the device (--decode gpu)."""
+    if isinstance(train_set, torchvision.datasets.ImageFolder):
+        return torchvision.datasets.ImageFolder(train_set.root, loader=torchvision.io.read_file)
+    if hasattr(train_set, "encoded"):
+        return train_set.encoded()
+    raise UsageError("--decode gpu reads image files: use it with --dataset imagefolder")
+
+
 def _random(data_dir, *, seed, download, split_test, train_size, val_size):
     size = 227
     train = torchvision.datasets.FakeData(train_size or 2560, (3, size, size), 10, random_offset=seed)

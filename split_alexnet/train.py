@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from . import guard, precision
+from .augment import build_uint8_path
 from .cli import UsageError, log, stop_all_on_error
 from .config import Config
 from .data import (
-    EpochSampler,
     Seeded,
     build_datasets,
     build_paper_transforms,
@@ -36,7 +36,8 @@ from .data import (
     mean_image_path,
     paper_side,
 )
-from .mesh import ReplicaSampler, replica_batch, split_replica_from_single, unwrap
+from .loader import DataBound, TrainLoader, encoded_view, one_line_errors, share_plan
+from .mesh import replica_batch, split_replica_from_single, unwrap
 from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
 from .overlap import overlapped_forward
 from .plots import plot_curves
@@ -64,6 +65,9 @@ class Job:
     replicas: int = 1            # streams x replicas (mesh.py): each replica takes its slice of the batch
     replica: int = 0
     replica_group: object = None
+    augment: object = None       # the float work on the device (augment.DeviceAugment)
+    share: object = None         # (stream group, S, s): stream s decodes rows s::S (loader.py), or None
+    loader: object = None        # the training loader (loader.TrainLoader), made at the first epoch
 
 
 def build_model(cfg, spec, ctx_rank, device, ctx=None):
@@ -192,13 +196,16 @@ def build(cfg, ctx=None):
         mean, how = _mean_image_rank0_first(cfg, train_raw, spec.in_channels, rank, world)
         if rank == 0 and not cfg.quiet:
             log(f"mean image {tuple(mean.shape)}: {how}")
-        train_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=True, **aug)
+        train_tf, augment = build_uint8_path(cfg.image_size, spec.in_channels, "paper", mean_image=mean, **aug)
         val_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=False,
                                         ten_crop=cfg.ten_crop, **aug)
     else:
-        train_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=True, **aug)
+        train_tf, augment = build_uint8_path(cfg.image_size, spec.in_channels, "channel", mean=data.mean,
+                                             std=data.std, ten_crop=cfg.ten_crop, **aug)
         val_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=False,
                                   ten_crop=cfg.ten_crop, **aug)
+    if cfg.decode == "gpu":                        # the workers read the files, the device decodes them
+        train_raw, train_tf = encoded_view(cfg, train_raw, spec.in_channels, aug)
     train_set, val_set = Seeded(train_raw, train_tf, cfg.seed), Seeded(val_raw, val_tf, cfg.seed)
     train_set.bad_images = val_set.bad_images = cfg.bad_images
     check_precision(cfg.precision, device.type)
@@ -216,7 +223,9 @@ def build(cfg, ctx=None):
                          f"never overwritten)")
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
                rank, world, out, replicas=replicas, replica=ctx.replica if replicas > 1 else 0,
-               replica_group=ctx.replica_group if replicas > 1 else None)
+               replica_group=ctx.replica_group if replicas > 1 else None, augment=augment,
+               share=share_plan(cfg, ctx, replicas))
+
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -234,7 +243,7 @@ def evaluate(job):
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
     k = min(5, job.spec.num_classes)
     half = precision.autocast_dtype(cfg.precision)
-    for x, y in loader:
+    for x, y in one_line_errors(loader):
         if x.dim() == 5:                           # ten crops: (B, 10, C, H, W), softmax averaged
             b = x.shape[0]
             with precision.autocast(job.device.type, half):
@@ -331,6 +340,7 @@ def run(job):
     announce(job, progress, steps_per_epoch, resumed_from, state)
     job.model.train()
     last_val, n_images, t_start = None, 0, time.perf_counter()
+    bound = DataBound(cfg)
     while state["step"] < total:
         t_prev = time.perf_counter()
         for x, y in epoch_loader(job, state):
@@ -342,7 +352,11 @@ def run(job):
             state["batch"] += 1
             now = time.perf_counter()
             n_images += cfg.batch_size
-            progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start))
+            progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start),
+                          data_s=job.loader.data_s, step_s=now - t_prev)
+            line = bound.update(job.loader.data_s, now - t_prev)
+            if line:
+                progress.say(line)
             t_prev = now
             end_of_epoch = state["batch"] == steps_per_epoch
             scheduled = bool(cfg.eval_every and state["step"] % cfg.eval_every == 0
@@ -386,14 +400,15 @@ def start(job):
 
 
 def epoch_loader(job, state):
-    """The batches of epoch state["epoch"] from batch state["batch"] on: the same on every rank."""
+    """The batches of epoch state["epoch"] from batch state["batch"] on, x float on the device: the same
+    on every rank (replica r: its rows of each global batch). One loader, its workers kept across epochs."""
     cfg = job.cfg
-    sampler = EpochSampler(len(job.train_set), cfg.seed, state["epoch"], state["batch"] * cfg.batch_size)
-    if job.replicas > 1:                           # replica r loads only its rows of each global batch
-        sampler = ReplicaSampler(len(job.train_set), cfg.seed, state["epoch"], cfg.batch_size, job.replicas,
-                                 job.replica, state["batch"] * cfg.batch_size)
-    return DataLoader(job.train_set, batch_size=cfg.batch_size // job.replicas, sampler=sampler, drop_last=True,
-                      num_workers=cfg.workers, pin_memory=job.device.type == "cuda")
+    if job.loader is None:
+        job.loader = TrainLoader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, device=job.device,
+                                 augment=job.augment, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
+                                 replicas=job.replicas, replica=job.replica, share=job.share, decode=cfg.decode,
+                                 side=paper_side(cfg.image_size), size=cfg.image_size)
+    return job.loader.epoch(state["epoch"], state["batch"] * cfg.batch_size)
 
 
 def train_step(job, x, y):
@@ -566,11 +581,12 @@ class Progress:
         if not self.quiet:
             self.bar.write(line) if not self.bar.disable else log(line)
 
-    def step(self, state, loss, images_per_s, mean_images_per_s):
-        """A training step: its metrics row; a non-finite loss stops the run; the bar or a log line."""
+    def step(self, state, loss, images_per_s, mean_images_per_s, data_s=0.0, step_s=0.0):
+        """A training step: its metrics row (data_s: the wait for the batch and its device work; step_s:
+        the whole step, data included); a non-finite loss stops the run; the bar or a log line."""
         lr = self.job.optimizer.param_groups[0]["lr"]
         self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, lr=lr,
-                                images_per_s=images_per_s))
+                                images_per_s=images_per_s, data_s=data_s, step_s=step_s))
         if not math.isfinite(loss):
             raise UsageError(f"the training loss became {loss} at step {state['step']}: lower --lr "
                              f"(now {lr:g}) or use --init d2l")
