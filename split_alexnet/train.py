@@ -30,13 +30,12 @@ from .data import (
     build_datasets,
     build_paper_transforms,
     build_transforms,
-    cached_mean_image,
     dataset,
-    mean_image,
     mean_image_path,
     paper_side,
 )
 from .loader import DataBound, TrainLoader, encoded_view, one_line_errors, share_plan
+from .meanimage import counted_path, run_mean_image
 from .mesh import replica_batch, split_replica_from_single, unwrap
 from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
 from .overlap import overlapped_forward
@@ -94,17 +93,18 @@ def build_model(cfg, spec, ctx_rank, device, ctx=None):
 
 
 def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
-    """The training set's mean image for --preprocess paper: rank 0 reads or computes and caches it,
-    then the other ranks read it (data sets in files); generated data sets compute it on every rank."""
+    """The training set's mean image for --preprocess paper: read from the cache beside the data if rank 0
+    finds it, else computed by every rank in parallel and cached (meanimage.py: resumable, outside
+    --timeout); generated data sets compute it on every rank, in memory."""
     side = paper_side(cfg.image_size)
     train_raw = Seeded(train_raw, lambda img: img, cfg.seed)   # read as training reads: --bad-images applies
     train_raw.bad_images = cfg.bad_images
-    if not dataset(cfg.dataset).files:
-        return mean_image(train_raw, side), f"computed from {len(train_raw)} generated training images"
-    path = mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw))
-    result = stop_all_on_error(lambda: cached_mean_image(path, train_raw, side, channels) if rank == 0
-                               else None, world)
-    return result if rank == 0 else cached_mean_image(path, train_raw, side, channels)
+    cache = None
+    if dataset(cfg.dataset).files:
+        cache = counted_path(mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw)),
+                             cfg.mean_images, len(train_raw))
+    return run_mean_image(cache, train_raw, side, channels, rank=rank, world=world if cache else 1,
+                          workers=cfg.workers, count=cfg.mean_images, bar=rank == 0 and not cfg.quiet)
 
 
 def build_optimizer(model, cfg):
