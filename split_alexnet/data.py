@@ -506,8 +506,9 @@ def _imagefolder(data_dir, *, seed, download, split_test, train_size, val_size):
         if not os.path.isdir(p):
             raise UsageError(f"imagefolder: {os.path.abspath(p)} is not a directory: lay the images out "
                              f"as {os.path.abspath(data_dir)}/train/<class>/* and .../val/<class>/*")
+    from .prepare import Shards, is_shards  # launch/prepare.py --shards: read at the offsets
     try:
-        train, val = (torchvision.datasets.ImageFolder(p) for p in parts)
+        train, val = (Shards(p) if is_shards(p) else torchvision.datasets.ImageFolder(p) for p in parts)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"imagefolder: {str(e).splitlines()[0]}") from None
     if train.classes != val.classes:
