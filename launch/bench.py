@@ -7,6 +7,7 @@
   python launch/bench.py --layouts single,streams,torchvision  # one process (e.g. one GPU)
   python launch/bench.py --layouts single,torchvision --precision bf16   # autocast bf16
   python launch/bench.py --link --link-from runs/bench/bench.json      # two GPUs on paper (no steps)
+  python launch/bench.py --data /data/imagenet --workers 1             # the data path (bench.json 'data')
   torchrun --nproc_per_node=2 launch/bench.py --link --link-from runs/bench/bench.json  # + loopback check
 
 On CPU each rank uses cores/ranks threads (1 on a 2-core machine) so the ranks do not oversubscribe the
@@ -83,7 +84,28 @@ def parse_args(argv=None):
                    "--link-from's, or 'gtx580' (the 2012 paper's 5.5 days for 90 epochs: 4.40 ms)")
     g.add_argument("--link-spec", action="append", default=[], metavar="NAME:GBPS:US",
                    help="another link: name, bandwidth GB/s per direction, latency us (repeatable)")
+    g = p.add_argument_group("data path (--data DIR: time the input pipeline, no model; split_alexnet/bench/data.py)")
+    g.add_argument("--data", default=None, metavar="DIR", help="an ImageNet-format folder (DIR/train/<class>/*) "
+                   "or launch/prepare.py's output: each stage and the whole delivered path, images/s per core, "
+                   "written to bench.json under 'data'")
+    g.add_argument("--workers", type=int, default=1, help="--data: loader processes of the whole paths")
+    g.add_argument("--data-images", type=int, default=256, help="--data: images of the folder to use at most")
+    g.add_argument("--data-rounds", type=int, default=3, help="--data: rounds of the interleaved whole paths "
+                   "(the median is reported)")
     return p.parse_args(argv)
+
+
+def data_main(args):
+    """--data DIR: the data bench (one process)."""
+    from split_alexnet.bench import data as db
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = db.run_data_bench(args.data, size=args.image_size, batch=args.batch_size, workers=args.workers,
+                               rounds=args.data_rounds, batches=args.steps, images=args.data_images,
+                               streams=args.streams or 2, device=device)
+    log(db.format_rows(result))
+    log(f"wrote {db.write_data(result, args.out)} (load average {result['load_average_before'][0]:.2f} before, "
+        f"{result['load_average_after'][0]:.2f} after)")
+    return 0
 
 
 def link_main(args, world):
@@ -191,6 +213,8 @@ def main(argv=None):
     world = env().world
     if args.link:
         return link_main(args, world)
+    if args.data:
+        return data_main(args)
     batches = [args.batch_size] + [b for b in _ints(args.sweep_batch or "", "--sweep-batch")
                                    if b != args.batch_size]
     layouts = tuple(l for l in args.layouts.split(",") if l)

@@ -341,3 +341,45 @@ def test_decode_on_the_device_matches_the_cpu_decoder(folder):
     want = torch.stack([base(train[i][0]) for i in range(6)])
     diff = (got.int() - want.int()).abs()
     assert got.shape == want.shape and diff.max() <= 1 and diff.float().mean() <= 0.01, (diff.max(), diff.float().mean())
+
+
+@pytest.mark.slow
+def test_data_bench_writes_a_row_per_stage(folder, tmp_path):
+    """The schema only (timings on this shared machine mean nothing): bench.json's `data` rows."""
+    out = str(tmp_path / "bench")
+    os.makedirs(out)
+    json.dump(dict(runs=["kept"]), open(os.path.join(out, "bench.json"), "w"))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--data", folder,
+                           "--image-size", "67", "--batch-size", "4", "--steps", "1", "--data-rounds", "1",
+                           "--workers", "1", "--out", out], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.load(open(os.path.join(out, "bench.json")))
+    assert result["runs"] == ["kept"]                          # the model bench's keys stay
+    rows = {r["stage"]: r for r in result["data"]["rows"]}
+    assert {"read", "decode-pil", "decode-tv", "item-float", "item-uint8", "collate-float", "collate-uint8",
+            "device-augment", "today", "delivered", "torchvision-reference"} <= set(rows)
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["cores"] >= 1
+        assert abs(r["images_per_s_per_core"] - r["images_per_s"] / r["cores"]) < 1e-9
+    assert rows["delivered"]["cores"] == 2 and "delivered / today per core per replica" in proc.stdout
+
+
+def test_decode_gpu_loader_delivers_the_cpu_loaders_batches(folder):
+    """loader.TrainLoader with decode="gpu" (run here on the CPU device) against decode="cpu": the same
+    draws, the same crops within the decoders' 1 level (test above), so x within 1.0 on the 0-255 scale."""
+    from split_alexnet.augment import EncodedItem
+    from split_alexnet.data import PCA_EIGVAL_255, Lighting, encoded
+    from split_alexnet.loader import TrainLoader
+    train, _, _ = build_datasets("imagefolder", folder, seed=0)
+    mean = torch.rand(3, 76, 76) * 255
+    worker, augment = build_uint8_path(67, 3, "paper", mean_image=mean, crop=True, flip=True, lighting=0.1)
+    kw = dict(batch_size=8, seed=0, device=torch.device("cpu"), augment=augment, workers=0)
+    cpu = TrainLoader(Seeded(train, worker, 0), **kw)
+    item = EncodedItem(76, 67, crop=True, flip=True, lighting=Lighting(0.1, eigval=PCA_EIGVAL_255))
+    gpu = TrainLoader(Seeded(encoded(train), item, 0), decode="gpu", side=76, size=67, **kw)
+    pairs = list(zip(cpu.epoch(1, 0), gpu.epoch(1, 0)))
+    assert len(pairs) == 2
+    for (xa, ya), (xb, yb) in pairs:
+        assert torch.equal(ya, yb) and xa.shape == xb.shape == (8, 3, 67, 67)
+        assert (xa - xb).abs().max() <= 1.0
