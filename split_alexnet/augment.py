@@ -115,6 +115,13 @@ def build_uint8_path(image_size, in_channels, preprocess, *, crop, flip, lightin
     return worker, DeviceAugment("channel", mean=mean, std=std, lighting=light is not None)
 
 
+def items_batch(dataset, augment, keys):
+    """The float batch of dataset[keys] (a data.Seeded of Uint8Train items) after `augment`, on the CPU:
+    what the training sees, for inspection."""
+    items = [dataset[k][0] for k in keys]
+    return augment(torch.stack([c for c, _ in items]), torch.stack([d for _, d in items]))
+
+
 def to_device(batch, device, non_blocking=True):
     """(crops, draws) of a loader batch on the device (pinned memory: the copy overlaps)."""
     crops, draws = batch
