@@ -87,11 +87,11 @@ def parse_args(argv=None):
     g = p.add_argument_group("data path (--data DIR: time the input pipeline, no model; split_alexnet/bench/data.py)")
     g.add_argument("--data", default=None, metavar="DIR", help="an ImageNet-format folder (DIR/train/<class>/*) "
                    "or launch/prepare.py's output: each stage and the whole delivered path, images/s per core, "
-                   "written to bench.json under 'data'")
-    g.add_argument("--workers", type=int, default=1, help="--data: loader processes of the whole paths")
-    g.add_argument("--data-images", type=int, default=256, help="--data: images of the folder to use at most")
+                   "written to bench.json under 'data' (default: off, the model bench)")
+    g.add_argument("--workers", type=int, default=1, help="--data: loader processes of the whole paths (default 1)")
+    g.add_argument("--data-images", type=int, default=256, help="--data: images of the folder to use at most (default 256)")
     g.add_argument("--data-rounds", type=int, default=3, help="--data: rounds of the interleaved whole paths "
-                   "(the median is reported)")
+                   "(the median is reported; default 3)")
     return p.parse_args(argv)
 
 

@@ -262,17 +262,20 @@ def _losses(out):
 @pytest.mark.slow
 def test_split_decoding_once_per_replica_trains_the_same(folder, tmp_path):
     """--share-decode (each stream decodes half the batch, the streams all-gather it) against every
-    stream decoding the whole batch (the old path): the same losses, bit for bit; and the single layout's
-    within the split's fp32 summation-order tolerance (tests/test_train.py LOSS_RTOL)."""
+    stream decoding the whole batch (the old path): the same losses, bit for bit; the single and
+    streams layouts' within the split's fp32 summation-order tolerance (tests/test_train.py LOSS_RTOL)."""
     from split_alexnet.config import parse_config
     from split_alexnet.train import build, run
     shared, whole, single = (str(tmp_path / n) for n in ("shared", "whole", "single"))
     _torchrun(RUN + ["--data-dir", folder, "--out", shared])
     _torchrun(RUN + ["--data-dir", folder, "--out", whole, "--no-share-decode"])
     run(build(parse_config(RUN + ["--data-dir", folder, "--out", single, "--layout", "single"])))
+    streams = str(tmp_path / "streams")
+    run(build(parse_config(RUN + ["--data-dir", folder, "--out", streams, "--layout", "streams"])))
     assert _losses(shared) == _losses(whole) and len(set(_losses(shared))) == 4
-    for a, b in zip(_losses(shared), _losses(single)):
-        assert abs(a - b) <= 1e-5 * abs(b)
+    for other in (shared, streams):
+        for a, b in zip(_losses(other), _losses(single)):
+            assert abs(a - b) <= 1e-5 * abs(b)
 
 
 # ---- prepare: the folder form and the shards, resumable --------------------------------------------
@@ -383,3 +386,16 @@ def test_decode_gpu_loader_delivers_the_cpu_loaders_batches(folder):
     for (xa, ya), (xb, yb) in pairs:
         assert torch.equal(ya, yb) and xa.shape == xb.shape == (8, 3, 67, 67)
         assert (xa - xb).abs().max() <= 1.0
+
+
+@pytest.mark.slow
+def test_persistent_workers_train_as_no_workers(tmp_path):
+    """--workers 2 (persistent across the epoch boundary, prefetching) gives the losses of --workers 0,
+    bit for bit: the draws follow (seed, epoch, index), not the process."""
+    from split_alexnet.config import parse_config
+    from split_alexnet.train import build, run
+    tiny = ["--dataset", "shapes", "--train-size", "32", "--val-size", "8", "--image-size", "67", "--batch-size",
+            "8", "--epochs", "2", "--max-steps", "6", "--layout", "single", "--quiet", "--no-plot", "--lr", "0.001"]
+    run(build(parse_config(tiny + ["--workers", "0", "--out", str(tmp_path / "w0")])))
+    run(build(parse_config(tiny + ["--workers", "2", "--prefetch-factor", "2", "--out", str(tmp_path / "w2")])))
+    assert _losses(str(tmp_path / "w0")) == _losses(str(tmp_path / "w2")) and len(_losses(str(tmp_path / "w0"))) == 6
