@@ -227,7 +227,6 @@ def build(cfg, ctx=None):
                share=share_plan(cfg, ctx, replicas))
 
 
-
 # ---- evaluation -----------------------------------------------------------------------------------
 
 @torch.no_grad()
