@@ -6,13 +6,13 @@ overrides both). So --help shows the defaults the run would use, e.g. `--dataset
 """
 import argparse
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .cli import UsageError, env
 from .data import DATASETS
+from .loader import default_workers
 from .optim import UPDATES, parse_dexp
 
 # Every value here can be overridden by its flag (--lr, --momentum, ...), and the data set's defaults
@@ -100,6 +100,10 @@ class Config:
     seed: int
     dropout_seed: int
     workers: int
+    prefetch_factor: int
+    decode: str
+    share_decode: bool
+    mean_images: int
     device: str
     devices: str
     backend: str
@@ -213,8 +217,15 @@ def build_parser(add_help=True):
                    "(torchrun --nproc_per_node=N runs N / S replicas, docs/scaling.md)")
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--dropout-seed", type=int, default=0, help="dropout masks")
-    p.add_argument("--workers", type=int, help="data loader processes per rank",
-                   default=0 if not torch.cuda.is_available() else min(4, (os.cpu_count() or 1) // 2))
+    p.add_argument("--workers", type=int, help="data loader processes per rank (GPUs: the cores per local rank "
+                   "but one; CPU: 0, the compute takes the cores)", default=default_workers(torch.cuda.is_available()))
+    p.add_argument("--prefetch-factor", type=int, default=4, help="batches each worker loads ahead")
+    p.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="gpu: the workers read the files, "
+                   "torchvision.io.decode_jpeg decodes each batch on the device (--preprocess paper)")
+    p.add_argument("--share-decode", action=B, default=True, help="split: stream s of a replica decodes rows "
+                   "s::S of its batch and the streams all-gather the uint8 crops (each image decoded once)")
+    p.add_argument("--mean-images", type=int, default=0, help="--preprocess paper: the mean image from this "
+                   "many training images (an even spread; 0: all)")
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK with NCCL, cuda if any, else cpu")
     p.add_argument("--devices", default="", help="streams layout: comma-separated, one per stream")
     p.add_argument("--backend", choices=["nccl", "gloo"], default="", help="split: default nccl with GPUs, "
@@ -290,6 +301,8 @@ def validate(cfg):
         (0 < cfg.lr_factor < 1, f"--lr-factor {cfg.lr_factor}: use 0 < factor < 1"),
         (cfg.lighting >= 0, f"--lighting {cfg.lighting}: use 0 (off) or a sigma such as 0.1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: use 0 or more"),
+        (cfg.prefetch_factor >= 1, f"--prefetch-factor {cfg.prefetch_factor}: use 1 or more"),
+        (cfg.mean_images >= 0, f"--mean-images {cfg.mean_images}: use 0 (all) or more"),
         (cfg.timeout > 0, f"--timeout {cfg.timeout}: use a positive number of seconds"),
         (cfg.peer_timeout >= 0, f"--peer-timeout {cfg.peer_timeout}: use 0 (off) or a number of seconds"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: use 0 (only at the end: off) or more"),

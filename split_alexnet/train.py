@@ -22,23 +22,23 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from . import guard, precision
+from .augment import build_uint8_path
 from .cli import UsageError, log, stop_all_on_error
 from .config import Config
 from .data import (
-    EpochSampler,
     Seeded,
     build_datasets,
     build_paper_transforms,
     build_transforms,
-    cached_mean_image,
     dataset,
     fingerprint,
-    mean_image,
     mean_image_key,
     mean_image_path,
     paper_side,
 )
-from .mesh import ReplicaSampler, replica_batch, split_replica_from_single, unwrap
+from .loader import DataBound, TrainLoader, encoded_view, one_line_errors, share_plan
+from .meanimage import counted_path, run_mean_image
+from .mesh import replica_batch, split_replica_from_single, unwrap
 from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
 from .optim import DexpSchedule, check_resume_update, make_optimizer, parse_dexp
 from .overlap import overlapped_forward
@@ -69,6 +69,9 @@ class Job:
     replica_group: object = None
     divergence: object = None    # guard.Divergence: the loss and the weights' norm judged
     fingerprint: str = ""        # data.fingerprint of the training set (checkpoints hold it)
+    augment: object = None       # the float work on the device (augment.DeviceAugment)
+    share: object = None         # (stream group, S, s): stream s decodes rows s::S (loader.py), or None
+    loader: object = None        # the training loader (loader.TrainLoader), made at the first epoch
 
 
 def build_model(cfg, spec, ctx_rank, device, ctx=None):
@@ -95,18 +98,19 @@ def build_model(cfg, spec, ctx_rank, device, ctx=None):
 
 
 def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
-    """The training set's mean image for --preprocess paper: rank 0 reads or computes and caches it,
-    then the other ranks read it (data sets in files); generated data sets compute it on every rank."""
+    """The training set's mean image for --preprocess paper: read from the cache beside the data if rank 0
+    finds it, else computed by every rank in parallel and cached (meanimage.py: resumable, outside
+    --timeout); generated data sets compute it on every rank, in memory."""
     side = paper_side(cfg.image_size)
     key = mean_image_key(train_raw, cfg.bad_images) if dataset(cfg.dataset).files else ""
     train_raw = Seeded(train_raw, lambda img: img, cfg.seed)   # read as training reads: --bad-images applies
     train_raw.bad_images = cfg.bad_images
-    if not dataset(cfg.dataset).files:
-        return mean_image(train_raw, side), f"computed from {len(train_raw)} generated training images"
-    path = mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw), key)
-    result = stop_all_on_error(lambda: cached_mean_image(path, train_raw, side, channels) if rank == 0
-                               else None, world)
-    return result if rank == 0 else cached_mean_image(path, train_raw, side, channels)
+    cache = None
+    if dataset(cfg.dataset).files:                 # main's keyed name, then --mean-images' -n<N>
+        cache = counted_path(mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw), key),
+                             cfg.mean_images, len(train_raw))
+    return run_mean_image(cache, train_raw, side, channels, rank=rank, world=world if cache else 1,
+                          workers=cfg.workers, count=cfg.mean_images, bar=rank == 0 and not cfg.quiet)
 
 
 def build_optimizer(model, cfg, device=None):
@@ -224,13 +228,16 @@ def build(cfg, ctx=None):
         if rank == 0 and not cfg.quiet:
             log(f"mean image {tuple(mean.shape)}: {how}")
         aug.update(subtract_mean=cfg.subtract_mean, lighting_pca=cfg.lighting_pca)
-        train_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=True, **aug)
+        train_tf, augment = build_uint8_path(cfg.image_size, spec.in_channels, "paper", mean_image=mean, **aug)
         val_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=False,
                                         ten_crop=cfg.ten_crop, **aug)
     else:
-        train_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=True, **aug)
+        train_tf, augment = build_uint8_path(cfg.image_size, spec.in_channels, "channel", mean=data.mean,
+                                             std=data.std, ten_crop=cfg.ten_crop, **aug)
         val_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=False,
                                   ten_crop=cfg.ten_crop, **aug)
+    if cfg.decode == "gpu":                        # the workers read the files, the device decodes them
+        train_raw, train_tf = encoded_view(cfg, train_raw, spec.in_channels, aug)
     train_set, val_set = Seeded(train_raw, train_tf, cfg.seed), Seeded(val_raw, val_tf, cfg.seed)
     train_set.bad_images = val_set.bad_images = cfg.bad_images
     check_precision(cfg.precision, device.type)
@@ -246,7 +253,7 @@ def build(cfg, ctx=None):
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
                rank, world, out, replicas=replicas, replica=ctx.replica if replicas > 1 else 0,
                replica_group=ctx.replica_group if replicas > 1 else None,
-               divergence=guard.Divergence(len(classes)))
+               divergence=guard.Divergence(len(classes)), augment=augment, share=share_plan(cfg, ctx, replicas))
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -264,7 +271,7 @@ def evaluate(job):
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
     k = min(5, job.spec.num_classes)
     half = precision.autocast_dtype(cfg.precision)
-    for x, y in loader:
+    for x, y in one_line_errors(loader):
         if x.dim() == 5:                           # ten crops: (B, 10, C, H, W), softmax averaged
             b = x.shape[0]
             with precision.autocast(job.device.type, half):
@@ -418,6 +425,7 @@ def run(job):
     job.model.train()
     last_val, n_images, t_start = None, 0, time.perf_counter()
     first = state["step"]
+    bound = DataBound(cfg)
     while state["step"] < total:
         t_prev, position = time.perf_counter(), dict(state)
         for x, y in epoch_loader(job, state):
@@ -434,7 +442,11 @@ def run(job):
             state["batch"] += 1
             now = time.perf_counter()
             n_images += cfg.batch_size
-            progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start))
+            progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start),
+                          data_s=job.loader.data_s, step_s=now - t_prev)
+            line = bound.update(job.loader.data_s, now - t_prev)
+            if line:
+                progress.say(line)
             t_prev = now
             end_of_epoch = state["batch"] == steps_per_epoch
             scheduled = bool(cfg.eval_every and state["step"] % cfg.eval_every == 0
@@ -484,14 +496,15 @@ def start(job):
 
 
 def epoch_loader(job, state):
-    """The batches of epoch state["epoch"] from batch state["batch"] on: the same on every rank."""
+    """The batches of epoch state["epoch"] from batch state["batch"] on, x float on the device: the same
+    on every rank (replica r: its rows of each global batch). One loader, its workers kept across epochs."""
     cfg = job.cfg
-    sampler = EpochSampler(len(job.train_set), cfg.seed, state["epoch"], state["batch"] * cfg.batch_size)
-    if job.replicas > 1:                           # replica r loads only its rows of each global batch
-        sampler = ReplicaSampler(len(job.train_set), cfg.seed, state["epoch"], cfg.batch_size, job.replicas,
-                                 job.replica, state["batch"] * cfg.batch_size)
-    return DataLoader(job.train_set, batch_size=cfg.batch_size // job.replicas, sampler=sampler, drop_last=True,
-                      num_workers=cfg.workers, pin_memory=job.device.type == "cuda")
+    if job.loader is None:
+        job.loader = TrainLoader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, device=job.device,
+                                 augment=job.augment, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
+                                 replicas=job.replicas, replica=job.replica, share=job.share, decode=cfg.decode,
+                                 side=paper_side(cfg.image_size), size=cfg.image_size)
+    return job.loader.epoch(state["epoch"], state["batch"] * cfg.batch_size)
 
 
 def train_step(job, x, y):
@@ -661,7 +674,7 @@ class Progress:
         self.job, self.total, self.first = job, total, initial + 1
         self.metrics = Metrics(os.path.join(job.out, "metrics.jsonl"), job.rank == 0)
         self.quiet = job.cfg.quiet or job.rank != 0
-        self.pending = []                         # (state, loss tensor, lr, images/s, mean images/s) per step
+        self.pending = []                         # (state, loss tensor, lr, mean images/s, images/s, data_s, step_s)
         tty = sys.stderr.isatty()
         sized = tty and os.get_terminal_size(sys.stderr.fileno()).columns > 0   # a pty may report 0 columns
         self.bar = tqdm(total=total, initial=initial, disable=self.quiet or not tty, desc="train",
@@ -671,11 +684,13 @@ class Progress:
         if not self.quiet:
             self.bar.write(line) if not self.bar.disable else log(line)
 
-    def step(self, state, loss, images_per_s, mean_images_per_s):
-        """A training step (loss: a tensor, or a number): kept, and flushed every --log-every steps."""
+    def step(self, state, loss, images_per_s, mean_images_per_s, data_s=0.0, step_s=0.0):
+        """A training step (loss: a tensor, or a number): kept, and flushed every --log-every steps (data_s:
+        the wait for the batch and its device work; step_s: the whole step, data included)."""
         lr = self.job.optimizer.param_groups[0]["lr"]
         logged = state["step"] % self.job.cfg.log_every == 0 or state["step"] in (self.first, self.total)
-        self.pending.append((dict(state), loss, lr, mean_images_per_s if logged else None, images_per_s))
+        self.pending.append((dict(state), loss, lr, mean_images_per_s if logged else None, images_per_s,
+                             data_s, step_s))
         self.bar.update(1)
         if logged:
             self.flush()
@@ -688,15 +703,15 @@ class Progress:
         pending, self.pending = self.pending, []
         values = [torch.as_tensor(p[1]).detach().reshape(()) for p in pending]
         losses = torch.stack([v.to(values[0].device) for v in values]).to(torch.float64).tolist()
-        for (state, _, lr, _, images_per_s), loss in zip(pending, losses):
+        for (state, _, lr, _, images_per_s, data_s, step_s), loss in zip(pending, losses):
             self.metrics.write(dict(split="train", step=state["step"], epoch=state["epoch"], loss=loss, lr=lr,
-                                    images_per_s=images_per_s))
+                                    images_per_s=images_per_s, data_s=data_s, step_s=step_s))
             why = (self.job.divergence.loss(loss) if self.job.divergence else
                    None if math.isfinite(loss) else f"the training loss became {loss}")
             if why:                                # NaN, or grown a hundredfold (guard.Divergence)
                 raise UsageError(diverged(self.job, state, why))
         self.bar.set_postfix(epoch=pending[-1][0]["epoch"], loss=f"{losses[-1]:.3f}", refresh=False)
-        (state, _, lr, mean_images_per_s, _), loss = pending[-1], losses[-1]
+        (state, _, lr, mean_images_per_s, *_), loss = pending[-1], losses[-1]
         if self.bar.disable and not self.quiet and mean_images_per_s is not None:   # a logged step
             self.say(f"step {state['step']}/{self.total} epoch {state['epoch']}: loss {loss:.4f} "
                      f"lr {lr:g} {mean_images_per_s:.1f} img/s")

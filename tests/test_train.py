@@ -82,7 +82,8 @@ def test_metrics_schema(mnist_split):
     assert len(train) + len(val) == len(rows)
     assert [r["step"] for r in train] == list(range(1, 118))  # 3 epochs of 2,500 images in 64s: 39 steps
     for r in train:
-        assert set(r) == {"split", "step", "epoch", "loss", "lr", "images_per_s"}
+        assert set(r) == {"split", "step", "epoch", "loss", "lr", "images_per_s", "data_s", "step_s"}
+        assert 0 <= r["data_s"] <= r["step_s"]
         assert r["epoch"] == (r["step"] - 1) // 39 and r["images_per_s"] > 0 and r["loss"] > 0
         assert r["lr"] == 0.01 if r["epoch"] == 0 else r["lr"] <= 0.01
     for r in val:
