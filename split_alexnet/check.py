@@ -75,13 +75,17 @@ class _Plan(NamedTuple):
     params: object       # (get, ref) -> [(name, this rank's tensor, the reference's same part)]
 
 
-def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce=True):
-    ref = AlexNet(spec=spec, dropout_seed=seed).to(device, state["conv1.weight"].dtype)
+def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce=True, options=None):
+    options = options or {}
+    ref = AlexNet(spec=spec, dropout_seed=seed, **options.get("single", {})).to(device, state["conv1.weight"].dtype)
     ref.load_state_dict(state)
     whole = slice(None)
     if layout == "streams":
         net = streams_from_single(ref, devices)
         return ref, net, _Plan(whole, whole, None, _shard_params(spec, list(enumerate(net.streams))))
+    if options.get("split") and (layout != "split" or (ctx is not None and ctx.replicas > 1)):
+        raise ValueError("an exercise's backward rule is for the split layout of one replica: "
+                         "run it under torchrun --nproc_per_node=2")
     if layout == "split" and ctx is not None and ctx.mesh is not None and ctx.replicas > 1:
         from .mesh import split_replica_from_single, unwrap  # streams x replicas (mesh.py)
         net = split_replica_from_single(ref, ctx, device, allreduce)
@@ -90,7 +94,7 @@ def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce
                                _shard_params(spec, [(ctx.stream_rank, unwrap(net).stream)]))
     if layout == "split":
         group = ctx.stream_group if ctx is not None else None
-        net = split_from_single(ref, rank, group, device=device)
+        net = split_from_single(ref, rank, group, device=device, **options.get("split", {}))
         return ref, net, _Plan(whole, whole, None, _shard_params(spec, [(rank, net.stream)]))
     if layout == "hybrid":
         from .hybrid import hybrid_from_single
@@ -115,7 +119,7 @@ def _diff(a, b):
 
 
 def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives, seed, device, devices, rank,
-             ctx=None, allreduce=True):
+             ctx=None, allreduce=True, options=None):
     """One mode in one dtype: [(mode, tensor, dtype, abs diff, reference max)] for what is asked.
     bf16/fp16: fp32 weights and input, forward and loss under torch.autocast (values only)."""
     half = dtype in AUTOCAST
@@ -124,7 +128,7 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
     x = x.to(device, torch.float32 if half else dtype)
     device_type = torch.device(device).type
     name = str(dtype).replace("torch.", "")
-    ref, net, plan = _build(layout, spec, state, seed, device, devices, rank, ctx, allreduce)
+    ref, net, plan = _build(layout, spec, state, seed, device, devices, rank, ctx, allreduce, options)
     rows, out_rows = _slice(plan.rows, len(x)), _slice(plan.out_rows, len(x))
     for m in (ref, net):
         m.train(mode == "train")
@@ -161,7 +165,7 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
 
 def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed=0,
               device="cpu", devices=None, rank=0, init="d2l", dtype=torch.float32, ctx=None,
-              allreduce=True):
+              allreduce=True, options=None):
     """Compare `layout` against the single layout: logits and loss in `dtype` (float32, float64, or
     bfloat16/float16 under torch.autocast), gradients and parameters after `steps` SGD steps in float64
     (see the module docstring). Returns a list of `Row`.
@@ -170,14 +174,15 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     per-tensor maxima are reduced over ranks, so every rank returns the same rows. With a ctx of
     several replicas (distributed.Context) the split runs as streams x replicas on the global batch;
     allreduce=False leaves the gradient all-reduce out (replicas' average, the hybrid's conv sum), which
-    must fail.
+    must fail. `options`: an exercise's arguments (exercises.py), {"single": AlexNet's keywords,
+    "split": SplitAlexNet's}, which break or replace one rule on purpose.
     """
     torch.manual_seed(seed)
     state = AlexNet(spec=spec, init=init).state_dict()  # seeded: the same on every rank
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
     y = torch.randint(0, spec.num_classes, (batch_size,), generator=gen).to(device)
-    args = (seed, device, devices, rank, ctx, allreduce)
+    args = (seed, device, devices, rank, ctx, allreduce, options)
     results = []
     with ieee_fp32():  # the fp32 tolerance is for IEEE fp32, not the TF32 cuDNN uses by default on GPUs
         for mode in modes:

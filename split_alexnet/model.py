@@ -111,11 +111,10 @@ class _Layers(nn.Module):
     """conv1..fc8 as plain nn.Conv2d / nn.Linear, for the whole net (stream=None: AlexNet) or one
     stream (Stream): the layers and layer_fn the layouts share."""
 
-    lrn_across_streams = False  # a teaching switch (split_alexnet/exercises.py): never set in training
-
-    def __init__(self, spec, stream=None, dropout_seed=0, init="paper"):
+    def __init__(self, spec, stream=None, dropout_seed=0, init="paper", lrn_across_streams=False):
         super().__init__()
         self.spec, self.stream = spec, stream
+        self.lrn_across_streams = lrn_across_streams  # an exercise's argument (exercises.py); never in training
         self.dropout = DropoutMasks(dropout_seed)
         for shape in spec.shapes:
             layer = shape.layer
@@ -161,10 +160,10 @@ class AlexNet(_Layers):
     """The single layout: the whole two-stream net on one device, as grouped convolutions."""
 
     def __init__(self, num_classes=1000, in_channels=3, streams=2, image_size=227, *,
-                 dropout_seed=0, init="paper", spec=None):
+                 dropout_seed=0, init="paper", spec=None, lrn_across_streams=False):
         spec = _spec(spec, dict(num_classes=num_classes, in_channels=in_channels,
                                 streams=streams, image_size=image_size))
-        super().__init__(spec, None, dropout_seed, init)
+        super().__init__(spec, None, dropout_seed, init, lrn_across_streams)
 
     def exchange(self, name, x):                  # one device: every stream's maps are already here
         return x
@@ -216,10 +215,13 @@ class StreamsAlexNet(nn.Module):
 class SplitAlexNet(nn.Module):
     """The split layout: this process's stream of the net; the other streams are other ranks."""
 
-    def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", **kwargs):
+    def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", gather_rule=None,
+                 logits_rule=None, **kwargs):
         super().__init__()
         self.spec, self.rank, self.group = _spec(spec, kwargs), rank, group
         self.stream = Stream(self.spec, rank, dropout_seed, init)
+        # the exercises' arguments (exercises.py): other backward rules for the exchanges; None in training
+        self.gather_rule, self.logits_rule = gather_rule, logits_rule
 
     def layer_fn(self, layer, x):
         return self.stream.layer_fn(layer, x)
@@ -227,8 +229,8 @@ class SplitAlexNet(nn.Module):
     def exchange(self, name, x):
         if name == "logits":                      # one loss on every rank: backward keeps own slice
             return comm.gather_for_same_computation(x, self.spec.out_sizes(self.spec.layers[-1]),
-                                                    self.group, name)
-        return comm.gather_for_distinct_kernels(x, self.group, name)  # backward sums
+                                                    self.group, name, rule=self.logits_rule)
+        return comm.gather_for_distinct_kernels(x, self.group, name, rule=self.gather_rule)  # backward sums
 
     def forward(self, x):                         # (B, 3, 227, 227), the same batch on every rank
         _check_input(self.spec, x)
@@ -305,10 +307,11 @@ def streams_from_single(model, devices=None):
     return net
 
 
-def split_from_single(model, rank, group=None, device="cpu"):
-    """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet."""
+def split_from_single(model, rank, group=None, device="cpu", **rules):
+    """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet (`rules`: the
+    exercises' gather_rule / logits_rule, see SplitAlexNet)."""
     with torch.random.fork_rng(devices=[]):  # shards differ in size: keep every rank's RNG in step
-        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed)
+        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed, **rules)
     net.to(device, model.conv1.weight.dtype)
     net.stream.load_state_dict(shard_state_dict(model.state_dict(), model.spec)[rank])
     return net

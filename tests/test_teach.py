@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from split_alexnet import comm
-from split_alexnet.exercises import keep_own_slice, lrn_across_streams, switch
+from split_alexnet.exercises import keep_own_slice, load_rule, options
 from split_alexnet.model import AlexNet, Stream
 from split_alexnet.spec import Spec, parse_reads
 from split_alexnet.timeline import draw_timeline, load, timeline
@@ -52,21 +52,32 @@ def test_the_summary_launcher_compares_with_the_paper(capsys):
     assert "16-bit activations" in out
 
 
-def test_the_switches_are_off_outside_their_block():
+def test_the_exercises_are_arguments_not_patches():
     backward = comm._GatherForDistinctKernels.__dict__["backward"]
-    with keep_own_slice():
-        assert comm._GatherForDistinctKernels.__dict__["backward"] is not backward
-    assert comm._GatherForDistinctKernels.__dict__["backward"] is backward
+    assert options("keep-own-slice") == {"split": {"gather_rule": keep_own_slice}}
+    assert comm._GatherForDistinctKernels.__dict__["backward"] is backward  # nothing was patched
     x = torch.randn(2, 3, 67, 67)
+    spec = Spec(image_size=67, num_classes=10)
     torch.manual_seed(0)
-    net = AlexNet(spec=Spec(image_size=67, num_classes=10)).eval()
-    ref = net(x)
-    with lrn_across_streams():
-        crossed = net(x)
+    net = AlexNet(spec=spec).eval()
+    torch.manual_seed(0)
+    crossed_net = AlexNet(spec=spec, **options("lrn-across-streams")["single"]).eval()
+    ref, crossed = net(x), crossed_net(x)
     assert not torch.equal(ref, crossed) and torch.allclose(ref, crossed, rtol=1e-3)
-    assert torch.equal(net(x), ref)
+    assert not AlexNet(spec=spec).lrn_across_streams  # another instance keeps the paper's rule
     with pytest.raises(ValueError):
-        switch("no-such-exercise")
+        options("no-such-exercise")
+
+
+def test_a_learners_rule_is_loaded_and_checked(tmp_path):
+    with pytest.raises(ValueError, match="no such file"):
+        load_rule(tmp_path / "missing.py", "--gather-backward")
+    (tmp_path / "none.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="defines no function backward"):
+        load_rule(tmp_path / "none.py", "--gather-backward")
+    rule = load_rule(REPO / "exercises" / "gather_backward.py", "--gather-backward")
+    with pytest.raises(comm.RuleError, match="NotImplementedError: the body of backward is still to be written"):
+        rule(torch.zeros(1, 4), [2, 2], None, 1)
 
 
 def test_the_timeline_reads_both_ranks_and_draws(tmp_path):
