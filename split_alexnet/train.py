@@ -331,11 +331,12 @@ def run(job):
     announce(job, progress, steps_per_epoch, resumed_from, state)
     job.model.train()
     last_val, n_images, t_start = None, 0, time.perf_counter()
+    share = CommShare(job)
     while state["step"] < total:
         t_prev = time.perf_counter()
         for x, y in epoch_loader(job, state):
             guard.phase(f"training step {state['step'] + 1}")
-            loss = train_step(job, x, y)
+            loss = share.measure(lambda: train_step(job, x, y))
             if job.replicas > 1:                   # the global batch's loss: the replicas' mean
                 loss = _replica_mean(job, loss)
             state["step"] += 1
@@ -356,7 +357,48 @@ def run(job):
                 save_checkpoint(job, state)
             if state["step"] >= total or end_of_epoch:
                 break
-    return finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start)
+    return finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start, share)
+
+
+class CommShare:
+    """The exchanges' measured share of the step time: comm.metered() over this run's steps FIRST..LAST
+    only (the first step warms up; on GPUs the meter synchronises around every collective, so only a
+    few steps pay for it). Its line closes the run (finish)."""
+    FIRST, LAST = 2, 11
+
+    def __init__(self, job):
+        self.job, self.done, self.steps = job, 0, 0
+        self.step_s = self.comm_s = 0.0
+        self.bytes = 0
+
+    def measure(self, step_fn):
+        self.done += 1
+        if self.job.world == 1 or not self.FIRST <= self.done <= self.LAST:
+            return step_fn()
+        from . import comm
+        sync = torch.cuda.synchronize if self.job.device.type == "cuda" else None
+        t0 = time.perf_counter()
+        with comm.metered(sync) as m:
+            out = step_fn()
+        self.step_s += time.perf_counter() - t0
+        self.comm_s += sum(m.seconds.values())
+        self.bytes += sum(m.bytes.values())
+        self.steps += 1
+        return out
+
+    def lines(self):
+        if self.job.world == 1:
+            return ["communication: none in one process; the split's exchanges, measured: "
+                    "torchrun --nproc_per_node=2 launch/bench.py (README.md, the first measurement)"]
+        if not self.steps:
+            return [f"communication: not measured (it is measured over steps {self.FIRST}-{self.LAST} of a run)"]
+        n = self.steps
+        return [f"communication: the exchanges took {100 * self.comm_s / self.step_s:.1f} % of the step time on "
+                f"rank {self.job.rank} ({self.comm_s / n:.3f} of {self.step_s / n:.3f} s per step, over "
+                f"{n} step(s) from step {self.FIRST}, waiting for the peer included; {self.bytes // n:,} B sent "
+                f"per step)",
+                "  where it goes, by exchange and against data parallelism: torchrun --nproc_per_node=2 "
+                "launch/bench.py (docs/benchmarks.md)"]
 
 
 def evaluate_checkpoint(job):
@@ -458,7 +500,7 @@ def evaluate_and_log(job, state, progress, scheduled=True):
     return row
 
 
-def finish(job, progress, state, last_val, n_images, seconds):
+def finish(job, progress, state, last_val, n_images, seconds, share=None):
     """Close the bar, plot (unless --no-plot), say the result, what the run folder holds and how to go on
     from it; returns the run's summary."""
     progress.close()
@@ -470,6 +512,8 @@ def finish(job, progress, state, last_val, n_images, seconds):
         progress.say(f"done: {state['step']} steps in {seconds:.0f} s "
                      f"({summary['images_per_s']:.1f} img/s); val loss {last_val['loss']:.4f} top1 {last_val['top1']:.4f} "
                      f"top5 {_fmt(last_val['top5'])}; out {job.out}")
+    for line in share.lines() if share else []:
+        progress.say(line)
     if not progress.quiet:                         # rank 0: what the folder holds, how to go on
         for line in next_steps(job):
             progress.say(line)

@@ -149,3 +149,25 @@ def test_the_bench_plot_is_honest(tmp_path):
             if line.get_label() in colours:
                 assert matplotlib.colors.to_hex(line.get_color()) == colours[line.get_label()]
     assert bench_plot.step_range(_result()["runs"][0]) == pytest.approx((0.9, 1.2))
+
+
+@pytest.mark.slow
+def test_the_main_jobs_last_lines_report_the_measured_communication_share(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "launch/train.py",
+           "--train-size", "48", "--val-size", "8", "--image-size", "67", "--batch-size", "8", "--epochs", "1",
+           "--out", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    m = re.search(r"communication: the exchanges took ([\d.]+) % of the step time on rank 0 \(([\d.]+) of ([\d.]+) "
+                  r"s per step, over 5 step\(s\) from step 2, waiting for the peer included; ([\d,]+) B sent", out)
+    assert m, out[-3000:]
+    assert 0 < float(m.group(1)) < 100 and float(m.group(2)) < float(m.group(3))
+    # what the meter counted is what the spec says one stream sends per step (shapes: 10 classes)
+    assert int(m.group(4).replace(",", "")) == 8 * Spec(image_size=67, num_classes=10).bytes_per_image_step()
+    assert "launch/bench.py" in out.split("communication:", 1)[1]
