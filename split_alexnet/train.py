@@ -41,7 +41,7 @@ from .model import AlexNet, check_dropout_state, init_weights, split_from_single
 from .overlap import overlapped_forward
 from .plots import plot_curves
 from .precision import check_precision
-from .spec import Spec
+from .spec import Spec, parse_reads
 
 # ---- build ----------------------------------------------------------------------------------------
 
@@ -181,7 +181,7 @@ def build(cfg, ctx=None):
     train_raw, val_raw, classes = _datasets_rank0_first(cfg, rank, world)
     try:
         spec = Spec(streams=streams, image_size=cfg.image_size, in_channels=data.channels,
-                    num_classes=len(classes), net=cfg.net)
+                    num_classes=len(classes), net=cfg.net).with_reads(**parse_reads(cfg.reads))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if len(train_raw) // cfg.batch_size < 1:

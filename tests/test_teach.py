@@ -171,3 +171,15 @@ def test_the_main_jobs_last_lines_report_the_measured_communication_share(tmp_pa
     # what the meter counted is what the spec says one stream sends per step (shapes: 10 classes)
     assert int(m.group(4).replace(",", "")) == 8 * Spec(image_size=67, num_classes=10).bytes_per_image_step()
     assert "launch/bench.py" in out.split("communication:", 1)[1]
+
+
+def test_training_takes_another_connectivity(tmp_path):
+    # the tutorial's trade-off exercise trains with --reads conv4=all: one step, single layout
+    from split_alexnet.config import parse_config
+    from split_alexnet.train import build, run
+    job = build(parse_config(["--layout", "single", "--reads", "conv4=all", "--train-size", "8", "--val-size", "4",
+                              "--image-size", "67", "--batch-size", "4", "--max-steps", "1", "--quiet", "--no-plot",
+                              "--out", str(tmp_path / "run")]))
+    assert job.model.conv4.groups == 1 and job.model.conv5.groups == 2
+    assert [e.name for e in job.spec.exchanges] == ["conv3", "conv4", "fc6", "fc7", "fc8", "logits"]
+    assert run(job)["steps"] == 1
