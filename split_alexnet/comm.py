@@ -170,7 +170,7 @@ def _apply_rule(rule, grad, sizes, group, dim):
     if not isinstance(out, torch.Tensor) or out.shape != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise RuleError(f"the backward rule {getattr(rule, '__name__', rule)} returned {got} on rank {rank}: "
-                         f"it must return this rank's gradient, shape {tuple(want)} (grad is {tuple(grad.shape)})")
+                        f"it must return this rank's gradient, shape {tuple(want)} (grad is {tuple(grad.shape)})")
     return out
 
 
