@@ -151,6 +151,38 @@ def test_the_bench_plot_is_honest(tmp_path):
     assert bench_plot.step_range(_result()["runs"][0]) == pytest.approx((0.9, 1.2))
 
 
+def test_the_bench_plots_title_fits_its_figure(tmp_path):
+    # one layout, no sweep: the narrowest figure (6.2 in), where the one-line title was clipped
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from split_alexnet.bench import plot as bench_plot
+    result = _result()
+    result["runs"] = [r for r in result["runs"] if r["batch_size"] == 8]
+    result["device"] = "NVIDIA H100 80GB HBM3 x 2, 52 cores (Intel(R) Xeon(R) Platinum 8480+)"
+    result["allocator"] = "keep freed memory: glibc: M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB - 1"
+    saved = {}
+    real_savefig = plt.Figure.savefig
+
+    def grab(fig, path, **kw):
+        saved["fig"] = fig
+        return real_savefig(fig, path, **kw)
+
+    plt.Figure.savefig = grab
+    try:
+        bench_plot.plot(result, tmp_path / "b.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    fig = saved["fig"]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)            # the figure was closed after saving: draw it again
+    canvas.draw()
+    box = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height, (box, fig.bbox)
+    assert fig._suptitle.get_text().replace("\n", "; ") == bench_plot.describe(result)
+
+
 @pytest.mark.slow
 def test_the_main_jobs_last_lines_report_the_measured_communication_share(tmp_path):
     import os
@@ -183,3 +215,12 @@ def test_training_takes_another_connectivity(tmp_path):
     assert job.model.conv4.groups == 1 and job.model.conv5.groups == 2
     assert [e.name for e in job.spec.exchanges] == ["conv3", "conv4", "fc6", "fc7", "fc8", "logits"]
     assert run(job)["steps"] == 1
+
+
+def test_the_timeline_labels_what_follows_the_optimizer_zero_grad():
+    for ranks in timeline(load(TRACES)).values():
+        for lane in ranks:
+            opt_end = max(b for a, b, p in lane.compute if p == "optimizer")
+            after = [(a, b, p) for a, b, p in lane.compute if a >= opt_end]
+            assert after and {p for *_, p in after} == {"zero_grad"}   # it was drawn as backward
+            assert all(b <= opt_end for a, b, p in lane.compute if p == "backward")
