@@ -202,6 +202,8 @@ def plan(command):
         return None, "trains for minutes (tests/test_train.py and tests/test_exercises.py train small)"
     elif any(w.endswith("bench.py") for w in words) and "--link" not in words:
         return None, "measures for minutes (tests/test_bench.py and tests/test_exercises.py run small benches)"
+    elif "--gather-backward" in words or "--logits-backward" in words:
+        return None, "a coding exercise on the learner's copy (tests/test_exercises.py grades the template and the answer)"
     elif "--exercise" in words:
         return None, "a teaching switch that fails on purpose (tests/test_exercises.py checks how)"
     elif "--link-from" in words:

@@ -224,3 +224,26 @@ def test_the_timeline_labels_what_follows_the_optimizer_zero_grad():
             after = [(a, b, p) for a, b, p in lane.compute if a >= opt_end]
             assert after and {p for *_, p in after} == {"zero_grad"}   # it was drawn as backward
             assert all(b <= opt_end for a, b, p in lane.compute if p == "backward")
+
+
+@pytest.mark.slow
+def test_the_readmes_first_measurement_runs_and_prints_what_it_explains(tmp_path):
+    import os
+    import re
+    import shlex
+    import subprocess
+    import sys
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"^(torchrun --nproc_per_node=2 launch/bench.py --layouts split,ddp .*)$", readme, re.M).group(1)
+    args = shlex.split(command.replace("/tmp/first", str(tmp_path / "first")))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone"] + args[1:], cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("layout"))
+    for column in ("comm", "(min)", "comm%", "step s", "MB sent/step", "spec MB"):
+        assert column in header and f"`{column}`" in readme
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith(("split ", "ddp "))}
+    assert set(rows) == {"split", "ddp"}
+    for row in rows.values():   # MB sent/step (counted) equals spec MB, as the README says: the 3rd and 2nd last
+        assert row[-3] == row[-2]
