@@ -90,7 +90,7 @@ LOGITS = "torchrun --nproc_per_node=2 launch/check.py --image-size 67 --num-clas
 def test_3_the_gather_backward_template_fails_at_once(tmp_path):
     assert "cp exercises/gather_backward.py /tmp/gather_backward.py" in TUTORIAL
     rc, out = run(GATHER, tmp_path, replace={"/tmp/gather_backward.py": REPO / "exercises" / "gather_backward.py"})
-    assert rc == 2, out[-3000:]
+    assert rc != 0, out[-3000:]   # torchrun exits 1 when a rank exits 2
     line = "error: /tmp/gather_backward.py: backward raised NotImplementedError: the body of backward is still to be written"
     assert line.replace("/tmp/gather_backward.py", str(REPO / "exercises" / "gather_backward.py")) in out
     assert line in answer(3)
@@ -117,7 +117,7 @@ def test_3_a_gather_backward_of_the_wrong_shape_is_named_in_one_line(tmp_path):
     (tmp_path / "ar.py").write_text("import torch.distributed as dist\n\n\ndef backward(grad, sizes, group, dim):\n"
                                     "    grad = grad.clone()\n    dist.all_reduce(grad, group=group)\n    return grad\n")
     rc, out = run(GATHER, tmp_path, replace={"/tmp/gather_backward.py": tmp_path / "ar.py"})
-    assert rc == 2, out[-3000:]
+    assert rc != 0, out[-3000:]   # torchrun exits 1 when a rank exits 2
     assert "returned (8, 4096) on rank 0: it must return this rank's gradient, shape (8, 2048)" in out
     assert "returned (8, 4096) on rank 0: it must return this rank's gradient,\nshape (8, 2048)" in answer(3)
 
