@@ -13,7 +13,9 @@ which gathers along the first or last dim):
 |-------------------------------|------------|-----------------|----------------------------------------------|
 | `gather_for_distinct_kernels` | all-gather | reduce-scatter  | `_GatherFromSequenceParallelRegion`          |
 |                               |            |                 | (tensor_parallel_output_grad=True)           |
-| `gather_for_same_computation` | all-gather | keep own slice  | `_GatherFromModelParallelRegion`             |
+| `gather_for_same_computation` | all-gather | keep own slice  | `_GatherFromSequenceParallelRegion`          |
+|                               |            |                 | (tensor_parallel_output_grad=False), or      |
+|                               |            |                 | `_GatherFromModelParallelRegion`             |
 | (not needed here)             | identity   | all-reduce      | `_CopyToModelParallelRegion`, "f"            |
 | (not needed here)             | all-reduce | identity        | `_ReduceFromModelParallelRegion`, "g"        |
 
