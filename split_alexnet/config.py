@@ -131,6 +131,7 @@ class Config:
     lighting_pca: str = "mxnet"
     dexp_weights: str = "250,4"
     dexp_biases: str = "25,2"
+    reads: str = ""   # --reads: another connectivity, e.g. conv4=all (Spec.with_reads; the tutorial's trade-off)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,6 +182,9 @@ def build_parser(add_help=True):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
     p.add_argument("--net", choices=["paper", "half"], default="paper", help="paper: the two-GPU net; half: "
                    "the paper's one-GPU comparison net (§3.2: conv1-4 halved, conv5 and fc kept; one stream)")
+    p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
+                   help="change what conv2..conv5 read, e.g. conv4=all (an exchange before conv4; "
+                        "docs/tutorial.md, the paper's trade-off); empty: the paper's, conv3=all")
     p.add_argument("--schedule", choices=["none", "plateau", "dexp"], help="plateau (the paper's, §5): lr "
                    "* --lr-factor when the validation top-1 error has not improved for more than --lr-patience "
                    "evaluations, at most --lr-drops times; dexp (cuda-convnet2's): fixed exponential steps by "

@@ -347,6 +347,7 @@ RESUME_REFUSED = {
     "net": "the checkpoint holds another net",
     "subtract_mean": "the trained net's first layer learned the checkpoint's input",
     "mean_images": "the mean image subtracted from the input is taken over another subset",
+    "reads": "the checkpoint's net has another connectivity (its layers read other streams)",
     "update": "the checkpoint's velocity is in the units of its own update rule",
     "recipe": "a recipe also sets the init and the input, which a trained net cannot change; give the "
               "flags to change (--lr, --momentum, ...) instead",

@@ -44,7 +44,7 @@ from .optim import DexpSchedule, check_resume_update, make_optimizer, parse_dexp
 from .overlap import overlapped_forward
 from .plots import plot_curves
 from .precision import check_precision
-from .spec import Spec
+from .spec import Spec, parse_reads
 
 # ---- build ----------------------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ def build(cfg, ctx=None):
     train_raw, val_raw, classes = _datasets_rank0_first(cfg, rank, world)
     try:
         spec = Spec(streams=streams, image_size=cfg.image_size, in_channels=data.channels,
-                    num_classes=len(classes), net=cfg.net)
+                    num_classes=len(classes), net=cfg.net).with_reads(**parse_reads(cfg.reads))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if len(train_raw) // cfg.batch_size < 1:
@@ -426,6 +426,7 @@ def run(job):
     last_val, n_images, t_start = None, 0, time.perf_counter()
     first = state["step"]
     bound = DataBound(cfg)
+    comm_share = CommShare(job)
     while state["step"] < total:
         t_prev, position = time.perf_counter(), dict(state)
         for x, y in epoch_loader(job, state):
@@ -435,7 +436,7 @@ def run(job):
             # --sync-debug: from the third step of this run on (the first two tune cuDNN, compile, and
             # let DDP rebuild its buckets), a host synchronisation inside the step is an error on CUDA
             with precision.no_host_sync(job.device, cfg.sync_debug and state["step"] >= first + 2):
-                loss = train_step(job, x, y)           # a device tensor: read by progress, not here
+                loss = comm_share.measure(lambda: train_step(job, x, y))   # a device tensor: read by progress
                 if job.replicas > 1:                   # the global batch's loss: the replicas' mean
                     loss = _replica_mean(job, loss)
             state["step"] += 1
@@ -466,7 +467,57 @@ def run(job):
             raise UsageError(f"epoch {state['epoch']} from batch {state['batch']} yields no batch of "
                              f"{cfg.batch_size} from {len(job.train_set)} training images: resume with the "
                              f"data and --batch-size the checkpoint was trained with")
-    return finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start)
+    return finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start, comm_share)
+
+
+class CommShare:
+    """The exchanges' measured share of the step time: comm.metered() over this run's steps FIRST..LAST
+    only (the first step warms up). The step and the collectives are timed by one clock
+    (comm.clock_for: the host's on CPU, CUDA events on the compute stream on GPUs), which adds no
+    synchronisation (--sync-debug holds); the marks are read when its line closes the run (finish)."""
+    FIRST, LAST = 2, 11
+
+    def __init__(self, job):
+        self.job, self.done, self.steps = job, 0, 0
+        self.step_s = self.comm_s = 0.0
+        self.bytes = 0
+        self.spans = []                            # (meter, mark before the step, mark after it)
+
+    def measure(self, step_fn):
+        self.done += 1
+        if self.job.world == 1 or not self.FIRST <= self.done <= self.LAST:
+            return step_fn()
+        from . import comm
+        clock = comm.clock_for(self.job.device.type)
+        a = clock.mark()
+        with comm.metered(clock) as m:
+            out = step_fn()
+        self.spans.append((m, a, clock.mark()))
+        return out
+
+    def _resolve(self):
+        """The marks so far as seconds (on CUDA: waits for the marked work, done by the run's end)."""
+        spans, self.spans = self.spans, []
+        for m, a, b in spans:
+            self.step_s += m.clock.seconds(a, b)
+            self.comm_s += sum(m.seconds.values())
+            self.bytes += sum(m.bytes.values())
+            self.steps += 1
+
+    def lines(self):
+        self._resolve()
+        if self.job.world == 1:
+            return ["communication: none in one process; the split's exchanges, measured: "
+                    "torchrun --nproc_per_node=2 launch/bench.py (README.md, the first measurement)"]
+        if not self.steps:
+            return [f"communication: not measured (it is measured over steps {self.FIRST}-{self.LAST} of a run)"]
+        n = self.steps
+        return [f"communication: the exchanges took {100 * self.comm_s / self.step_s:.1f} % of the step time on "
+                f"rank {self.job.rank} ({self.comm_s / n:.3f} of {self.step_s / n:.3f} s per step, over "
+                f"{n} step(s) from step {self.FIRST}, waiting for the peer included; {self.bytes // n:,} B sent "
+                f"per step)",
+                "  where it goes, by exchange and against data parallelism: torchrun --nproc_per_node=2 "
+                "launch/bench.py (docs/benchmarks.md)"]
 
 
 def evaluate_checkpoint(job):
@@ -572,7 +623,7 @@ def evaluate_and_log(job, state, progress, scheduled=True):
     return row
 
 
-def finish(job, progress, state, last_val, n_images, seconds):
+def finish(job, progress, state, last_val, n_images, seconds, share=None):
     """Close the bar, plot (unless --no-plot), say the result, what the run folder holds and how to go on
     from it; returns the run's summary."""
     progress.flush()
@@ -585,6 +636,8 @@ def finish(job, progress, state, last_val, n_images, seconds):
         progress.say(f"done: {state['step']} steps in {seconds:.0f} s "
                      f"({summary['images_per_s']:.1f} img/s); val loss {last_val['loss']:.4f} top1 {last_val['top1']:.4f} "
                      f"top5 {_fmt(last_val['top5'])}; out {job.out}")
+    for line in share.lines() if share else []:
+        progress.say(line)
     if not progress.quiet:                         # rank 0: what the folder holds, how to go on
         for line in next_steps(job):
             progress.say(line)
