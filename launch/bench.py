@@ -10,6 +10,7 @@
                                                                   #   memory), 30 steps, the device's bound
   python launch/bench.py --bound-table H100 --precision bf16      # the bound on paper (no steps)
   python launch/bench.py --link --link-from runs/bench/bench.json      # two GPUs on paper (no steps)
+  python launch/bench.py --data /data/imagenet --workers 1             # the data path (bench.json 'data')
   torchrun --nproc_per_node=2 launch/bench.py --link --link-from runs/bench/bench.json  # + loopback check
 
 On CPU each rank uses cores/ranks threads (1 on a 2-core machine) so the ranks do not oversubscribe the
@@ -98,7 +99,28 @@ def parse_args(argv=None):
                    "--link-from's, or 'gtx580' (the 2012 paper's 5.5 days for 90 epochs: 4.40 ms)")
     g.add_argument("--link-spec", action="append", default=[], metavar="NAME:GBPS:US",
                    help="another link: name, bandwidth GB/s per direction, latency us (repeatable)")
+    g = p.add_argument_group("data path (--data DIR: time the input pipeline, no model; split_alexnet/bench/data.py)")
+    g.add_argument("--data", default=None, metavar="DIR", help="an ImageNet-format folder (DIR/train/<class>/*) "
+                   "or launch/prepare.py's output: each stage and the whole delivered path, images/s per core, "
+                   "written to bench.json under 'data' (default: off, the model bench)")
+    g.add_argument("--workers", type=int, default=1, help="--data: loader processes of the whole paths (default 1)")
+    g.add_argument("--data-images", type=int, default=256, help="--data: images of the folder to use at most (default 256)")
+    g.add_argument("--data-rounds", type=int, default=3, help="--data: rounds of the interleaved whole paths "
+                   "(the median is reported; default 3)")
     return p.parse_args(argv)
+
+
+def data_main(args):
+    """--data DIR: the data bench (one process)."""
+    from split_alexnet.bench import data as db
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    result = db.run_data_bench(args.data, size=args.image_size, batch=args.batch_size, workers=args.workers,
+                               rounds=args.data_rounds, batches=args.steps, images=args.data_images,
+                               streams=args.streams or 2, device=device)
+    log(db.format_rows(result))
+    log(f"wrote {db.write_data(result, args.out)} (load average {result['load_average_before'][0]:.2f} before, "
+        f"{result['load_average_after'][0]:.2f} after)")
+    return 0
 
 
 def link_main(args, world):
@@ -222,6 +244,8 @@ def main(argv=None):
     world = env().world
     if args.link:
         return link_main(args, world)
+    if args.data:
+        return data_main(args)
     gpu = args.device.startswith("cuda") if args.device else (torch.cuda.is_available() and args.backend != "gloo")
     sweep = args.sweep_batch if args.sweep_batch is not None else (CUDA_SWEEP if gpu else "")
     batches = [args.batch_size] + [b for b in _ints("" if sweep == "none" else sweep, "--sweep-batch")

@@ -9,9 +9,12 @@
 Teaching switches (the exercises of docs/tutorial.md; each breaks one rule on purpose, so the check fails):
   torchrun --nproc_per_node=2 launch/check.py --image-size 67 --num-classes 10 --exercise keep-own-slice
   python launch/check.py --image-size 67 --num-classes 10 --exercise lrn-across-streams
+
+Coding exercises (a backward you write, from exercises/*.py, graded by the check; answers: docs/solutions.md):
+  torchrun --nproc_per_node=2 launch/check.py --image-size 67 --num-classes 10 --gather-backward FILE
+  torchrun --nproc_per_node=2 launch/check.py --image-size 67 --num-classes 10 --logits-backward FILE
 """
 import argparse
-import contextlib
 import time
 
 import torch
@@ -19,8 +22,9 @@ import torch
 from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.check import AUTOCAST, criterion, format_table, run_check, verdict
 from split_alexnet.cli import DefaultsHelp, Parser, UsageError, env, log, run_main
+from split_alexnet.comm import RuleError
 from split_alexnet.distributed import setup, teardown
-from split_alexnet.exercises import EXERCISES, switch
+from split_alexnet.exercises import EXERCISES, load_rule, options
 from split_alexnet.precision import check_precision
 from split_alexnet.spec import Spec, parse_reads
 
@@ -68,6 +72,13 @@ def parse_args(argv=None):
                    help="TEACHING SWITCH, breaks the model on purpose (docs/tutorial.md, exercises): "
                         "keep-own-slice (split layout: conv3..fc8's backward keeps its own slice instead "
                         "of summing), lrn-across-streams (the single layout's LRN spans every stream)")
+    p.add_argument("--gather-backward", default=None, metavar="FILE",
+                   help="EXERCISE (split layout): the backward of the exchange before conv3..fc8 is FILE's "
+                        "backward(grad, sizes, group, dim) (template: exercises/gather_backward.py); "
+                        "default: none, comm.py's reduce-scatter")
+    p.add_argument("--logits-backward", default=None, metavar="FILE",
+                   help="EXERCISE (split layout): the backward of the logits' gather is FILE's backward "
+                        "(template: exercises/logits_backward.py); default: none, comm.py's keep own slice")
     return p.parse_args(argv)
 
 
@@ -103,6 +114,23 @@ def main(argv=None):
     if args.exercise == "keep-own-slice" and layout != "split":
         raise UsageError("--exercise keep-own-slice breaks the split layout's written-down rule: run it "
                          "under torchrun --nproc_per_node=2 (in one process autograd sums by itself)")
+    opts = options(args.exercise) if args.exercise else {}
+    rules = {}
+    try:
+        for flag, key in (("--gather-backward", "gather_rule"), ("--logits-backward", "logits_rule")):
+            path = getattr(args, flag[2:].replace("-", "_"))
+            if path is not None:
+                rules[key] = load_rule(path, flag)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if rules and (layout != "split" or proc.world != 2 or args.streams != 2):
+        raise UsageError("--gather-backward / --logits-backward replace the split layout's backward rules: "
+                         "run them under torchrun --nproc_per_node=2 (in one process autograd has the rules)")
+    if rules and opts.get("split"):
+        raise UsageError("--exercise keep-own-slice already replaces the gather's backward: "
+                         "leave out --exercise or --gather-backward")
+    if rules:
+        opts = {**opts, "split": rules}
     ctx = None
     if layout in ("split", "hybrid"):
         ctx = setup(args.backend, args.device, args.timeout, args.streams if layout == "split" else None)
@@ -141,14 +169,21 @@ def main(argv=None):
         t0 = time.perf_counter()
         if args.exercise:
             log(f"TEACHING SWITCH --exercise {args.exercise}: the model is broken on purpose; expect FAIL")
-        with switch(args.exercise) if args.exercise else contextlib.nullcontext():
+        for flag, key in (("--gather-backward", "gather_rule"), ("--logits-backward", "logits_rule")):
+            if key in rules:
+                log(f"EXERCISE {flag}: the split's backward rule is {getattr(args, flag[2:].replace('-', '_'))}")
+        try:
             rows = run_check(layout, spec, args.batch_size, args.steps, modes, args.seed, device, devices,
                              rank=ctx.rank if ctx else 0, init=args.init, dtype=dtype, ctx=ctx,
                              allreduce=args.allreduce, update=args.update,
-                             hybrid_schedule=args.hybrid_schedule)
+                             hybrid_schedule=args.hybrid_schedule, options=opts)
+        except RuleError as e:
+            raise UsageError(str(e)) from None
         log(format_table(rows))
         log(verdict(rows, layout, streams, spec.image_size, time.perf_counter() - t0))
         bad = [r for r in rows if not r.ok]
+        if bad:  # the tensors that differ, each once (over the modes), in the table's order
+            log("these differ: " + ", ".join(dict.fromkeys(r.tensor for r in bad)))
         return 0 if not bad else 1
     finally:
         teardown()

@@ -1,5 +1,8 @@
-"""Print the per-stream layer table (shapes, parameters, neurons and exchange bytes, from the spec),
-or with --trace the shape after every step of a real forward pass, per stream.
+"""Print the per-stream layer table (shapes, parameters, neurons and exchange bytes, from the spec), the
+crossover batch against data parallelism, the compute (forward multiply-adds per layer and in total,
+the conv/fc split of compute and parameters, multiply-adds per byte at each exchange) and the
+alternatives costed (row-parallel conv3, Megatron's fc6/fc7, data parallelism, the 2014 hybrid); or
+with --trace the shape after every step of a real forward pass, per stream.
 
   python launch/summary.py                                   # the paper: 2 streams, 227 px, 1000 classes
   python launch/summary.py --in-channels 1 --num-classes 10 --image-size 224   # Fashion-MNIST, d2l's size

@@ -76,13 +76,17 @@ class _Plan(NamedTuple):
     params: object       # (get, ref) -> [(name, this rank's tensor, the reference's same part)]
 
 
-def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce=True):
-    ref = AlexNet(spec=spec, dropout_seed=seed).to(device, state["conv1.weight"].dtype)
+def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce=True, options=None):
+    options = options or {}
+    ref = AlexNet(spec=spec, dropout_seed=seed, **options.get("single", {})).to(device, state["conv1.weight"].dtype)
     ref.load_state_dict(state)
     whole = slice(None)
     if layout == "streams":
         net = streams_from_single(ref, devices)
         return ref, net, _Plan(whole, whole, None, _shard_params(spec, list(enumerate(net.streams))))
+    if options.get("split") and (layout != "split" or (ctx is not None and ctx.replicas > 1)):
+        raise ValueError("an exercise's backward rule is for the split layout of one replica: "
+                         "run it under torchrun --nproc_per_node=2")
     if layout == "split" and ctx is not None and ctx.mesh is not None and ctx.replicas > 1:
         from .mesh import split_replica_from_single, unwrap  # streams x replicas (mesh.py)
         net = split_replica_from_single(ref, ctx, device, allreduce)
@@ -91,7 +95,7 @@ def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce
                                _shard_params(spec, [(ctx.stream_rank, unwrap(net).stream)]))
     if layout == "split":
         group = ctx.stream_group if ctx is not None else None
-        net = split_from_single(ref, rank, group, device=device)
+        net = split_from_single(ref, rank, group, device=device, **options.get("split", {}))
         return ref, net, _Plan(whole, whole, None, _shard_params(spec, [(rank, net.stream)]))
     if layout == "hybrid":
         from .hybrid import hybrid_from_single
@@ -116,7 +120,7 @@ def _diff(a, b):
 
 
 def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives, seed, device, devices, rank,
-             ctx=None, allreduce=True, update="torch"):
+             ctx=None, allreduce=True, update="torch", options=None):
     """One mode in one dtype: [(mode, tensor, dtype, abs diff, reference max)] for what is asked.
     bf16/fp16: fp32 weights and input, forward and loss under torch.autocast (values only)."""
     half = dtype in AUTOCAST
@@ -125,7 +129,7 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
     x = x.to(device, torch.float32 if half else dtype)
     device_type = torch.device(device).type
     name = str(dtype).replace("torch.", "")
-    ref, net, plan = _build(layout, spec, state, seed, device, devices, rank, ctx, allreduce)
+    ref, net, plan = _build(layout, spec, state, seed, device, devices, rank, ctx, allreduce, options)
     rows, out_rows = _slice(plan.rows, len(x)), _slice(plan.out_rows, len(x))
     for m in (ref, net):
         m.train(mode == "train")
@@ -190,7 +194,7 @@ def _compare_2014(spec, state, x, y, mode, steps, seed, device, rank, allreduce,
 
 def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed=0,
               device="cpu", devices=None, rank=0, init="d2l", dtype=torch.float32, ctx=None,
-              allreduce=True, update="torch", hybrid_schedule="single"):
+              allreduce=True, update="torch", hybrid_schedule="single", options=None):
     """Compare `layout` against the single layout: logits and loss in `dtype` (float32, float64, or
     bfloat16/float16 under torch.autocast), gradients and parameters after `steps` SGD steps in float64
     (see the module docstring). Returns a list of `Row`.
@@ -202,6 +206,8 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     must fail. update: the SGD steps' rule ("torch": torch.optim.SGD, "paper": PaperSGD).
     hybrid_schedule "2014" (hybrid layout): the derivatives compare hybrid.step_2014 against
     hybrid.reference_step_2014 instead of one SGD step over the whole batch against the single layout.
+    `options`: an exercise's arguments (exercises.py), {"single": AlexNet's keywords, "split":
+    SplitAlexNet's}, which break or replace one rule on purpose.
     """
     if hybrid_schedule not in ("single", "2014") or (hybrid_schedule == "2014" and layout != "hybrid"):
         raise ValueError(f"hybrid_schedule {hybrid_schedule!r} with layout {layout!r}: use 'single', or "
@@ -211,7 +217,7 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(batch_size, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
     y = torch.randint(0, spec.num_classes, (batch_size,), generator=gen).to(device)
-    args = (seed, device, devices, rank, ctx, allreduce, update)
+    args = (seed, device, devices, rank, ctx, allreduce, update, options)
     results = []
     with ieee_fp32():  # the fp32 tolerance is for IEEE fp32, not the TF32 cuDNN uses by default on GPUs
         for mode in modes:

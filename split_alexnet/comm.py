@@ -13,7 +13,9 @@ which gathers along the first or last dim):
 |-------------------------------|------------|-----------------|----------------------------------------------|
 | `gather_for_distinct_kernels` | all-gather | reduce-scatter  | `_GatherFromSequenceParallelRegion`          |
 |                               |            |                 | (tensor_parallel_output_grad=True)           |
-| `gather_for_same_computation` | all-gather | keep own slice  | `_GatherFromModelParallelRegion`             |
+| `gather_for_same_computation` | all-gather | keep own slice  | `_GatherFromSequenceParallelRegion`          |
+|                               |            |                 | (tensor_parallel_output_grad=False), or      |
+|                               |            |                 | `_GatherFromModelParallelRegion`             |
 | (not needed here)             | identity   | all-reduce      | `_CopyToModelParallelRegion`, "f"            |
 | (not needed here)             | all-reduce | identity        | `_ReduceFromModelParallelRegion`, "g"        |
 
@@ -192,39 +194,62 @@ class _GatherForDistinctKernels(torch.autograd.Function):
     """forward: all-gather, backward: reduce-scatter."""
 
     @staticmethod
-    def forward(ctx, x, group, name, dim):
+    def forward(ctx, x, group, name, dim, rule=None):
         ctx.group, ctx.name, ctx.dim, ctx.sizes = group, name, dim, [x.shape[dim]] * _world(group)
+        ctx.rule = rule
         return _all_gather(x, ctx.sizes, group, f"{name}/fwd", dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.sizes, ctx.group, f"{ctx.name}/bwd", ctx.dim), None, None, None
+        if ctx.rule is not None:  # an exercise's rule (exercises.py), in place of the reduce-scatter
+            return _apply_rule(ctx.rule, grad, ctx.sizes, ctx.group, ctx.dim), None, None, None, None
+        return _reduce_scatter(grad, ctx.sizes, ctx.group, f"{ctx.name}/bwd", ctx.dim), None, None, None, None
 
 
 class _GatherForSameComputation(torch.autograd.Function):
     """forward: all-gather, backward: split (keep own slice)."""
 
     @staticmethod
-    def forward(ctx, x, sizes, group, name):
-        ctx.group, ctx.sizes = group, sizes
+    def forward(ctx, x, sizes, group, name, rule=None):
+        ctx.group, ctx.sizes, ctx.rule = group, sizes, rule
         return _all_gather(x, sizes, group, f"{name}/fwd")
 
     @staticmethod
     def backward(ctx, grad):
-        return _own_slice(grad, ctx.sizes, ctx.group), None, None, None
+        if ctx.rule is not None:  # an exercise's rule (exercises.py), in place of keeping its own slice
+            return _apply_rule(ctx.rule, grad, ctx.sizes, ctx.group, 1), None, None, None, None
+        return _own_slice(grad, ctx.sizes, ctx.group), None, None, None, None
 
 
-def gather_for_distinct_kernels(x, group=None, name="exchange", dim=1, force=False):
+class RuleError(ValueError):
+    """An exercise's backward rule raised or returned the wrong shape (launch/check.py prints it in one line)."""
+
+
+def _apply_rule(rule, grad, sizes, group, dim):
+    """rule(grad, sizes, group, dim) -> this rank's gradient: a learner's backward, its shape checked."""
+    out = rule(grad, list(sizes), group, dim)
+    rank = dist.get_rank(group)
+    want = grad.shape[:dim] + (sizes[rank],) + grad.shape[dim + 1:]
+    if not isinstance(out, torch.Tensor) or out.shape != want:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RuleError(f"the backward rule {getattr(rule, '__name__', rule)} returned {got} on rank {rank}: "
+                        f"it must return this rank's gradient, shape {tuple(want)} (grad is {tuple(grad.shape)})")
+    return out
+
+
+def gather_for_distinct_kernels(x, group=None, name="exchange", dim=1, force=False, rule=None):
     """All streams' x (equal parts) concatenated on `dim`, for per-stream kernels; grads are summed.
-    force: run the Function and its collectives with one stream too (else the identity)."""
+    force: run the Function and its collectives with one stream too (else the identity).
+    `rule`: the exercises' argument (exercises.py), a function (grad, sizes, group, dim) -> this rank's
+    gradient that replaces the reduce-scatter in backward; None in training."""
     if _world(group) == 1 and not force:
         return x
-    return _GatherForDistinctKernels.apply(x, group, name, dim)
+    return _GatherForDistinctKernels.apply(x, group, name, dim, rule)
 
 
-def gather_for_same_computation(x, sizes, group=None, name="logits", force=False):
+def gather_for_same_computation(x, sizes, group=None, name="logits", force=False, rule=None):
     """All streams' x (parts of `sizes`) concatenated on dim 1, for a computation every stream repeats.
-    force: as gather_for_distinct_kernels'."""
+    force: as gather_for_distinct_kernels'. `rule`: as above, in place of keeping its own slice."""
     if _world(group) == 1 and not force:
         return x
-    return _GatherForSameComputation.apply(x, list(sizes), group, name)
+    return _GatherForSameComputation.apply(x, list(sizes), group, name, rule)

@@ -15,6 +15,7 @@ import torch
 
 from .cli import DefaultsHelp, Parser, UsageError, env
 from .data import DATASETS
+from .loader import default_workers
 from .optim import UPDATES, parse_dexp
 
 # Every value here can be overridden by its flag (--lr, --momentum, ...), and the data set's defaults
@@ -102,6 +103,10 @@ class Config:
     seed: int
     dropout_seed: int
     workers: int
+    prefetch_factor: int
+    decode: str
+    share_decode: bool
+    mean_images: int
     device: str
     devices: str
     backend: str
@@ -132,6 +137,7 @@ class Config:
     lighting_pca: str = "mxnet"
     dexp_weights: str = "250,4"
     dexp_biases: str = "25,2"
+    reads: str = ""   # --reads: another connectivity, e.g. conv4=all (Spec.with_reads; the tutorial's trade-off)
 
 
 _Parser, _Help = Parser, DefaultsHelp    # the launchers' own (cli.py)
@@ -173,6 +179,9 @@ def build_parser(add_help=True):
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
     p.add_argument("--net", choices=["paper", "half"], default="paper", help="paper: the two-GPU net; half: "
                    "the paper's one-GPU comparison net (§3.2: conv1-4 halved, conv5 and fc kept; one stream)")
+    p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
+                   help="change what conv2..conv5 read, e.g. conv4=all (an exchange before conv4; "
+                        "docs/tutorial.md, the paper's trade-off); empty: the paper's, conv3=all")
     p.add_argument("--schedule", choices=["none", "plateau", "dexp"], help="plateau (the paper's, §5): lr "
                    "* --lr-factor when the validation top-1 error has not improved for more than --lr-patience "
                    "evaluations, at most --lr-drops times; dexp (cuda-convnet2's): fixed exponential steps by "
@@ -209,8 +218,15 @@ def build_parser(add_help=True):
                    "(torchrun --nproc_per_node=N runs N / S replicas, docs/scaling.md)")
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--dropout-seed", type=int, default=0, help="dropout masks")
-    p.add_argument("--workers", type=int, help="data loader processes per rank",
-                   default=0 if not torch.cuda.is_available() else min(4, (os.cpu_count() or 1) // 2))
+    p.add_argument("--workers", type=int, help="data loader processes per rank (GPUs: the cores per local rank "
+                   "but one; CPU: 0, the compute takes the cores)", default=default_workers(torch.cuda.is_available()))
+    p.add_argument("--prefetch-factor", type=int, default=4, help="batches each worker loads ahead")
+    p.add_argument("--decode", choices=["cpu", "gpu"], default="cpu", help="gpu: the workers read the files, "
+                   "torchvision.io.decode_jpeg decodes each batch on the device (--preprocess paper)")
+    p.add_argument("--share-decode", action=B, default=True, help="split: stream s of a replica decodes rows "
+                   "s::S of its batch and the streams all-gather the uint8 crops (each image decoded once)")
+    p.add_argument("--mean-images", type=int, default=0, help="--preprocess paper: the mean image from this "
+                   "many training images (an even spread; 0: all)")
     p.add_argument("--device", default="", help="default: cuda:LOCAL_RANK with NCCL, cuda if any, else cpu")
     p.add_argument("--devices", default="", help="streams layout: comma-separated, one per stream")
     p.add_argument("--backend", choices=["nccl", "gloo"], default="", help="split: default nccl with GPUs, "
@@ -370,6 +386,8 @@ def validate(cfg):
         (0 < cfg.lr_factor < 1, f"--lr-factor {cfg.lr_factor}: use 0 < factor < 1"),
         (cfg.lighting >= 0, f"--lighting {cfg.lighting}: use 0 (off) or a sigma such as 0.1"),
         (cfg.workers >= 0, f"--workers {cfg.workers}: use 0 or more"),
+        (cfg.prefetch_factor >= 1, f"--prefetch-factor {cfg.prefetch_factor}: use 1 or more"),
+        (cfg.mean_images >= 0, f"--mean-images {cfg.mean_images}: use 0 (all) or more"),
         (cfg.timeout > 0, f"--timeout {cfg.timeout}: use a positive number of seconds"),
         (cfg.peer_timeout >= 0, f"--peer-timeout {cfg.peer_timeout}: use 0 (off) or a number of seconds"),
         (cfg.save_every >= 0, f"--save-every {cfg.save_every}: use 0 (only at the end: off) or more"),

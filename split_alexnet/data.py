@@ -263,11 +263,14 @@ class Lighting(v2.Transform):
     def make_params(self, flat_inputs):
         return dict(alpha=torch.randn(3) * self.sigma)
 
+    def shift(self, params):
+        """The RGB shift (3,) of one image's draw: added to every pixel."""
+        return self.eigvec @ (params["alpha"] * self.eigval)
+
     def transform(self, inpt, params):
         if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point() or inpt.shape[-3] != 3:
             return inpt
-        rgb = self.eigvec @ (params["alpha"] * self.eigval)             # (3,)
-        out = inpt + rgb[:, None, None].to(inpt.dtype)
+        out = inpt + self.shift(params)[:, None, None].to(inpt.dtype)
         return out * (1.0 / (1.0 + self.sigma)) if self.rescale else out
 
 
@@ -585,8 +588,9 @@ def _imagefolder(data_dir, *, seed, download, split_test, train_size, val_size):
         if not os.path.isdir(p):
             raise UsageError(f"imagefolder: {os.path.abspath(p)} is not a directory: lay the images out "
                              f"as {os.path.abspath(data_dir)}/train/<class>/* and .../val/<class>/*")
+    from .prepare import Shards, is_shards  # launch/prepare.py --shards: read at the offsets
     try:
-        train, val = (torchvision.datasets.ImageFolder(p) for p in parts)
+        train, val = (Shards(p) if is_shards(p) else torchvision.datasets.ImageFolder(p) for p in parts)
     except (FileNotFoundError, RuntimeError) as e:
         raise UsageError(f"imagefolder: {str(e).splitlines()[0]}") from None
     if train.classes != val.classes:
@@ -596,6 +600,16 @@ def _imagefolder(data_dir, *, seed, download, split_test, train_size, val_size):
                          f"{', '.join(only_train) or '-'}; only in val/: {', '.join(only_val) or '-'}: "
                          f"give both the same class folders")
     return train, val, train.classes
+
+
+def encoded(train_set):
+    """The same data set with the files' bytes as images (1-D uint8, torchvision.io.read_file): for
+    decoding on the device (--decode gpu)."""
+    if isinstance(train_set, torchvision.datasets.ImageFolder):
+        return torchvision.datasets.ImageFolder(train_set.root, loader=torchvision.io.read_file)
+    if hasattr(train_set, "encoded"):
+        return train_set.encoded()
+    raise UsageError("--decode gpu reads image files: use it with --dataset imagefolder")
 
 
 def _random(data_dir, *, seed, download, split_test, train_size, val_size):

@@ -332,7 +332,8 @@ RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedul
 RESUME_LOCAL = ("keep_last", "tensorboard", "wandb", "out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
                 "plot", "log_every", "layout", "streams", "eval_only",
                 "micro_batches", "precision", "channels_last", "compile", "keep_freed_memory",  # how, not what
-                "cudnn_benchmark", "fused_sgd", "sync_debug")
+                "cudnn_benchmark", "fused_sgd", "sync_debug",
+                "prefetch_factor", "decode", "share_decode")   # the data path: how, not what (loader.py)
 # cannot be honoured after the run started: field -> why, the fix
 RESUME_REFUSED = {
     "seed": "the data order and augmentation come from the seed",
@@ -345,6 +346,8 @@ RESUME_REFUSED = {
     "preprocess": "the trained net's first layer learned the checkpoint's input",
     "net": "the checkpoint holds another net",
     "subtract_mean": "the trained net's first layer learned the checkpoint's input",
+    "mean_images": "the mean image subtracted from the input is taken over another subset",
+    "reads": "the checkpoint's net has another connectivity (its layers read other streams)",
     "update": "the checkpoint's velocity is in the units of its own update rule",
     "recipe": "a recipe also sets the init and the input, which a trained net cannot change; give the "
               "flags to change (--lr, --momentum, ...) instead",

@@ -139,11 +139,10 @@ class _Layers(nn.Module):
     """conv1..fc8 as plain nn.Conv2d / nn.Linear, for the whole net (stream=None: AlexNet) or one
     stream (Stream): the layers and layer_fn the layouts share."""
 
-    lrn_across_streams = False  # a teaching switch (split_alexnet/exercises.py): never set in training
-
-    def __init__(self, spec, stream=None, dropout_seed=0, init="paper"):
+    def __init__(self, spec, stream=None, dropout_seed=0, init="paper", lrn_across_streams=False):
         super().__init__()
         self.spec, self.stream = spec, stream
+        self.lrn_across_streams = lrn_across_streams  # an exercise's argument (exercises.py); never in training
         self.dropout = DropoutMasks(dropout_seed)
         self.pad_end = {s.layer.name: s.pad_end for s in spec.shapes if s.pad_end}   # cuda-convnet2's rule
         self._compiled = {}                       # layer name -> its compiled function (compile_layers)
@@ -208,10 +207,10 @@ class AlexNet(_Layers):
     """The single layout: the whole two-stream net on one device, as grouped convolutions."""
 
     def __init__(self, num_classes=1000, in_channels=3, streams=2, image_size=227, *,
-                 dropout_seed=0, init="paper", spec=None):
+                 dropout_seed=0, init="paper", spec=None, lrn_across_streams=False):
         spec = _spec(spec, dict(num_classes=num_classes, in_channels=in_channels,
                                 streams=streams, image_size=image_size))
-        super().__init__(spec, None, dropout_seed, init)
+        super().__init__(spec, None, dropout_seed, init, lrn_across_streams)
 
     def exchange(self, name, x):                  # one device: every stream's maps are already here
         return x
@@ -263,11 +262,14 @@ class StreamsAlexNet(nn.Module):
 class SplitAlexNet(nn.Module):
     """The split layout: this process's stream of the net; the other streams are other ranks."""
 
-    def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", replica=0, **kwargs):
+    def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", replica=0, gather_rule=None,
+                 logits_rule=None, **kwargs):
         super().__init__()
         self.spec, self.rank, self.group = _spec(spec, kwargs), rank, group
         self.replica = replica   # streams x replicas (mesh.py): replica r's rows of the global batch start at r * b
         self.stream = Stream(self.spec, rank, dropout_seed, init)
+        # the exercises' arguments (exercises.py): other backward rules for the exchanges; None in training
+        self.gather_rule, self.logits_rule = gather_rule, logits_rule
 
     def layer_fn(self, layer, x, row=None, last=True):
         """One layer of this stream; row (default: this replica's first) of the global batch."""
@@ -276,8 +278,8 @@ class SplitAlexNet(nn.Module):
     def exchange(self, name, x):
         if name == "logits":                      # one loss on every rank: backward keeps own slice
             return comm.gather_for_same_computation(x, self.spec.out_sizes(self.spec.layers[-1]),
-                                                    self.group, name)
-        return comm.gather_for_distinct_kernels(x, self.group, name)  # backward sums
+                                                    self.group, name, rule=self.logits_rule)
+        return comm.gather_for_distinct_kernels(x, self.group, name, rule=self.gather_rule)  # backward sums
 
     def forward(self, x):                         # (B, 3, 227, 227), the same batch on every rank
         _check_input(self.spec, x)
@@ -355,11 +357,12 @@ def streams_from_single(model, devices=None):
     return net
 
 
-def split_from_single(model, rank, group=None, device="cpu", replica=0):
+def split_from_single(model, rank, group=None, device="cpu", replica=0, **rules):
     """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet (replica: its
-    replica's index on a streams x replicas mesh, mesh.py)."""
+    replica's index on a streams x replicas mesh, mesh.py; `rules`: the exercises' gather_rule /
+    logits_rule, see SplitAlexNet)."""
     with torch.random.fork_rng(devices=[]):  # shards differ in size: keep every rank's RNG in step
-        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed, replica=replica)
+        net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed, replica=replica, **rules)
     net.to(device, model.conv1.weight.dtype)
     net.stream.load_state_dict(shard_state_dict(model.state_dict(), model.spec)[rank])
     net.stream.dropout.draws.copy_(model.dropout.draws)

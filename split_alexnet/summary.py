@@ -57,9 +57,121 @@ def summary_table(spec: Spec, batch_size=128):
     total = spec.bytes_per_image()
     out.append(f"{'total':<24}{'':>15}{total:>13,}{total * batch_size:>18,}")
     dtype = {4: "fp32", 2: "16-bit"}.get(spec.dtype_bytes, f"{spec.dtype_bytes}-byte")
-    out.append(f"({dtype} activations; {spec.streams - 1} peer(s) per stream; data parallelism would all-reduce "
-               f"{spec.params_total:,} gradients = {4 * spec.params_total:,} bytes per step instead)")
-    out += ["", crossover_text(spec)]
+    out.append(f"({dtype} activations; {spec.streams - 1} peer(s) per stream. Data parallelism would instead "
+               f"all-reduce every step a buffer of {spec.params_total:,} fp32 gradients, {4 * spec.params_total:,} B, "
+               f"of which a ring sends 2(W-1)/W per rank: below)")
+    out += ["", crossover_text(spec), "", compute_text(spec)]
+    if spec.streams > 1:
+        out += ["", alternatives_text(spec, batch_size)]
+    return "\n".join(out)
+
+
+# ---- compute beside bytes: every number from the spec's LayerShape.macs and Spec.exchanges ----
+
+def _pct(part, whole):
+    return f"{100 * part / whole:.1f} %"
+
+
+def segment_macs(spec):
+    """{exchange name: forward multiply-adds per image ONE stream does from that exchange to the next}."""
+    out, current = {}, None
+    for r in spec.shapes:
+        if r.layer.reads == "all":
+            current = r.layer.name
+        if current is not None:
+            out[current] = out.get(current, 0) + r.macs // spec.streams
+    return out
+
+
+def compute_text(spec: Spec):
+    """Forward multiply-adds per layer and in total, the conv/fc split of compute and parameters, and
+    each exchange's compute-to-communication ratio."""
+    total, shapes = spec.macs_per_image(), spec.shapes
+    out = ["compute (forward multiply-adds per image, all streams; a training step is "
+           f"{spec.flops_per_image_step():,} FLOPs per image: 2 per multiply-add, the backward twice the forward, "
+           "conv1's once):",
+           f"{'layer':<8}{'multiply-adds':>15}{'share':>9}{'params share':>14}"]
+    for r in shapes:
+        out.append(f"{r.layer.name:<8}{r.macs:>15,}{_pct(r.macs, total):>9}{_pct(r.params_total, spec.params_total):>14}")
+    out.append(f"{'total':<8}{total:>15,}")
+    for kind in ("conv", "fc"):
+        macs = sum(r.macs for r in shapes if r.layer.kind == kind)
+        params = sum(r.params_total for r in shapes if r.layer.kind == kind)
+        out.append(f"{kind} layers: {_pct(macs, total)} of the compute ({macs:,}), "
+                   f"{_pct(params, spec.params_total)} of the parameters ({params:,})")
+    if spec.streams == 1:
+        return "\n".join(out)
+    seg = segment_macs(spec)
+    layer_macs = {r.layer.name: r.macs // spec.streams for r in shapes}
+    out += ["", "compute per byte (forward, per image, one stream): the multiply-adds of the layer an exchange "
+            "feeds, and of every layer until the next exchange, per byte the stream sends there",
+            f"{'exchange':<10}{'bytes':>9}{'layer MACs':>14}{'MACs/B':>9}{'until next':>14}{'MACs/B':>9}"]
+    for e in spec.exchanges:
+        if e.name == "logits":
+            out.append(f"{e.name:<10}{e.bytes:>9,}{'-':>14}{'-':>9}{'-':>14}{'-':>9}   (only the loss follows)")
+            continue
+        out.append(f"{e.name:<10}{e.bytes:>9,}{layer_macs[e.name]:>14,}{layer_macs[e.name] / e.bytes:>9,.0f}"
+                   f"{seg[e.name]:>14,}{seg[e.name] / e.bytes:>9,.0f}")
+    per_stream = total // spec.streams
+    out.append(f"{'whole net':<10}{spec.bytes_per_image():>9,}{per_stream:>14,}"
+               f"{per_stream / spec.bytes_per_image():>9,.0f}")
+    return "\n".join(out)
+
+
+def alternatives(spec: Spec, batch_size=128):
+    """[(what, bytes per image, bytes per step at batch_size, against)] for other ways to place the net:
+    bytes one rank sends, forward + backward, over W = spec.streams ranks."""
+    from .hybrid import bytes_per_step as hybrid_bytes
+    sh, ex = {r.layer.name: r for r in spec.shapes}, {e.name: e for e in spec.exchanges}
+    w, d = spec.streams, spec.dtype_bytes
+    rows = []
+    if "conv3" in ex:  # row-parallel conv3: each stream sums its partial outputs of all 384 kernels
+        c3 = sh["conv3"]
+        row = spec._sent(c3.out_per_stream * c3.out_hw ** 2)      # reduce-scatter fwd, all-gather bwd
+        rows.append(("row-parallel conv3 (reduce-scatter its output)", 2 * row, "conv3's gather",
+                     2 * ex["conv3"].bytes))
+    if {"fc7", "fc8"} <= ex.keys():  # Megatron: fc6 column-, fc7 row-parallel, then an all-reduce (g; f back)
+        fc7 = spec.width(sh["fc7"].layer) * d
+        megatron = 2 * 2 * (w - 1) * fc7 // w                      # g forward + f backward, ring all-reduces
+        rows.append(("Megatron fc6/fc7 (all-reduce fc7's output)", megatron, "the fc7 + fc8 gathers",
+                     2 * (ex["fc7"].bytes + ex["fc8"].bytes)))
+    split = spec.bytes_per_image_step()
+    ddp = spec.ddp_bytes_per_step()
+    rows.append((f"data parallelism over {w} ranks", ddp / batch_size, "the split", split))
+    hybrid = sum(hybrid_bytes(spec, batch_size, w).values())
+    rows.append((f"the 2014 hybrid over {w} ranks", hybrid / batch_size, "the split", split))
+    return [(what, per_image, per_image * batch_size, against, theirs) for what, per_image, against, theirs in rows]
+
+
+WHY = {
+    "row-parallel conv3": "conv3 widens {a} maps to {b} at the same {hw}x{hw}, so summing its wide output "
+                          "sends {r:.2f}x what gathering its narrow input does",
+    "Megatron fc6/fc7": "the same bytes either way: the paper's gathers split every fc layer by its "
+                        "neurons, where Megatron's all-reduce leaves fc7's output whole on every stream "
+                        "(its ReLU and dropout then run on all {n:,} neurons on each)",
+    "data parallelism": "each GPU would hold all {p:,} parameters, and at batch {B} it sends {r:.1f}x the "
+                        "split's bytes; §3.2: 'A single GTX 580 GPU has only 3GB of memory', so the net was split",
+    "the 2014 hybrid": "two years later (Krizhevsky, 'One weird trick'): the conv layers hold {cp} of the "
+                       "parameters, so all-reducing their gradients is cheap, and the fc layers {fp} of them but "
+                       "small activations, so exchanging those is cheap: {r:.2f}x the split's bytes at batch {B}",
+}
+
+
+def alternatives_text(spec: Spec, batch_size=128):
+    sh, shapes = {r.layer.name: r for r in spec.shapes}, spec.shapes
+    conv_params = sum(r.params_total for r in shapes if r.layer.kind == "conv")
+    out = [f"the alternatives, costed (bytes one rank sends, forward + backward; batch {batch_size}, "
+           f"{spec.streams} ranks, activations {spec.dtype_bytes} B, gradients 4 B):",
+           f"{'instead':<48}{'B/image':>12}{'B/step':>15}   {'against':<22}{'B/image':>10}{'B/step':>14}"]
+    for what, per_image, per_step, against, theirs in alternatives(spec, batch_size):
+        out.append(f"{what:<48}{per_image:>12,.0f}{per_step:>15,.0f}   {against:<22}{theirs:>10,}"
+                   f"{theirs * batch_size:>14,}")
+        key = next(k for k in WHY if what.startswith(k))
+        c3 = sh.get("conv3")
+        out.append("  why: " + WHY[key].format(
+            a=c3.in_channels if c3 else 0, b=spec.width(c3.layer) if c3 else 0, hw=c3.out_hw if c3 else 0,
+            r=per_image / theirs, n=spec.width(sh["fc7"].layer), p=spec.params_total, B=batch_size,
+            cp=_pct(conv_params, spec.params_total), fp=_pct(spec.params_total - conv_params, spec.params_total)))
     return "\n".join(out)
 
 

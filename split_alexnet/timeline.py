@@ -3,7 +3,8 @@
 
 Three lanes per rank, for each layout profiled (split and split-overlap one above the other):
 
-- **compute**: the rank's main thread, forward (up to the logits' exchange), backward, optimizer; the
+- **compute**: the rank's main thread, forward (up to the logits' exchange), backward, optimizer (SGD's
+  step) and zero_grad (what follows the step: the bench's step ends with `opt.zero_grad()`); the
   gaps are the time the thread was **blocked in an exchange** (inside `exchange:<name>` or its
   `/start`, `/wait` ranges in the forward, inside the backward of a comm Function);
 - **transfer**: the collective's own work on gloo's threads (`gloo:all_gather`, `gloo:all_reduce` for
@@ -34,7 +35,7 @@ class Lanes:
     layout: str
     start: float = 0.0
     end: float = 0.0
-    compute: list = field(default_factory=list)   # (t0, t1, "forward" | "backward" | "optimizer")
+    compute: list = field(default_factory=list)   # (t0, t1, "forward" | "backward" | "optimizer" | "zero_grad")
     blocked: list = field(default_factory=list)   # (t0, t1, range name)
     transfer: list = field(default_factory=list)  # (t0, t1, "all-gather" | "reduce-scatter")
     wait: list = field(default_factory=list)      # (t0, t1, "all-gather" | "reduce-scatter")
@@ -90,6 +91,7 @@ def _one_rank(events, step):
     holes = _union((a, b) for a, b, _ in blocked)
     fwd_end = max((e["ts"] + e["dur"] for e in main if e["name"].startswith("exchange:logits")), default=t0)
     opt = [(e["ts"], e["ts"] + e["dur"]) for e in main if e["name"].startswith("Optimizer.step")]
+    opt_end = max((b for _, b in opt), default=float("inf"))   # after SGD's step: zero_grad, not backward
     compute = []
     for a, b in _minus((t0, t1), holes):
         for c0, c1, phase in ((a, min(b, fwd_end), "forward"), (max(a, fwd_end), b, "backward")):
@@ -98,7 +100,7 @@ def _one_rank(events, step):
             cuts = sorted(set([c0, c1] + [x for o in opt for x in o if c0 < x < c1]))
             for x0, x1 in zip(cuts, cuts[1:]):
                 in_opt = any(o0 <= x0 and x1 <= o1 for o0, o1 in opt)
-                compute.append((x0, x1, "optimizer" if in_opt else phase))
+                compute.append((x0, x1, "optimizer" if in_opt else "zero_grad" if x0 >= opt_end else phase))
     issues = sorted((e["ts"], e["name"]) for e in main if e["name"] in ISSUE)
     issues = [(t, next(v for k, v in KIND.items() if k in n)) for t, n in issues]
     works = sorted((e["ts"], e["ts"] + e["dur"]) for e in inside if e["tid"] != tid and e["name"] in WORK)
@@ -143,7 +145,8 @@ def timeline(traces, layouts=("split", "split-overlap"), which=-1):
     return out
 
 
-COLOURS = {"forward": "#1f77b4", "backward": "#2ca02c", "optimizer": "#9467bd", "blocked": "#dddddd",
+COLOURS = {"forward": "#1f77b4", "backward": "#2ca02c", "optimizer": "#9467bd", "zero_grad": "#8c564b",
+           "blocked": "#dddddd",
            "all-gather": "#ff7f0e", "reduce-scatter": "#8c564b", "wait": "#d62728"}
 
 
@@ -170,7 +173,7 @@ def draw_timeline(lanes_by_layout, title=""):
             y_c, y_t, y_w = (r[0] for r in rows)
             ax.broken_barh([(a, b - a) for a, b, _ in lane.blocked], (y_c - 0.4, 0.8),
                            facecolors=COLOURS["blocked"], hatch="////", edgecolor="#aaaaaa", linewidth=0)
-            for phase in ("forward", "backward", "optimizer"):
+            for phase in ("forward", "backward", "optimizer", "zero_grad"):
                 ax.broken_barh([(a, b - a) for a, b, p in lane.compute if p == phase], (y_c - 0.4, 0.8),
                                facecolors=COLOURS[phase])
             for kind in ("all-gather", "reduce-scatter"):
@@ -188,7 +191,7 @@ def draw_timeline(lanes_by_layout, title=""):
         ax.set_title(layout, fontsize=12, loc="left", weight="bold")
         ax.set_title(stats, fontsize=8.5, loc="right")
     axes[-1, 0].set_xlabel("ms from the start of the step (the earlier rank's)")
-    handles = [Patch(facecolor=COLOURS[k], label=k) for k in ("forward", "backward", "optimizer")]
+    handles = [Patch(facecolor=COLOURS[k], label=k) for k in ("forward", "backward", "optimizer", "zero_grad")]
     handles += [Patch(facecolor=COLOURS["blocked"], hatch="////", edgecolor="#aaaaaa",
                       label="main thread blocked in an exchange")]
     handles += [Patch(facecolor=COLOURS[k], label=f"transfer: {k}") for k in ("all-gather", "reduce-scatter")]

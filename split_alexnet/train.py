@@ -26,29 +26,29 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
 from . import guard, precision
+from .augment import build_uint8_path
 from .cli import UsageError, log, stop_all_on_error
 from .config import Config
 from .data import (
-    EpochSampler,
     Seeded,
     build_datasets,
     build_paper_transforms,
     build_transforms,
-    cached_mean_image,
     dataset,
     fingerprint,
-    mean_image,
     mean_image_key,
     mean_image_path,
     paper_side,
 )
-from .mesh import ReplicaSampler, replica_batch, split_replica_from_single, unwrap
+from .loader import DataBound, TrainLoader, encoded_view, one_line_errors, share_plan
+from .meanimage import counted_path, run_mean_image
+from .mesh import replica_batch, split_replica_from_single, unwrap
 from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
 from .optim import DexpSchedule, check_resume_update, make_optimizer, parse_dexp
 from .overlap import overlapped_forward
 from .plots import plot_curves
 from .precision import check_precision
-from .spec import Spec
+from .spec import Spec, parse_reads
 
 # ---- build ----------------------------------------------------------------------------------------
 
@@ -75,6 +75,9 @@ class Job:
     fingerprint: str = ""        # data.fingerprint of the training set (checkpoints hold it)
     mean_source: str = ""        # where the input's mean came from (run.json)
     dropped_rows: int = 0        # a resume in place: metrics.jsonl rows past the checkpoint, dropped
+    augment: object = None       # the float work on the device (augment.DeviceAugment)
+    share: object = None         # (stream group, S, s): stream s decodes rows s::S (loader.py), or None
+    loader: object = None        # the training loader (loader.TrainLoader), made at the first epoch
 
 
 def build_model(cfg, spec, ctx_rank, device, ctx=None):
@@ -101,18 +104,19 @@ def build_model(cfg, spec, ctx_rank, device, ctx=None):
 
 
 def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
-    """The training set's mean image for --preprocess paper: rank 0 reads or computes and caches it,
-    then the other ranks read it (data sets in files); generated data sets compute it on every rank."""
+    """The training set's mean image for --preprocess paper: read from the cache beside the data if rank 0
+    finds it, else computed by every rank in parallel and cached (meanimage.py: resumable, outside
+    --timeout); generated data sets compute it on every rank, in memory."""
     side = paper_side(cfg.image_size)
     key = mean_image_key(train_raw, cfg.bad_images) if dataset(cfg.dataset).files else ""
     train_raw = Seeded(train_raw, lambda img: img, cfg.seed)   # read as training reads: --bad-images applies
     train_raw.bad_images = cfg.bad_images
-    if not dataset(cfg.dataset).files:
-        return mean_image(train_raw, side), f"computed from {len(train_raw)} generated training images"
-    path = mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw), key)
-    result = stop_all_on_error(lambda: cached_mean_image(path, train_raw, side, channels) if rank == 0
-                               else None, world)
-    return result if rank == 0 else cached_mean_image(path, train_raw, side, channels)
+    cache = None
+    if dataset(cfg.dataset).files:                 # main's keyed name, then --mean-images' -n<N>
+        cache = counted_path(mean_image_path(cfg.dataset, cfg.data_dir, side, cfg.split_test, len(train_raw), key),
+                             cfg.mean_images, len(train_raw))
+    return run_mean_image(cache, train_raw, side, channels, rank=rank, world=world if cache else 1,
+                          workers=cfg.workers, count=cfg.mean_images, bar=rank == 0 and not cfg.quiet)
 
 
 def build_optimizer(model, cfg, device=None):
@@ -218,7 +222,7 @@ def build(cfg, ctx=None):
     train_raw, val_raw, classes = _datasets_rank0_first(cfg, rank, world)
     try:
         spec = Spec(streams=streams, image_size=cfg.image_size, in_channels=data.channels,
-                    num_classes=len(classes), net=cfg.net)
+                    num_classes=len(classes), net=cfg.net).with_reads(**parse_reads(cfg.reads))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if len(train_raw) // cfg.batch_size < 1:
@@ -231,13 +235,16 @@ def build(cfg, ctx=None):
         if rank == 0 and not cfg.quiet:
             log(f"mean image {tuple(mean.shape)}: {how}")
         aug.update(subtract_mean=cfg.subtract_mean, lighting_pca=cfg.lighting_pca)
-        train_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=True, **aug)
+        train_tf, augment = build_uint8_path(cfg.image_size, spec.in_channels, "paper", mean_image=mean, **aug)
         val_tf = build_paper_transforms(cfg.image_size, spec.in_channels, mean, train=False,
                                         ten_crop=cfg.ten_crop, **aug)
     else:
-        train_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=True, **aug)
+        train_tf, augment = build_uint8_path(cfg.image_size, spec.in_channels, "channel", mean=data.mean,
+                                             std=data.std, ten_crop=cfg.ten_crop, **aug)
         val_tf = build_transforms(cfg.image_size, spec.in_channels, data.mean, data.std, train=False,
                                   ten_crop=cfg.ten_crop, **aug)
+    if cfg.decode == "gpu":                        # the workers read the files, the device decodes them
+        train_raw, train_tf = encoded_view(cfg, train_raw, spec.in_channels, aug)
     train_set, val_set = Seeded(train_raw, train_tf, cfg.seed), Seeded(val_raw, val_tf, cfg.seed)
     train_set.bad_images = val_set.bad_images = cfg.bad_images
     check_precision(cfg.precision, device.type)
@@ -254,7 +261,8 @@ def build(cfg, ctx=None):
     return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
                rank, world, out, replicas=replicas, replica=ctx.replica if replicas > 1 else 0,
                replica_group=ctx.replica_group if replicas > 1 else None,
-               divergence=guard.Divergence(len(classes)), mean_source=how)
+               divergence=guard.Divergence(len(classes)), mean_source=how, augment=augment,
+               share=share_plan(cfg, ctx, replicas))
 
 
 def in_place(cfg, out):
@@ -315,7 +323,7 @@ def evaluate(job):
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
     k = min(5, job.spec.num_classes)
     half = precision.autocast_dtype(cfg.precision)
-    for x, y in loader:
+    for x, y in one_line_errors(loader):
         if x.dim() == 5:                           # ten crops: (B, 10, C, H, W), softmax averaged
             b = x.shape[0]
             with precision.autocast(job.device.type, half):
@@ -537,19 +545,19 @@ def run(job, write=torch.save):
     job.model.train()
     last_val, n_images, t_start, stopped = None, 0, time.perf_counter(), 0
     first = state["step"]
+    bound = DataBound(cfg)
+    comm_share = CommShare(job)
     with Preemption(job.world) as preemption:
         while state["step"] < total and not stopped:
-            t_prev = t_ready = time.perf_counter()
-            position = dict(state)
+            t_prev, position = time.perf_counter(), dict(state)
             for x, y in epoch_loader(job, state):
-                t_batch = time.perf_counter()
                 guard.phase(f"training step {state['step'] + 1}")
                 if isinstance(job.scheduler, DexpSchedule):   # cuda-convnet2's rates by training progress
                     job.scheduler.before_step(state["step"], cfg.epochs * steps_per_epoch)   # --max-steps: a stop
                 # --sync-debug: from the third step of this run on (the first two tune cuDNN, compile, and
                 # let DDP rebuild its buckets), a host synchronisation inside the step is an error on CUDA
                 with precision.no_host_sync(job.device, cfg.sync_debug and state["step"] >= first + 2):
-                    loss = train_step(job, x, y)       # a device tensor: read by progress, not here
+                    loss = comm_share.measure(lambda: train_step(job, x, y))   # a device tensor: read by progress
                     if job.replicas > 1:               # the global batch's loss: the replicas' mean
                         loss = _replica_mean(job, loss)
                 state["step"] += 1
@@ -557,7 +565,10 @@ def run(job, write=torch.save):
                 now = time.perf_counter()
                 n_images += cfg.batch_size
                 progress.step(state, loss, cfg.batch_size / (now - t_prev), n_images / (now - t_start),
-                              data_s=t_batch - t_ready, step_s=now - t_batch)
+                              data_s=job.loader.data_s, step_s=now - t_prev)
+                line = bound.update(job.loader.data_s, now - t_prev)
+                if line:
+                    progress.say(line)
                 t_prev = now
                 end_of_epoch = state["batch"] == steps_per_epoch
                 scheduled = bool(cfg.eval_every and state["step"] % cfg.eval_every == 0
@@ -583,13 +594,62 @@ def run(job, write=torch.save):
                     break
                 if state["step"] >= total or end_of_epoch:
                     break
-                t_ready = time.perf_counter()
             if state == position:                  # no batch: the loop would spin for ever
                 raise UsageError(f"epoch {state['epoch']} from batch {state['batch']} yields no batch of "
                                  f"{cfg.batch_size} from {len(job.train_set)} training images: resume with the "
                                  f"data and --batch-size the checkpoint was trained with")
-    summary = finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start, stopped)
+    summary = finish(job, progress, state, last_val, n_images, time.perf_counter() - t_start, stopped, comm_share)
     return dict(summary, stopped=signal.Signals(stopped).name if stopped else None)
+
+
+class CommShare:
+    """The exchanges' measured share of the step time: comm.metered() over this run's steps FIRST..LAST
+    only (the first step warms up). The step and the collectives are timed by one clock
+    (comm.clock_for: the host's on CPU, CUDA events on the compute stream on GPUs), which adds no
+    synchronisation (--sync-debug holds); the marks are read when its line closes the run (finish)."""
+    FIRST, LAST = 2, 11
+
+    def __init__(self, job):
+        self.job, self.done, self.steps = job, 0, 0
+        self.step_s = self.comm_s = 0.0
+        self.bytes = 0
+        self.spans = []                            # (meter, mark before the step, mark after it)
+
+    def measure(self, step_fn):
+        self.done += 1
+        if self.job.world == 1 or not self.FIRST <= self.done <= self.LAST:
+            return step_fn()
+        from . import comm
+        clock = comm.clock_for(self.job.device.type)
+        a = clock.mark()
+        with comm.metered(clock) as m:
+            out = step_fn()
+        self.spans.append((m, a, clock.mark()))
+        return out
+
+    def _resolve(self):
+        """The marks so far as seconds (on CUDA: waits for the marked work, done by the run's end)."""
+        spans, self.spans = self.spans, []
+        for m, a, b in spans:
+            self.step_s += m.clock.seconds(a, b)
+            self.comm_s += sum(m.seconds.values())
+            self.bytes += sum(m.bytes.values())
+            self.steps += 1
+
+    def lines(self):
+        self._resolve()
+        if self.job.world == 1:
+            return ["communication: none in one process; the split's exchanges, measured: "
+                    "torchrun --nproc_per_node=2 launch/bench.py (README.md, the first measurement)"]
+        if not self.steps:
+            return [f"communication: not measured (it is measured over steps {self.FIRST}-{self.LAST} of a run)"]
+        n = self.steps
+        return [f"communication: the exchanges took {100 * self.comm_s / self.step_s:.1f} % of the step time on "
+                f"rank {self.job.rank} ({self.comm_s / n:.3f} of {self.step_s / n:.3f} s per step, over "
+                f"{n} step(s) from step {self.FIRST}, waiting for the peer included; {self.bytes // n:,} B sent "
+                f"per step)",
+                "  where it goes, by exchange and against data parallelism: torchrun --nproc_per_node=2 "
+                "launch/bench.py (docs/benchmarks.md)"]
 
 
 def evaluate_checkpoint(job):
@@ -763,14 +823,15 @@ def metric_sinks(job, step):
 
 
 def epoch_loader(job, state):
-    """The batches of epoch state["epoch"] from batch state["batch"] on: the same on every rank."""
+    """The batches of epoch state["epoch"] from batch state["batch"] on, x float on the device: the same
+    on every rank (replica r: its rows of each global batch). One loader, its workers kept across epochs."""
     cfg = job.cfg
-    sampler = EpochSampler(len(job.train_set), cfg.seed, state["epoch"], state["batch"] * cfg.batch_size)
-    if job.replicas > 1:                           # replica r loads only its rows of each global batch
-        sampler = ReplicaSampler(len(job.train_set), cfg.seed, state["epoch"], cfg.batch_size, job.replicas,
-                                 job.replica, state["batch"] * cfg.batch_size)
-    return DataLoader(job.train_set, batch_size=cfg.batch_size // job.replicas, sampler=sampler, drop_last=True,
-                      num_workers=cfg.workers, pin_memory=job.device.type == "cuda")
+    if job.loader is None:
+        job.loader = TrainLoader(job.train_set, batch_size=cfg.batch_size, seed=cfg.seed, device=job.device,
+                                 augment=job.augment, workers=cfg.workers, prefetch_factor=cfg.prefetch_factor,
+                                 replicas=job.replicas, replica=job.replica, share=job.share, decode=cfg.decode,
+                                 side=paper_side(cfg.image_size), size=cfg.image_size)
+    return job.loader.epoch(state["epoch"], state["batch"] * cfg.batch_size)
 
 
 def train_step(job, x, y):
@@ -839,7 +900,7 @@ def evaluate_and_log(job, state, progress, scheduled=True):
     return row
 
 
-def finish(job, progress, state, last_val, n_images, seconds, stopped=0):
+def finish(job, progress, state, last_val, n_images, seconds, stopped=0, share=None):
     """Close the bar, plot (unless --no-plot), say the result, what the run folder holds and how to go on
     from it; returns the run's summary."""
     progress.flush()
@@ -852,6 +913,8 @@ def finish(job, progress, state, last_val, n_images, seconds, stopped=0):
         progress.say(f"done: {state['step']} steps in {seconds:.0f} s "
                      f"({summary['images_per_s']:.1f} img/s); val loss {last_val['loss']:.4f} top1 {last_val['top1']:.4f} "
                      f"top5 {_fmt(last_val['top5'])}; out {job.out}")
+    for line in share.lines() if share else []:
+        progress.say(line)
     if not progress.quiet:                         # rank 0: what the folder holds, how to go on
         for line in next_steps(job):
             progress.say(line)
@@ -966,8 +1029,8 @@ class Progress:
 
     def step(self, state, loss, images_per_s, mean_images_per_s, data_s=None, step_s=None):
         """A training step (loss: a tensor, or a number): kept, and flushed every --log-every steps.
-        data_s: host seconds waiting for the batch; step_s: the host's seconds for the step itself (on
-        CUDA, without a synchronisation, the time to queue it, until the queue is full)."""
+        data_s: the wait for the batch and its device work; step_s: the whole step, data included (host
+        seconds: on CUDA, with no synchronisation in the step, the time to queue it until the queue is full)."""
         groups = self.job.optimizer.param_groups
         row = dict(lr=groups[0]["lr"], **{f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(groups)},
                    images_per_s=images_per_s, data_s=data_s, step_s=step_s, time=time.time())

@@ -1,6 +1,7 @@
 """Docs that cannot rot: every relative link resolves, the spec's numbers quoted in the docs are the
 spec's, and every fenced shell command runs (the quick ones, at small sizes; the long ones are listed
 as skipped, each with its reason)."""
+import functools
 import os
 import re
 import shlex
@@ -90,10 +91,10 @@ def _numbers():
         (["docs/tutorial.md", "docs/concepts.md", "docs/benchmarks.md", "docs/glossary.md"], "997",
          str(round(p.crossover_batch()))),
         (["docs/benchmarks.md"], "1,993", n(round(bf.crossover_batch()))),
-        (["docs/concepts.md", "docs/tutorial.md"], "996.6", c(p.crossover_batch())),
-        (["docs/concepts.md", "docs/tutorial.md"], "985.1", c(s4.crossover_batch())),
+        (["docs/concepts.md", "docs/solutions.md"], "996.6", c(p.crossover_batch())),
+        (["docs/concepts.md", "docs/solutions.md"], "985.1", c(s4.crossover_batch())),
         (["docs/concepts.md"], "979.3", c(s8.crossover_batch())),
-        (["docs/concepts.md", "docs/tutorial.md"], "1,993.2", c(bf.crossover_batch())),
+        (["docs/concepts.md", "docs/solutions.md"], "1,993.2", c(bf.crossover_batch())),
         (["docs/concepts.md"], "367,032", n(s4.bytes_per_image_step())),
         (["docs/concepts.md"], "361,551,984", n(s4.ddp_bytes_per_step())),
         (["docs/concepts.md"], "428,204", n(s8.bytes_per_image_step())),
@@ -105,21 +106,57 @@ def _numbers():
         (["docs/concepts.md"], "1,878.7", c(small.crossover_batch())),
         (["docs/concepts.md"], "139,968", n(before("conv2"))),
         (["docs/concepts.md"], "307,200", n(added("conv2"))),
-        (["docs/concepts.md", "docs/tutorial.md"], "129,792", n(before("conv4"))),
-        (["docs/concepts.md", "docs/tutorial.md"], "663,552", n(added("conv4"))),
+        (["docs/concepts.md", "docs/solutions.md"], "129,792", n(before("conv4"))),
+        (["docs/concepts.md", "docs/solutions.md"], "663,552", n(added("conv4"))),
         (["docs/concepts.md"], "442,368", n(added("conv5"))),
-        (["docs/tutorial.md"], "185,016", n(s4.bytes_per_image())),
-        (["docs/tutorial.md"], "15,064,666", n(s4.params_per_stream(0))),
-        (["docs/tutorial.md"], "20,209,034", n(small.params_total)),
-        (["docs/tutorial.md"], "24,200", n(2 * p.shapes[0].out_hw ** 2 * 4)),
-        (["docs/tutorial.md"], "5,832", n(2 * p.shapes[1].out_hw ** 2 * 4)),
+        (["docs/solutions.md"], "185,016", n(s4.bytes_per_image())),
+        (["docs/solutions.md"], "15,064,666", n(s4.params_per_stream(0))),
+        (["docs/solutions.md"], "20,209,034", n(small.params_total)),
+        (["docs/solutions.md"], "24,200", n(2 * p.shapes[0].out_hw ** 2 * 4)),
+        (["docs/solutions.md"], "5,832", n(2 * p.shapes[1].out_hw ** 2 * 4)),
         (["docs/concepts.md"], "128×13×13", "×".join(map(str, (p.shapes[1].out_per_stream, 13, 13)))),
         (["docs/concepts.md"], "48×27×27", "×".join(map(str, (p.shapes[0].out_per_stream, p.shapes[0].post_hw,
                                                                p.shapes[0].post_hw)))),
     ]
 
 
-@pytest.mark.parametrize("docs,quoted,value", _numbers(), ids=lambda x: x if isinstance(x, str) else None)
+def _teaching_numbers():
+    """The compute and the alternatives (docs/concepts.md, docs/solutions.md), from the spec and summary.py."""
+    from split_alexnet.hybrid import bytes_per_step
+    from split_alexnet.summary import alternatives, segment_macs
+    p = Spec()
+    shapes = {r.layer.name: r for r in p.shapes}
+    conv_macs = sum(r.macs for r in p.shapes if r.layer.kind == "conv")
+    conv_params = sum(r.params_total for r in p.shapes if r.layer.kind == "conv")
+    alt = {what.split(" (")[0]: (per_image, per_step, theirs) for what, per_image, per_step, _, theirs
+           in alternatives(p, 128)}
+    c3 = shapes["conv3"]
+    n = "{:,}".format
+    pct = "{:.1f} %".format
+    return [
+        (["docs/concepts.md"], "724,406,816", n(p.macs_per_image())),
+        (["docs/concepts.md"], "91.9 %", pct(100 * conv_macs / p.macs_per_image())),
+        (["docs/concepts.md"], "3.8 %", pct(100 * conv_params / p.params_total)),
+        (["docs/concepts.md"], "8.1 %", pct(100 - 100 * conv_macs / p.macs_per_image())),
+        (["docs/concepts.md"], "96.2 %", pct(100 - 100 * conv_params / p.params_total)),
+        (["docs/concepts.md"], "2,334,080", n(conv_params)),
+        (["docs/concepts.md"], "1,944", n(round(segment_macs(p)["conv3"] / p.exchanges[0].bytes))),
+        (["docs/concepts.md"], "250", str(round(shapes["fc8"].macs // 2 / p.exchanges[3].bytes))),
+        (["docs/concepts.md"], "129,792", n(p._sent(c3.out_per_stream * c3.out_hw ** 2))),
+        (["docs/concepts.md"], "16,384", n(alt["Megatron fc6/fc7"][0] // 2)),
+        (["docs/concepts.md"], "32,768", n(alt["Megatron fc6/fc7"][0])),
+        (["docs/concepts.md"], "31,320,064", n(128 * p.bytes_per_image_step())),
+        (["docs/concepts.md"], "7.8×", f"{p.ddp_bytes_per_step() / (128 * p.bytes_per_image_step()):.1f}×"),
+        (["docs/concepts.md"], "18,505,216", n(sum(bytes_per_step(p, 128, 2).values()))),
+        (["docs/concepts.md"], "0.59×", f"{sum(bytes_per_step(p, 128, 2).values()) / (128 * p.bytes_per_image_step()):.2f}×"),
+        (["docs/solutions.md"], "4,135,610,496", n(p.flops_per_image_step())),
+        (["docs/concepts.md", "docs/glossary.md", "docs/solutions.md"], "724,406,816", n(p.macs_per_image())),
+        (["docs/troubleshooting.md"], "243,860,896", n(2 * 4 * p.params_per_stream(0))),   # weights + momentum
+    ]
+
+
+@pytest.mark.parametrize("docs,quoted,value", _numbers() + _teaching_numbers(),
+                         ids=lambda x: x if isinstance(x, str) else None)
 def test_the_numbers_the_docs_quote_are_the_specs(docs, quoted, value):
     assert quoted == value, f"the docs quote {quoted}, the spec gives {value}"
     for doc in docs:
@@ -165,6 +202,8 @@ def plan(command):
         return None, "trains for minutes (tests/test_train.py and tests/test_exercises.py train small)"
     elif any(w.endswith("bench.py") for w in words) and "--link" not in words:
         return None, "measures for minutes (tests/test_bench.py and tests/test_exercises.py run small benches)"
+    elif "--gather-backward" in words or "--logits-backward" in words:
+        return None, "a coding exercise on the learner's copy (tests/test_exercises.py grades the template and the answer)"
     elif "--exercise" in words:
         return None, "a teaching switch that fails on purpose (tests/test_exercises.py checks how)"
     elif "--link-from" in words:
@@ -212,3 +251,59 @@ def test_the_command_list_is_not_empty_and_names_its_skips():
     assert len(COMMANDS) > 20
     reasons = [plan(c)[1] for _, c in COMMANDS]
     assert any(r is None for r in reasons) and any(r for r in reasons)
+
+
+# ---- quoted outputs and quoted code (fast, except the torchrun one) ----
+
+PRINTED = re.compile(r"<!-- printed by: (.+?) -->\n```\w*\n(.*?)```", re.S)
+
+
+def quoted_outputs():
+    return [(_rel(doc), cmd, block) for doc in DOCS for cmd, block in PRINTED.findall(doc.read_text())]
+
+
+@functools.lru_cache(maxsize=None)
+def _run_quoted(command):
+    argv = shlex.split(command)
+    if argv[:2] == ["python", "launch/summary.py"]:   # in process: the same main, without torch's import again
+        import contextlib
+        import importlib.util
+        import io
+        spec = importlib.util.spec_from_file_location("summary_launcher", REPO / "launch" / "summary.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert module.main(argv[2:]) == 0
+        return out.getvalue()
+    argv = ([sys.executable] + argv[1:] if argv[0] == "python"
+            else [sys.executable, "-m", "torch.distributed.run", "--standalone"] + argv[1:])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    out = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("doc,command,block", [
+    pytest.param(*q, marks=[pytest.mark.slow] if q[1].startswith("torchrun") else [])
+    for q in quoted_outputs()], ids=[f"{d}: {c}" for d, c, _ in quoted_outputs()])
+def test_every_quoted_output_is_what_its_command_prints(doc, command, block):
+    printed = _run_quoted(command).splitlines()
+    quoted = block.splitlines()
+    assert quoted, f"{doc}: an empty quote of {command}"
+    rest = iter(printed)   # every quoted line, in the order printed (a quote may leave lines out)
+    missing = [line for line in quoted if not any(line == p for p in rest)]
+    assert not missing, f"{doc}: {command} no longer prints, in this order: {missing}"
+
+
+def test_the_quoted_outputs_are_found():
+    assert {c for _, c, _ in quoted_outputs()} >= {"python launch/summary.py",
+                                                 "torchrun --nproc_per_node=2 launch/collectives.py"}
+
+
+def test_the_quoted_autograd_functions_are_comm_pys():
+    text = (REPO / "docs" / "concepts.md").read_text()
+    section = text.split("## The two autograd Functions", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "class _GatherForDistinctKernels" in code and "class _GatherForSameComputation" in code
+    assert code in (REPO / "split_alexnet" / "comm.py").read_text(), "concepts.md's quote is not comm.py's code"

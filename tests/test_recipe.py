@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from split_alexnet import checkpoint as ckpt
 from split_alexnet import data as data_mod
+from split_alexnet.augment import items_batch
 from split_alexnet.cli import UsageError, run_main
 from split_alexnet.config import parse_config
 from split_alexnet.data import (
@@ -78,13 +79,13 @@ def test_paper_recipe_defaults():
 def test_input_scale_is_0_255_minus_mean(mnist_dir):
     """The paper recipe's tensors: raw pixels minus the mean image, no std division: mean ~0, std ~tens."""
     job = build(parse_config(_mnist_argv(mnist_dir)))
-    x = torch.stack([job.train_set[(0, i)][0] for i in range(64)])
+    x = items_batch(job.train_set, job.augment, [(0, i) for i in range(64)])   # uint8 items, device float work
     assert x.shape == (64, 1, 67, 67)
     assert abs(x.mean().item()) < 10 and 40 < x.std().item() < 150, (x.mean(), x.std())
     assert x.max().item() > 100                                   # 0-255 scale, not [0, 1]
     channel = build(parse_config(_mnist_argv(mnist_dir, "--preprocess", "channel", "--out",
                                               os.path.join(mnist_dir, "o2"))))
-    xc = torch.stack([channel.train_set[(0, i)][0] for i in range(64)])
+    xc = items_batch(channel.train_set, channel.augment, [(0, i) for i in range(64)])
     assert 0.5 < xc.std().item() < 2                              # the per-channel standardisation: ~1
 
 

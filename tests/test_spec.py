@@ -86,3 +86,48 @@ def test_multiply_adds_equal_torchs_flop_counter():
         net(torch.zeros(1, 3, 227, 227)).sum().backward()
     assert counter.get_total_flops() == one.flops_per_image_step()
     assert round(spec.flops_per_image_step() / 1e9, 2) == 4.14
+
+
+def test_summary_prints_torchs_multiply_adds_per_layer_and_in_total():
+    # what `python launch/summary.py` prints, parsed back, against torch.utils.flop_counter
+    import re
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from split_alexnet import AlexNet
+    text = summary_table(Spec())
+    printed = {m.group(1): int(m.group(2).replace(",", ""))
+               for m in re.finditer(r"^(conv\d|fc\d|total)\s+([\d,]+)\s+[\d.]+ %", text, re.M)}
+    total = re.search(r"^total\s+([\d,]+)$", text, re.M)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        AlexNet(spec=Spec()).eval()(torch.zeros(1, 3, 227, 227))
+    torchs = {m.rsplit(".", 1)[1]: sum(c.values()) // 2 for m, c in counter.get_flop_counts().items()
+              if m.count(".") == 1}
+    assert printed == torchs and len(printed) == 8
+    assert int(total.group(1).replace(",", "")) == counter.get_total_flops() // 2 == 724_406_816
+    assert "conv layers: 91.9 % of the compute (665,784,864), 3.8 % of the parameters (2,334,080)" in text
+    assert "fc layers: 8.1 % of the compute (58,621,952), 96.2 % of the parameters (58,631,144)" in text
+
+
+def test_the_alternatives_are_costed_from_the_spec():
+    from split_alexnet.hybrid import bytes_per_step
+    from split_alexnet.summary import alternatives, segment_macs
+    p = Spec()
+    rows = {what.split(" (")[0]: (per_image, per_step, theirs) for what, per_image, per_step, _, theirs
+            in alternatives(p, 128)}
+    assert rows["row-parallel conv3"][:1] == (2 * 129_792,)            # 384 x 13 x 13 / 2 x 4 B, fwd + bwd
+    assert rows["row-parallel conv3"][2] == 2 * 86_528
+    assert rows["Megatron fc6/fc7"][0] == 2 * 16_384 == rows["Megatron fc6/fc7"][2]   # all-reduce vs 2 gathers
+    assert rows["data parallelism over 2 ranks"][1] == p.ddp_bytes_per_step() == 243_860_896
+    assert rows["the 2014 hybrid over 2 ranks"][1] == sum(bytes_per_step(p, 128, 2).values())
+    assert segment_macs(p)["conv3"] == sum(r.macs for r in p.shapes[2:5]) // 2
+    text = summary_table(p)
+    assert "a buffer of 60,965,224 fp32 gradients, 243,860,896 B, of which a ring sends 2(W-1)/W" in text
+    assert "bytes per step instead" not in text   # the old label: a buffer's size, called bytes per step
+
+
+def test_the_4_stream_summary_labels_the_buffer_not_the_step():
+    text = summary_table(Spec(streams=4))
+    assert "a buffer of 60,258,664 fp32 gradients, 241,034,656 B" in text
+    assert "fp32 gradients: 361,551,984 B per step" in text

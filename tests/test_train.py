@@ -84,6 +84,7 @@ def test_metrics_schema(mnist_split):
     for r in train:
         assert set(r) == {"split", "step", "epoch", "loss", "lr", "lr_weights", "lr_biases", "images_per_s",
                           "data_s", "step_s", "time"}
+        assert 0 <= r["data_s"] <= r["step_s"]
         assert r["epoch"] == (r["step"] - 1) // 39 and r["images_per_s"] > 0 and r["loss"] > 0
         assert r["lr"] == 0.01 if r["epoch"] == 0 else r["lr"] <= 0.01
     for r in val:

@@ -31,6 +31,19 @@ def describe(result):
             f"measured steps per layout; {result.get('date', '')}")
 
 
+def wrap_title(text, width_in, fontsize=9):
+    """`text` broken at its "; " into lines that fit a figure `width_in` inches wide (a character of the
+    default sans-serif font is at most about 0.6 x fontsize points wide), so the title is never clipped."""
+    per_line = max(20, int(width_in * 72 / (0.6 * fontsize)))
+    lines = [""]
+    for part in text.split("; "):
+        if lines[-1] and len(lines[-1]) + 2 + len(part) > per_line:
+            lines.append(part)
+        else:
+            lines[-1] = f"{lines[-1]}; {part}" if lines[-1] else part
+    return "\n".join(lines)
+
+
 def step_range(r):
     """(fastest, slowest) step seconds, from the recorded images/s max and min."""
     b = r["batch_size"]
@@ -90,7 +103,8 @@ def plot(result, path):
             ax.set_ylim(bottom=0)
             ax.set_title(f"{ylabel.split(' (')[0]} against batch {', '.join(map(str, sweep))}", fontsize=10)
             ax.legend(fontsize=8)
-    fig.suptitle(describe(result), fontsize=9)
-    fig.tight_layout()
+    title = wrap_title(describe(result), fig.get_figwidth(), fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.045 * (title.count("\n") + 1)))   # room for the title's lines
     fig.savefig(path, dpi=110)
     plt.close(fig)
