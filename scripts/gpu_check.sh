@@ -14,9 +14,10 @@
 # sweep (batch 64, 128, 256, ... until out of memory; 30 measured steps; single against torchvision's
 # AlexNet, and the device's bound) in fp32 and in bf16; a profiled bench (the LRN share on the device's
 # clock); training of the single and streams layouts in fp32 and bf16; the link model fed the fp32
-# bench.json; and the split with two ranks on the one GPU over gloo (NCCL refuses two ranks on one
+# bench.json; the split with two ranks on the one GPU over gloo (NCCL refuses two ranks on one
 # device: "Duplicate GPU detected"; gloo's CUDA collectives stage through host memory, so its
-# communication figures are not a GPU link's).
+# communication figures are not a GPU link's); and the data path (scripts/gpu_data_check.sh: GPU JPEG
+# decoding, a JPEG-folder training run at batch 256), last, in what the budget leaves.
 #
 # The whole output goes to $OUT, by default docs/results/<gpu>-<date>/ (the GPU's name from nvidia-smi,
 # lower case, dashes; the UTC date): gpu_check.log (everything printed), timings.csv (step, exit, ms),
@@ -150,6 +151,14 @@ step 30 link $PY launch/bench.py --link --link-from "$OUT/bench-fp32/bench.json"
 step 120 bench-split-gloo-1gpu $PY -m torch.distributed.run --standalone --nproc_per_node=2 launch/bench.py \
   --backend gloo --device "$DEV" --layouts split,split-overlap --batch-size $BATCH --sweep-batch none \
   $SHORT $SIZE --out "$OUT/bench-split-gloo"
+
+# --- the data path (docs/training.md, "Training on ImageNet"): GPU JPEG decoding against the CPU's, and
+# the single layout on a JPEG folder at batch 256, data-bound or not (scripts/gpu_data_check.sh)
+if [ -n "$DRY" ]; then
+  step 120 data-path env OUT="$OUT/data" GPU_CHECK_DEVICE=cpu GPU_CHECK_TINY=1 bash scripts/gpu_data_check.sh
+else
+  step 150 data-path env OUT="$OUT/data" bash scripts/gpu_data_check.sh
+fi
 
 echo; echo "gpu_check done in $(( $(date +%s) - T0 )) s; timings in $OUT/timings.csv:"; cat "$OUT/timings.csv"
 exec >&- 2>&-; wait $TEE 2>/dev/null   # gpu_check.log complete when the script returns

@@ -23,7 +23,9 @@ if [ -n "${GPU_CHECK_TINY:-}" ]; then
 else
   N=640; BATCH=256; STEPS=4; TRAIN_STEPS=60; SIZE=227; IMAGES=1280
 fi
-run() { echo; echo "+ $*"; local t=$(date +%s); timeout 600 "$@"; echo "(exit $?, $(( $(date +%s) - t )) s)"; }
+FAILED=0
+run() { echo; echo "+ $*"; local t=$(date +%s); timeout 600 "$@"; local rc=$?; echo "(exit $rc, $(( $(date +%s) - t )) s)"
+        [ $rc -eq 0 ] || FAILED=$((FAILED + 1)); }
 
 run $PY -c "import sys; sys.path.insert(0, 'tests'); from test_data_path import jpeg_folder; \
 jpeg_folder('$OUT/photos', train=$N, val=2)"
@@ -34,3 +36,4 @@ for decode in cpu gpu; do
     --image-size $SIZE --batch-size $BATCH --max-steps $TRAIN_STEPS --workers "$WORKERS" --decode $decode --no-plot \
     --log-every 10 --out "$OUT/train-decode-$decode"
 done
+[ $FAILED -eq 0 ] || { echo "gpu_data_check: $FAILED command(s) failed (above)"; exit 1; }

@@ -182,9 +182,17 @@ class EncodedItem:
 
 
 def collate_encoded(batch):
-    """[((bytes, draws), label), ...] -> (list of bytes, draws (B, 6), labels (B,)): files differ in length."""
-    return ([item[0][0] for item in batch], torch.stack([item[0][1] for item in batch]),
-            torch.tensor([item[1] for item in batch]))
+    """[((bytes, draws), label), ...] -> (the files' bytes end to end, their lengths (B,), draws (B, 6),
+    labels (B,)): files differ in length, and one tensor crosses from a worker in one piece (a list of
+    hundreds of tensors would need as many shared file descriptors, which torch's default sharing
+    strategy runs out of); split_encoded undoes it."""
+    return (torch.cat([item[0][0] for item in batch]), torch.tensor([len(item[0][0]) for item in batch]),
+            torch.stack([item[0][1] for item in batch]), torch.tensor([item[1] for item in batch]))
+
+
+def split_encoded(flat, lengths):
+    """collate_encoded's bytes back into one 1-D uint8 tensor per file (views of `flat`)."""
+    return list(flat.split(lengths.tolist()))
 
 
 def decode_batch(blobs, side, device):

@@ -12,7 +12,7 @@ import time
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .augment import all_gather_rows, collate_encoded, decode_batch, stream_rows, to_device
+from .augment import all_gather_rows, collate_encoded, decode_batch, split_encoded, stream_rows, to_device
 from .cli import RankError, UsageError, env
 from .data import EpochSampler
 
@@ -119,8 +119,8 @@ class TrainLoader:
 
     def on_device(self, batch):
         if self.decode == "gpu":
-            blobs, draws, y = batch
-            crops = decode_batch(blobs, self.side, self.device)
+            flat, lengths, draws, y = batch
+            crops = decode_batch(split_encoded(flat, lengths), self.side, self.device)
             h = w = self.size
             crops = torch.stack([c[:, int(t):int(t) + h, int(l):int(l) + w]
                                  for c, t, l in zip(crops, draws[:, 0].tolist(), draws[:, 1].tolist())])

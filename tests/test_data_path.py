@@ -405,6 +405,23 @@ def test_decode_gpu_loader_delivers_the_cpu_loaders_batches(folder):
 
 
 @pytest.mark.slow
+def test_decode_gpu_with_workers_trains(folder, tmp_path):
+    """--decode gpu under --workers 1 (its code path on the CPU device): the workers' file bytes cross to
+    the trainer as one tensor per batch. A batch of torchvision.io.read_file tensors did not: the worker's
+    feeder failed (EBADF sharing their storage) and the trainer waited for the batch for ever."""
+    import shutil
+    data = str(tmp_path / "photos")
+    shutil.copytree(folder, data, ignore=shutil.ignore_patterns("*.pt"))
+    proc = subprocess.run([sys.executable, "launch/train.py", "--layout", "single", "--dataset", "imagefolder",
+                           "--data-dir", data, "--device", "cpu", "--image-size", "67", "--batch-size", "4",
+                           "--max-steps", "2", "--workers", "1", "--decode", "gpu", "--no-plot",
+                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done: 2 steps" in proc.stdout
+
+
+@pytest.mark.slow
 def test_persistent_workers_train_as_no_workers(tmp_path):
     """--workers 2 (persistent across the epoch boundary, prefetching) gives the losses of --workers 0,
     bit for bit: the draws follow (seed, epoch, index), not the process."""

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["nvidia-smi", "versions", "pytest-gpu", "comm-world1", "check-nccl-1proc", "check-fp32", "check-bf16",
          "check-fp64", "sync-debug", "graph-count", "bench-fp32", "bench-bf16", "bench-profile",
          "train-single-fp32", "train-streams-fp32", "train-single-bf16", "train-streams-bf16", "link",
-         "bench-split-gloo-1gpu"]
+         "bench-split-gloo-1gpu", "data-path"]
 
 
 def test_unknown_argument_is_refused_in_one_line():
@@ -45,7 +45,7 @@ def test_dry_run_runs_every_step_and_writes_its_output(tmp_path):
     assert "DRY RUN" in log and "gpu_check done in" in log
     assert json.loads((out / "comm-world1.json").read_text())["passed"] is True
     graphs = json.loads((out / "graph-count.json").read_text())["modes"]["train"]
-    assert graphs["graphs"] >= 1 and graphs["breaks"] >= 0 and len(graphs["reasons"]) <= graphs["breaks"]
+    assert graphs["graphs"] == 1 and graphs["breaks"] == 0, graphs   # the single layout is one graph in train mode
     assert "PASS" in (out / "logs" / "check-nccl-1proc.log").read_text()
     for prec in ("fp32", "bf16"):
         bench = json.loads((out / f"bench-{prec}" / "bench.json").read_text())
@@ -55,6 +55,8 @@ def test_dry_run_runs_every_step_and_writes_its_output(tmp_path):
     prof = json.loads((out / "bench-prof" / "bench.json").read_text())
     assert prof["clocks"]["lrn_share"] == "profiler_cpu" and prof["runs"][0]["lrn_share"] is not None
     assert (out / "link" / "link.json").exists()
+    assert "(exit 0" in (out / "logs" / "data-path.log").read_text()
+    assert json.loads((out / "data" / "data-bench" / "bench.json").read_text())["data"]
     split = json.loads((out / "bench-split-gloo" / "bench.json").read_text())
     assert [r["layout"] for r in split["runs"]] == ["split", "split-overlap"]
     for name in ("single-fp32", "streams-fp32", "single-bf16", "streams-bf16"):
