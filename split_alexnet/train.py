@@ -487,16 +487,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class Preemption:
     """SIGTERM and SIGUSR1 set a flag on this rank; agreed(), at every step boundary, MAX-reduces the
-    ranks' flags on a gloo group (a CPU tensor, also beside NCCL), so every rank stops at the same step.
+    ranks' flags (a CPU tensor: the process group's gloo half, beside NCCL on GPUs: distributed.group_backend),
+    so every rank stops at the same step.
     A second signal more than `again_s` seconds after the first stops this process at once (the
     signal's default action); one within `again_s` is the same request delivered twice (a scheduler
     signalling every process, and torchrun's agent passing it on to its ranks)."""
 
     def __init__(self, world, again_s=2.0):
         self.world, self.again_s, self.signum, self.first, self.previous = world, again_s, 0, None, {}
-        self.group = None
-        if world > 1 and dist.get_backend() != "gloo":   # a collective: every rank makes it
-            self.group = dist.new_group(backend="gloo")
 
     def __enter__(self):
         import threading
@@ -520,7 +518,7 @@ class Preemption:
         if self.world == 1:
             return self.signum
         flag = torch.tensor([self.signum], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
 
 
