@@ -34,6 +34,7 @@ import torch
 
 from .cli import UsageError, log
 from .model import check_dropout_state, join_state_dicts, shard_state_dict
+from .outlock import pid_alive
 from .spec import Spec
 
 FORMAT = 1
@@ -102,7 +103,7 @@ def remove_stale_temps(folders, names):
                 if not m or m["name"] not in names:
                     continue
                 pid = int(m["pid"])
-                if pid != os.getpid() and _alive(pid):
+                if pid != os.getpid() and pid_alive(pid):
                     continue
                 try:
                     os.remove(os.path.join(d, fname))
@@ -119,16 +120,6 @@ def run_dir_of(path):
     if path and os.path.basename(parent) == "checkpoints":
         return os.path.dirname(parent)
     return path
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 # ---- what a stream's file holds ---------------------------------------------------------------

@@ -59,15 +59,7 @@ def alive(holder):
         return True
     now = _start_time(pid)
     if now is None or now == -1:
-        if now == -1 and not os.path.isdir("/proc"):   # no /proc: ask the kernel
-            try:
-                os.kill(pid, 0)
-                return True
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-        return False
+        return now == -1 and not os.path.isdir("/proc") and pid_alive(pid)   # no /proc: ask the kernel
     return start is None or now == start            # a later start: the pid was reused
 
 
@@ -175,3 +167,14 @@ def release():
                     pass
     except OSError as e:
         print(f"warning: --out {out}: could not release its lock ({e.strerror})", file=sys.stderr, flush=True)
+
+
+def pid_alive(pid):
+    """Whether a process of this pid exists on this host (signal 0: nothing is sent)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:                        # it exists, owned by another user
+        return True
