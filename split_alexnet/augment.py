@@ -124,7 +124,7 @@ def build_uint8_path(image_size, in_channels, preprocess, *, crop, flip, lightin
         return worker, DeviceAugment("paper", mean_image=mean_image, lighting=light is not None, rescale=rescale,
                                      mean_at="source" if subtract_mean == "caffe" else "centre")
     light = Lighting(lighting) if lighting > 0 and in_channels == 3 else None   # as build_transforms
-    big = round(image_size * 256 / 224) if crop or ten_crop else image_size   # as build_transforms
+    big = round(image_size * 256 / 224) if crop else image_size   # as build_transforms' training side
     worker = Uint8Train(v2.Compose([v2.ToImage(), v2.Resize((big, big), antialias=True)]),
                         image_size if crop else big,
                         crop=crop, flip=flip, lighting=light)

@@ -299,7 +299,9 @@ def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, l
     """crop: resize to image_size * 256/224 and take a random (train) or centre crop, as the paper
     does from 256 to 224; otherwise resize to image_size. ten_crop: evaluation on the 4 corners,
     the centre and their mirrors (stacked: (10, C, H, W))."""
-    big = round(image_size * 256 / 224) if crop or ten_crop else image_size
+    # the larger square only where a crop is cut from it: training with crop, evaluation with crop or
+    # ten-crop (training without crop resizes to image_size, whatever the evaluation does)
+    big = round(image_size * 256 / 224) if crop or (ten_crop and not train) else image_size
     t = [v2.ToImage(), v2.Resize((big, big), antialias=True)]
     if train:
         if crop:
