@@ -43,8 +43,9 @@ def test_a_short_run_plots_logs_and_says_how_to_go_on(tmp_path, capsys):
     assert "step 1/3 epoch 0: loss" in said and "step 3/3 epoch 0: loss" in said
     lines = said.splitlines()
     done = next(i for i, line in enumerate(lines) if line.startswith("done: 3 steps"))
-    assert lines[done + 1] == f"{out} holds config.json, run.json, metrics.jsonl, curves.png, checkpoints/step0000003 (newest)"
-    evaluate, resume = lines[done + 2], lines[done + 3]
+    assert lines[done + 1].startswith("communication: none in one process")     # the result, then the folder
+    assert lines[done + 2] == f"{out} holds config.json, run.json, metrics.jsonl, curves.png, checkpoints/step0000003 (newest)"
+    evaluate, resume = lines[done + 3], lines[done + 4]
     cmd = "python launch/train.py --layout single"
     assert evaluate == f"  evaluate: {cmd} --resume {out} --eval-only"
     assert resume.startswith(f"  resume:   {cmd} --resume {out} --epochs 4 --max-steps 0")

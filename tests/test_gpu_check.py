@@ -33,11 +33,8 @@ def test_dry_run_runs_every_step_and_writes_its_output(tmp_path):
     with open(out / "timings.csv") as f:
         timings = {r["step"]: r["exit"] for r in csv.DictReader(f)}
     assert list(timings) == STEPS
-    with open(os.path.join(ROOT, "launch", "train.py")) as f:
-        has_sync_debug = "--sync-debug" in f.read()   # the flag may not be there yet: the step then says so
-    for name, rc in timings.items():
-        want = "skipped" if name == "sync-debug" and not has_sync_debug else "0"
-        assert rc == want, (name, rc, (out / "logs" / f"{name}.log").read_text()[-2000:])
+    for name, rc in timings.items():                  # every step ran (the script skips --sync-debug only
+        assert rc == "0", (name, rc, (out / "logs" / f"{name}.log").read_text()[-2000:])   # on older trees)
         assert (out / "logs" / f"{name}.log").read_text().strip(), name
     if not has_sync_debug:
         assert "no --sync-debug flag yet" in (out / "logs" / "sync-debug.log").read_text()

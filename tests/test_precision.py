@@ -184,9 +184,9 @@ def test_compile_available_answers_without_raising():
 def test_train_step_returns_the_loss_unread(tmp_path):
     """The step hands back a device tensor (it once ended in loss.item(), a synchronisation per step);
     the run still logs every step's loss in metrics.jsonl, read every --log-every steps."""
-    from split_alexnet.train import train_step
+    from split_alexnet.train import epoch_loader, train_step
     job = build(parse_config(TINY + ["--layout", "single", "--out", str(tmp_path / "s")]))
-    x, y = next(iter(torch.utils.data.DataLoader(job.train_set, batch_size=8)))
+    x, y = next(iter(epoch_loader(job, {"epoch": 0, "batch": 0})))     # the loop's batch: augmented, float
     loss = train_step(job, x, y)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
     out = str(tmp_path / "r")
@@ -217,9 +217,9 @@ def test_fp16_ranks_skip_together_without_reading_the_flag():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
 def test_a_cuda_step_does_not_synchronise():
     from split_alexnet.precision import no_host_sync
-    from split_alexnet.train import train_step
+    from split_alexnet.train import epoch_loader, train_step
     job = build(parse_config(TINY + ["--layout", "single", "--device", "cuda", "--out", "/tmp/sync-debug-test"]))
-    x, y = next(iter(torch.utils.data.DataLoader(job.train_set, batch_size=8, pin_memory=True)))
+    x, y = next(iter(epoch_loader(job, {"epoch": 0, "batch": 0})))     # on the device, augmented there
     for k in range(3):
         with no_host_sync(job.device, enabled=k >= 2):
             loss = train_step(job, x, y)
