@@ -28,6 +28,7 @@ def _faults(mode):
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only; elsewhere it is a no-op")
+@pytest.mark.slow
 def test_freed_buffers_are_reused_without_page_faults():
     # default glibc maps and unmaps the buffer every time: ~PAGES faults in each of the 20 rounds
     assert _faults("default") >= 10 * PAGES

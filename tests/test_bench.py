@@ -84,6 +84,7 @@ OVERLAP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_overlap_equals_plain_split_and_bytes_match_spec(tmp_path):
     """split-overlap (4 micro-batches, async exchanges) computes the plain split's logits and gradients,
     in eval and in train mode (dropout on), to the check's tolerance: max|a-b| <= 1e-4 max|b| + 1e-7.
@@ -115,6 +116,7 @@ def test_overlap_equals_plain_split_and_bytes_match_spec(tmp_path):
         assert got == want, f"{key}: counted {got}, spec {want}"
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_documented_json_and_plot(tmp_path):
     out = tmp_path / "bench"
     prof = tmp_path / "prof"
@@ -189,6 +191,7 @@ def test_quick_bench_writes_documented_json_and_plot(tmp_path):
         assert e["counted_bwd_bytes_per_image"] == e["bwd_bytes_per_image"], e["name"]
 
 
+@pytest.mark.slow
 def test_bf16_halves_the_exchanged_bytes(tmp_path):
     """--precision bf16 (autocast): every exchange carries 2-byte activations, forward and backward, so
     the split sends half of fp32's bytes for the same config (conv3's input too: the model's LRN returns its
@@ -231,6 +234,7 @@ def test_precision_without_autocast_support_is_refused(monkeypatch):
     assert "use --precision bf16 or fp32 on cpu" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_input_with_one_line_and_exit_2():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     for args in (["--precision", "fp8"], ["--layouts", "single", "--sweep-batch", "16,x"],

@@ -18,6 +18,7 @@ def _passed(proc, tensors=68):
     assert " NO\n" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_check_split_two_streams_full_size():
     # the paper's net: 227 px, 1000 classes, eval and train (dropout), fp32 values and float64 derivatives.
     # Batch 4 and 2 steps: where fp32 gradients part at a max-pool argmax after one SGD step (an AMD EPYC
@@ -41,6 +42,7 @@ def test_check_passes_at_every_batch_and_step_count(batch):
         assert values == {str(dtype).replace("torch.", "")} and derivatives == {"float64"}
 
 
+@pytest.mark.slow
 def test_verdict_names_its_criterion():
     rows = run_check("streams", Spec(streams=2, image_size=67, num_classes=10), batch_size=2, steps=1)
     line = verdict(rows, "streams", 2, 67, 1.0)
@@ -50,21 +52,25 @@ def test_verdict_names_its_criterion():
     assert "rtol 0.0001" in criterion(torch.float32) and "float64: rtol 1e-10" in criterion(torch.float32)
 
 
+@pytest.mark.slow
 def test_check_split_four_streams_reduced_size():
     # float64: see split_alexnet/check.py on ReLU kinks within fp32 round-off at small sizes
     _passed(run_torchrun(4, "check.py", "--streams", 4, "--image-size", 67, "--num-classes", 10,
                          "--batch-size", 4, "--steps", 2, "--dtype", "float64"))
 
 
+@pytest.mark.slow
 def test_check_split_one_stream_reduced_size():
     _passed(run_torchrun(1, "check.py", "--streams", 1, "--image-size", 67, "--num-classes", 10, "--steps", 2))
 
 
+@pytest.mark.slow
 def test_check_streams_in_one_process():
     _passed(run_python("check.py", "--streams", 8, "--image-size", 67, "--num-classes", 12,
                        "--batch-size", 4, "--steps", 2, "--dtype", "float64"))
 
 
+@pytest.mark.slow
 def test_three_processes_are_refused_quickly():
     t0 = time.perf_counter()
     proc = run_torchrun(3, "check.py", timeout=120)  # --streams 2 by default: 3 is no whole replicas
@@ -74,6 +80,7 @@ def test_three_processes_are_refused_quickly():
     assert time.perf_counter() - t0 < 60
 
 
+@pytest.mark.slow
 def test_bad_flags_get_one_line():
     proc = run_python("check.py", "--image-size", 50)
     assert proc.returncode == 2
@@ -94,10 +101,12 @@ def _broken_gradient_rule(rank, world):
     assert {"fc7.weight.grad", "fc6.weight.grad", "conv5.weight.grad", "conv1.weight.grad"} <= bad
 
 
+@pytest.mark.slow
 def test_check_catches_a_wrong_gradient_rule():
     spawn(_broken_gradient_rule, 2)
 
 
+@pytest.mark.slow
 def test_check_catches_mismatched_dropout_masks():
     spec = Spec(streams=2, image_size=67, num_classes=10)
     rows = run_check("streams", spec, batch_size=2, steps=1, modes=("eval", "train"))

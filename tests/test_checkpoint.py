@@ -59,6 +59,7 @@ def _copy(trained, tmp_path):
     return dst
 
 
+@pytest.mark.slow
 def test_cut_join_round_trip_bit_exact_and_same_logits(trained, tmp_path):
     model, single = trained
     shards, back = (str(tmp_path / n) for n in ("shards", "back"))

@@ -55,5 +55,6 @@ def _one_rank_fails(rank, world):
     assert stop_all_on_error(lambda: f"rank {rank}", world) == f"rank {rank}"
 
 
+@pytest.mark.slow
 def test_one_ranks_error_stops_every_rank():
     spawn(_one_rank_fails, 2)

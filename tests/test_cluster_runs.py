@@ -109,6 +109,7 @@ def _start_and_signal(cmd, out, sig=signal.SIGTERM, after_step=2, env=None, targ
     return proc.returncode, stdout, stderr
 
 
+@pytest.mark.slow
 def test_sigterm_then_the_same_command_repeats_the_uninterrupted_losses(reference, tmp_path):
     """SIGTERM to torchrun's agent mid-way (no --save-every: the signal alone makes the checkpoint): the
     agent passes it to both ranks, which agree on a step, save, and exit 75; the identical command then
@@ -131,6 +132,7 @@ def test_sigterm_then_the_same_command_repeats_the_uninterrupted_losses(referenc
                          "failed in the restarted ranks' gloo connectFullMesh: Connection refused) and timed out "
                          "after the merges, on the shared 2-core CPU; cause not found (issue 18's closing note); "
                          "remove this mark to run it")
+@pytest.mark.slow
 def test_torchrun_restart_after_a_killed_rank_continues_in_place(reference, tmp_path):
     """torchrun --max-restarts 1: SIGKILL of rank 1 after the step-2 checkpoint; torchrun restarts both
     ranks with the same command, which resume in place from the newest checkpoint that verifies (rows
@@ -179,6 +181,7 @@ def _stub(folder, name, body):
     os.chmod(path, 0o755)
 
 
+@pytest.mark.slow
 def test_sbatch_script_twice_resumes_the_run(reference, tmp_path):
     """scripts/slurm/train.sbatch on this machine, SLURM stubbed (srun runs its command, scontrol names
     this host and records a requeue): SIGTERM to the batch script (SLURM's --signal=B:TERM) reaches the
@@ -205,6 +208,7 @@ def test_sbatch_script_twice_resumes_the_run(reference, tmp_path):
     assert _losses(out) == _losses(reference)
 
 
+@pytest.mark.slow
 def test_folder_with_metrics_but_no_checkpoint_is_refused_with_the_fix(tmp_path, capsys):
     out = str(tmp_path / "run")
     _in_process(TINY + ["--layout", "single", "--max-steps", "1", "--out", out, "--quiet"])
@@ -219,6 +223,7 @@ def test_folder_with_metrics_but_no_checkpoint_is_refused_with_the_fix(tmp_path,
     assert e.value.code == 2 and "--resume auto continues the run in --out: give --out DIR" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_in_place_resume_drops_rows_past_the_checkpoint(tmp_path, capsys):
     """A run killed after its step-2 checkpoint left rows for steps 3, 4 and half a line: the same
     command cuts them, says so in one line, and appends the repeated steps."""
@@ -256,6 +261,7 @@ print("not stopped", flush=True)
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.slow
 def test_a_signal_sets_the_flag_and_a_second_stops_at_once(sig):
     proc = subprocess.run([sys.executable, "-c", PREEMPTION.format(sig=sig)], env=_env(), capture_output=True,
                           text=True, timeout=120)
@@ -263,6 +269,7 @@ def test_a_signal_sets_the_flag_and_a_second_stops_at_once(sig):
     assert proc.returncode == -getattr(signal, sig)
 
 
+@pytest.mark.slow
 def test_sigusr1_stops_a_single_run_with_a_checkpoint(tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, TRAIN, *TINY, "--layout", "single", "--max-steps", "40", "--out", out]
@@ -275,6 +282,7 @@ def test_sigusr1_stops_a_single_run_with_a_checkpoint(tmp_path):
 
 # ---- --config ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_config_replays_a_runs_config_json_exactly(tmp_path):
     """A run with non-default flags; --config of its config.json alone (and a new --out) repeats its
     losses exactly and records the same settings."""
@@ -323,6 +331,7 @@ def test_bad_config_file_is_one_line(tmp_path, name, text, message):
 
 # ---- what the run folder records ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_folder_records_how_it_ran(reference):
     info = json.load(open(os.path.join(reference, "run.json")))
     import platform
@@ -341,6 +350,7 @@ def test_run_folder_records_how_it_ran(reference):
     assert info["torchelastic_run_id"] and info["torchelastic_restart_count"] == 0 and info["earlier"] == []
 
 
+@pytest.mark.slow
 def test_metrics_rows_carry_time_and_every_groups_lr(reference):
     rows = _metrics(reference)
     train = [r for r in rows if r["split"] == "train"]
@@ -353,6 +363,7 @@ def test_metrics_rows_carry_time_and_every_groups_lr(reference):
     assert all("time" in r for r in rows if r["split"] == "val")
 
 
+@pytest.mark.slow
 def test_tensorboard_writes_the_metrics_rows(tmp_path, capsys):
     out = str(tmp_path / "run")
     try:
@@ -371,6 +382,7 @@ def test_tensorboard_writes_the_metrics_rows(tmp_path, capsys):
         assert got == want and want, (split, key)
 
 
+@pytest.mark.slow
 def test_wandb_is_off_by_default_and_refused_in_one_line_when_missing(tmp_path):
     assert parse_config(TINY).wandb is False and parse_config(TINY).tensorboard is False
     try:
@@ -385,6 +397,7 @@ def test_wandb_is_off_by_default_and_refused_in_one_line_when_missing(tmp_path):
 
 # ---- checkpoints --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_keep_last_two_leaves_two(tmp_path):
     out = str(tmp_path / "run")
     _in_process(TINY + ["--layout", "single", "--max-steps", "4", "--save-every", "1", "--keep-last", "2",
@@ -413,6 +426,7 @@ def test_keep_last_never_deletes_the_newest_that_verifies(tmp_path):
     assert ckpt.find_checkpoint(run_dir) == os.path.join(run_dir, "checkpoints", "step0000002")
 
 
+@pytest.mark.slow
 def test_optimizer_state_goes_through_state_dict_and_old_checkpoints_load(tmp_path):
     """The file's optimizer entry is optimizer.state_dict() keyed by name; a checkpoint in the old
     format (hand-packed momentum) resumes to the same losses as the new one."""
@@ -435,6 +449,7 @@ def test_optimizer_state_goes_through_state_dict_and_old_checkpoints_load(tmp_pa
     assert _losses(new) == _losses(old) and [s for s, _ in _losses(new)] == [3, 4]
 
 
+@pytest.mark.slow
 def test_fp16_resume_keeps_the_loss_scale(tmp_path):
     """fp16: the GradScaler's state (scale, growth count) is saved in meta.pt and restored on resume
     (before: a new scaler at the next step, at 2^16 with its growth count at 0)."""
@@ -449,6 +464,7 @@ def test_fp16_resume_keeps_the_loss_scale(tmp_path):
     assert isinstance(resumed.scaler, torch.amp.GradScaler) and resumed.scaler.state_dict() == meta["scaler"]
 
 
+@pytest.mark.slow
 def test_convert_to_state_dict_loads_with_weights_only_alone(tmp_path, capsys):
     out = str(tmp_path / "run")
     _in_process(TINY + ["--layout", "streams", "--max-steps", "1", "--save-every", "1", "--out", out, "--quiet"])
@@ -484,6 +500,7 @@ class _FullDisk:
         torch.save(obj, f)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(tmp_path):
     """Checkpoints at steps 1 and 2 (streams: stream0.pt, stream1.pt, meta.pt each); the disk fills while
     step 2's stream1.pt is written: one line naming the folder and the space, step 2's partial files

@@ -86,10 +86,12 @@ def _every_function(rank, world):
 
 
 # one spawn per world size (starting ranks is the slow part); each Function is checked on its own inside
+@pytest.mark.slow
 def test_comm_functions_two_ranks():
     spawn(_every_function, 2)
 
 
+@pytest.mark.slow
 def test_comm_functions_four_ranks():
     spawn(_every_function, 4)
 
@@ -132,6 +134,7 @@ def _overlap_keeps_no_activations(rank, world):
     assert all(ref() is None for ref in handed_out), sum(ref() is not None for ref in handed_out)
 
 
+@pytest.mark.slow
 def test_overlap_keeps_no_activations_after_the_step():
     spawn(_overlap_keeps_no_activations, 2)
 

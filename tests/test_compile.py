@@ -9,6 +9,7 @@ same sums, so the check's float64 tolerance applies unchanged: max|a - b| <= 1e-
 tensor (split_alexnet/check.py). The equality tests use backend="aot_eager" (the graphs dynamo and
 AOTAutograd build, run by eager kernels): Inductor's C++ compile takes minutes per graph on this 2-core
 CPU; the graphs are what --compile hands Inductor."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ def _close(a, b, what):
     assert err <= RTOL * scale + ATOL, f"{what}: {err:.3e} against {RTOL * scale + ATOL:.3e}"
 
 
+@pytest.mark.slow
 def test_single_layout_train_forward_is_one_graph():
     net = AlexNet(spec=SPEC).train()
     explained = torch._dynamo.explain(net)(torch.randn(2, 3, 67, 67))
@@ -43,6 +45,7 @@ def _step(model, x, y, opt):
     return logits.detach()
 
 
+@pytest.mark.slow
 def test_compiled_single_and_streams_steps_equal_eager_without_recompiling():
     """Three SGD steps in train mode (three draws of each mask): compiled equals eager, and the single
     layout's forward is compiled once (the draw counter is a buffer, not a guarded Python int)."""
@@ -96,6 +99,7 @@ def _split_compiled_equals_eager(rank, world):
     dist.barrier()
 
 
+@pytest.mark.slow
 def test_compiled_split_step_equals_eager():
     """2 gloo ranks: each layer compiled on its own, the exchanges eager between the graphs."""
     spawn(_split_compiled_equals_eager, 2)

@@ -5,10 +5,12 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 from conftest import REPO, run_torchrun
 
 
+@pytest.mark.slow
 def test_nccl_follows_the_hardware():
     # with a GPU per process NCCL runs the check; with fewer GPUs than processes it is refused at once
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -45,6 +47,7 @@ FROZEN_PEER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_frozen_peer_ends_the_job_in_bounded_time(tmp_path):
     script = tmp_path / "frozen.py"
     script.write_text(FROZEN_PEER)

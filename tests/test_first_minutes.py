@@ -35,6 +35,7 @@ def _train(argv, capsys):
     return summary, capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_short_run_plots_logs_and_says_how_to_go_on(tmp_path, capsys):
     out = str(tmp_path / "run")
     summary, said = _train(TINY + ["--max-steps", "3", "--save-every", "3", "--out", out], capsys)
@@ -72,6 +73,7 @@ def test_eval_only_needs_a_checkpoint():
         parse_config(TINY + ["--eval-only"])
 
 
+@pytest.mark.slow
 def test_convert_names_what_it_wrote(tmp_path, capsys):
     out = str(tmp_path / "run")
     _train(TINY + ["--max-steps", "1", "--save-every", "1", "--no-plot", "--quiet", "--out", out], capsys)

@@ -123,6 +123,7 @@ def _split_equals_single(rank, world, classes):
             _close(p.grad, grads[name])
 
 
+@pytest.mark.slow
 def test_split_layout_equals_single_two_and_four_ranks():
     spawn(_split_equals_single, 2, 10)
     spawn(_split_equals_single, 4, 10)  # fc8 split unevenly: 3, 3, 2, 2 classes

@@ -167,6 +167,7 @@ def _lrn_relu_pool(x):
     return F.max_pool2d(local_response_norm(F.relu(x), **LRN), 3, 2)
 
 
+@pytest.mark.slow
 def test_lrn_is_one_dynamo_graph():
     explained = torch._dynamo.explain(_lrn_relu_pool)(torch.randn(2, 12, 9, 9, requires_grad=True))
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
@@ -174,6 +175,7 @@ def test_lrn_is_one_dynamo_graph():
 
 
 @pytest.mark.parametrize("shape,size", [((2, 7, 3, 4), 5), ((2, 6, 3, 3), 4), ((1, 4, 2, 2, 2), 3)])
+@pytest.mark.slow
 def test_traced_path_equals_eager_float64(shape, size):
     """Under torch.compile the Function takes its traced branch (F.pad, only x saved, s and s^-beta
     recomputed in the backward): the same formula in another order, so float64 round-off apart."""
@@ -188,6 +190,7 @@ def test_traced_path_equals_eager_float64(shape, size):
     torch.testing.assert_close(dxc, dx, rtol=1e-12, atol=1e-14 * dx.abs().max().item())
 
 
+@pytest.mark.slow
 def test_traced_path_keeps_the_half_dtype():
     torch.manual_seed(7)
     x = (torch.rand(2, 12, 5, 5) * 40).bfloat16().requires_grad_()

@@ -31,6 +31,7 @@ def _bad(rows):
     return {r.tensor for r in rows if not r.ok}
 
 
+@pytest.mark.slow
 def test_check_two_streams_two_replicas():
     # the launcher end to end: 4 gloo ranks = 2 replicas x 2 streams, eval and train (dropout), global batch 4
     proc = run_torchrun(4, "check.py", "--streams", 2, *SMALL)
@@ -47,6 +48,7 @@ def _missing_allreduce(rank, world):
     assert {"conv1.weight.grad", "fc6.weight.grad", "fc8.bias.grad"} <= bad   # one replica's gradient
 
 
+@pytest.mark.slow
 def test_check_fails_without_the_replica_allreduce():
     spawn(_missing_allreduce, 4)
 
@@ -151,6 +153,7 @@ def test_resume_at_another_replica_count(tmp_path):
                 assert (b[part][k] - want).abs().max() <= RTOL * want.abs().max() + ATOL, (part, k)
 
 
+@pytest.mark.slow
 def test_world_size_refusals_are_one_line():
     with pytest.raises(UsageError, match=r"^--streams 3: the widths \(96, 256, 384, 4096\) divide into "
                                          r"1, 2, 4, 8 streams; use one of those$"):

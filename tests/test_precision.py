@@ -36,6 +36,7 @@ def test_half_tolerance_is_the_stated_error_model():
 
 
 @pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.slow
 def test_check_passes_in_bf16_streams(batch):
     rows = run_check("streams", SPEC, batch_size=batch, steps=1, dtype=torch.bfloat16)
     assert len(rows) == 68 and not [r for r in rows if not r.ok]
@@ -43,6 +44,7 @@ def test_check_passes_in_bf16_streams(batch):
     assert {r.dtype for r in rows if r.tensor not in ("logits", "loss")} == {"float64"}
 
 
+@pytest.mark.slow
 def test_check_passes_in_bf16_split():
     proc = run_torchrun(2, "check.py", "--image-size", 67, "--num-classes", 10, "--batch-size", 4,
                         "--steps", 1, "--precision", "bf16")
@@ -90,6 +92,7 @@ def test_lrn_returns_the_half_dtype_computed_in_fp32(dtype):
 
 # ---- train --------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_bf16_logs_finite_losses(tmp_path):
     out = str(tmp_path / "bf16")
     run(build(parse_config(TINY + ["--layout", "single", "--max-steps", "2", "--precision", "bf16",
@@ -99,6 +102,7 @@ def test_train_bf16_logs_finite_losses(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["precision"] == "bf16"
 
 
+@pytest.mark.slow
 def test_train_fp16_uses_a_grad_scaler(tmp_path):
     job = build(parse_config(TINY + ["--layout", "streams", "--max-steps", "2", "--precision", "fp16",
                                      "--out", str(tmp_path / "fp16")]))
@@ -132,6 +136,7 @@ def test_train_refuses_a_batch_the_micro_batches_do_not_divide(monkeypatch):
     assert parse_config(TINY).micro_batches == 1   # single: not micro-batched
 
 
+@pytest.mark.slow
 def test_train_cli_refusal_is_one_line_exit_2():
     proc = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--micro-batches", "3",
                            "--layout", "streams"], capture_output=True, text=True, timeout=120)
@@ -144,6 +149,7 @@ def test_train_cli_refusal_is_one_line_exit_2():
 LOSS_RTOL = 1e-5
 
 
+@pytest.mark.slow
 def test_micro_batches_repeat_the_plain_split_losses(tmp_path):
     outs = {}
     for m in (1, 2, 4):
@@ -161,6 +167,7 @@ def test_micro_batches_repeat_the_plain_split_losses(tmp_path):
 
 # ---- the allocator: on by default ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_keep_freed_memory_is_on_by_default(tmp_path):
     assert parse_config(TINY).keep_freed_memory is True
     args = [a for a in TINY if a != "--quiet"] + ["--layout", "single", "--max-steps", "1"]
@@ -181,6 +188,7 @@ def test_compile_available_answers_without_raising():
 
 # ---- no host synchronisation inside a step ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_step_returns_the_loss_unread(tmp_path):
     """The step hands back a device tensor (it once ended in loss.item(), a synchronisation per step);
     the run still logs every step's loss in metrics.jsonl, read every --log-every steps."""
@@ -209,6 +217,7 @@ def _one_rank_overflows(rank, world):
     assert not all(torch.isfinite(p.grad).all() for p in params)     # every rank skips the step
 
 
+@pytest.mark.slow
 def test_fp16_ranks_skip_together_without_reading_the_flag():
     from conftest import spawn
     spawn(_one_rank_overflows, 2)

@@ -321,6 +321,7 @@ def _masks(dropout, n=3, dtype=torch.float32):
     return [dropout(torch.ones(4, 4096, dtype=dtype), 0.5, 4096, 0).float() for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_single_checkpoint_converted_keeps_every_streams_masks(tmp_path):
     """A single-layout run's checkpoint, cut into shards and loaded by the split layout's ranks (and the
     streams layout): every stream draws the masks the uninterrupted single run draws next."""
@@ -380,6 +381,7 @@ def test_damaged_dropout_state_is_one_line(bad):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_resume_of_an_old_generator_checkpoint_is_one_line(tmp_path, capsys):
     part = str(tmp_path / "part")
     run(build(parse_config(TINY + ["--max-steps", "1", "--save-every", "1", "--out", part])))

@@ -65,6 +65,7 @@ def mnist_split(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_split_learns_mnist(mnist_split):
     rows = _metrics(mnist_split)
     val = [r for r in rows if r["split"] == "val"]
@@ -78,6 +79,7 @@ def test_split_learns_mnist(mnist_split):
                                                             num_classes=10, net="paper")
 
 
+@pytest.mark.slow
 def test_metrics_schema(mnist_split):
     rows = _metrics(mnist_split)
     train = [r for r in rows if r["split"] == "train"]
@@ -95,6 +97,7 @@ def test_metrics_schema(mnist_split):
         assert 0 <= r["top1"] <= r["top5"] <= 1
 
 
+@pytest.mark.slow
 def test_split_and_single_log_the_same_losses(mnist_split, tmp_path):
     """Same seed, same dropout seed, dropout on: the single layout repeats the split run's losses."""
     _train_in_process(MNIST_ARGS + ["--layout", "single", "--max-steps", str(EQUAL_STEPS), "--quiet",
@@ -114,6 +117,7 @@ TINY = ["--dataset", "shapes", "--train-size", "32", "--val-size", "8", "--image
 
 
 @pytest.mark.parametrize("layout", ["single", "streams"])
+@pytest.mark.slow
 def test_resume_repeats_uninterrupted_run(tmp_path, layout):
     full, part, resumed = (str(tmp_path / n) for n in ("full", "part", "resumed"))
     _train_in_process(TINY + ["--layout", layout, "--max-steps", "6", "--out", full, "--plot"])
@@ -230,6 +234,7 @@ def test_existing_run_is_not_overwritten(tiny_checkpoint, capsys):
     assert "already holds metrics.jsonl and no checkpoint to continue from: give another --out" in err
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exit_status():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--momentum", "1.5"],
                           capture_output=True, text=True, timeout=120)
@@ -237,6 +242,7 @@ def test_cli_bad_input_exit_status():
     assert proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_split_resume_and_bad_shard(tmp_path):
     """Under torchrun: the split layout's per-rank shards resume exactly; a truncated shard of one rank
     stops both ranks at once with one message (no rank left waiting in a collective)."""
