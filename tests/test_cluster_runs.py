@@ -525,6 +525,7 @@ def test_a_restarted_attempt_reads_none_of_the_attempt_befores_keys(monkeypatch)
     """torchrun's agent keeps one store for the whole job: the process group's keys go under the attempt
     (TORCHELASTIC_RESTART_COUNT), so attempt 1 waiting for a peer's address does not find attempt 0's."""
     from datetime import timedelta
+
     from split_alexnet.distributed import attempt_store
     server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -535,6 +536,6 @@ def test_a_restarted_attempt_reads_none_of_the_attempt_befores_keys(monkeypatch)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     later = attempt_store(10)
     later.set_timeout(timedelta(seconds=0.5))
-    with pytest.raises(Exception):                 # not there: attempt 1 waits for its own peer's key
+    with pytest.raises(torch.distributed.DistStoreError):   # not there: attempt 1 waits for its own peer's key
         later.get("default_pg/0//cpu/rank_1")
     assert server.get("split_alexnet/attempt0/default_pg/0//cpu/rank_1") == b"the dead peer's address"
