@@ -45,6 +45,15 @@ def rendezvous():
             "TORCHELASTIC_RUN_ID" in os.environ)
 
 
+def attempt_prefix():
+    """The store key prefix of this torchrun attempt. torchrun's agent keeps one rendezvous store for the
+    whole job (TORCHELASTIC_USE_AGENT_STORE) and its workers' keys carry no attempt: after a restart a rank
+    could read a dead peer's gloo address, or its NCCL id, from the attempt before (pytorch/pytorch#135712)
+    and fail in connectFullMesh with "Connection refused". TORCHELASTIC_RESTART_COUNT is the same on every
+    worker of an agent, and every agent restarts its workers together."""
+    return f"split_alexnet/attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
 def log(*args, **kwargs):
     """Print from rank 0 only (the one place the launchers log through)."""
     if env().rank == 0:

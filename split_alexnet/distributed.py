@@ -12,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import RankError, UsageError, env, rendezvous
+from .cli import RankError, UsageError, attempt_prefix, env, rendezvous
 from .spec import allowed_streams
 
 
@@ -94,6 +94,8 @@ def setup(backend=None, device=None, timeout_s=120, streams=None):
         kwargs = dict(device_id=device) if backend == "nccl" and gpus >= local_world else {}
         if not rendezvous()[2]:                    # by hand: this job's own store, checked first
             kwargs.update(store=hand_launch_store(rank, world, timeout_s), rank=rank, world_size=world)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # the agent's one store: keys by attempt
+            kwargs.update(store=attempt_store(timeout_s), rank=rank, world_size=world)
         dist.init_process_group(group_backend(backend), timeout=timedelta(seconds=timeout_s), **kwargs)
         if device.type == "cuda":
             refuse_shared_gpus(device, world)
@@ -162,6 +164,14 @@ def teardown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
+
+
+def attempt_store(timeout_s):
+    """A client of torchrun's agent store whose keys are this attempt's (cli.attempt_prefix): a restarted
+    rank never reads a peer's address left by the attempt before."""
+    addr, port, _ = rendezvous()
+    return dist.PrefixStore(attempt_prefix(), dist.TCPStore(addr, port, is_master=False,
+                                                             timeout=timedelta(seconds=timeout_s)))
 
 
 def hand_launch_store(rank, world, timeout_s, answer_s=10.0):

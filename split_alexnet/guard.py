@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from . import outlock
-from .cli import EXIT_PEER, UsageError, rendezvous, stop_all_on_error  # EXIT_PEER: a peer stopped answering
+from .cli import EXIT_PEER, UsageError, attempt_prefix, rendezvous, stop_all_on_error  # EXIT_PEER: a peer stopped answering
 
 # ---- where this rank is (for the watchdog's message) -----------------------------------------------
 
@@ -179,7 +179,7 @@ def start(ctx, peer_timeout):
         return None
     die_with_parent()
     if ctx.world > 1 and peer_timeout > 0:
-        _watchdog = Watchdog(ctx.rank, ctx.world, peer_timeout)
+        _watchdog = Watchdog(ctx.rank, ctx.world, peer_timeout, prefix=attempt_prefix())   # a restart's own keys
         _watchdog.start()
     return _watchdog
 

@@ -128,10 +128,6 @@ def test_sigterm_then_the_same_command_repeats_the_uninterrupted_losses(referenc
     assert _losses(out) == _losses(reference) and _losses(out, "val") == _losses(reference, "val")
 
 
-@pytest.mark.skip(reason="torchrun --max-restarts 1 with a rank killed: passed 2 of 3 runs on its branch (the third "
-                         "failed in the restarted ranks' gloo connectFullMesh: Connection refused) and timed out "
-                         "after the merges, on the shared 2-core CPU; cause not found (issue 18's closing note); "
-                         "remove this mark to run it")
 @pytest.mark.slow
 def test_torchrun_restart_after_a_killed_rank_continues_in_place(reference, tmp_path):
     """torchrun --max-restarts 1: SIGKILL of rank 1 after the step-2 checkpoint; torchrun restarts both
@@ -540,3 +536,23 @@ def test_launchers_show_defaults_and_answer_a_bad_flag_in_one_line(launcher, sho
         run_main(lambda: main(["--no-such-flag"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_restarted_attempt_reads_none_of_the_attempt_befores_keys(monkeypatch):
+    """torchrun's agent keeps one store for the whole job: the process group's keys go under the attempt
+    (TORCHELASTIC_RESTART_COUNT), so attempt 1 waiting for a peer's address does not find attempt 0's."""
+    from datetime import timedelta
+
+    from split_alexnet.distributed import attempt_store
+    server = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt_store(10).set("default_pg/0//cpu/rank_1", "the dead peer's address")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    later = attempt_store(10)
+    later.set_timeout(timedelta(seconds=0.5))
+    with pytest.raises(torch.distributed.DistStoreError):   # not there: attempt 1 waits for its own peer's key
+        later.get("default_pg/0//cpu/rank_1")
+    assert server.get("split_alexnet/attempt0/default_pg/0//cpu/rank_1") == b"the dead peer's address"
