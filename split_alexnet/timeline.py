@@ -21,7 +21,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BACKWARD = "autograd::engine::evaluate_function: "
+from .labels import BACKWARD
+
 ISSUE = ("c10d::allgather_", "c10d::reduce_scatter_", "c10d::allgather_into_tensor_coalesced",
          "c10d::reduce_scatter_tensor_coalesced")
 WORK = ("gloo:all_gather", "gloo:all_reduce", "gloo:reduce_scatter")

@@ -10,12 +10,11 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.profiler import record_function
 
 from .. import comm
+from ..labels import LRN_LABEL
 from ..model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
 from ..overlap import overlapped_forward
 from ..spec import Spec
 from .config import cores, threads_per_rank, torchvision_image_size
-
-LRN_LABEL = "lrn"
 
 
 @contextlib.contextmanager

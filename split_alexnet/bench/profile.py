@@ -25,10 +25,9 @@ from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
 from torch.profiler import ProfilerActivity, profile
 
+from ..labels import BACKWARD, LRN_LABEL
 from ..spec import Spec
 
-BACKWARD = "autograd::engine::evaluate_function: "
-LRN_LABEL = "lrn"
 NO_LRN = -1.0  # the share of a step without any "lrn" range (reported as null, printed "n/a")
 
 
