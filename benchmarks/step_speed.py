@@ -23,7 +23,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import split_alexnet.model as model_mod
 from split_alexnet import AlexNet
 from split_alexnet.allocator import keep_freed_memory
 from split_alexnet.lrn import local_response_norm as fast_lrn
@@ -77,7 +76,7 @@ def inplace_layer_fn(self, layer, x):
     if layer.lrn:
         groups = self.spec.streams if self.stream is None else 1
         b, c, h, w = x.shape
-        x = model_mod.local_response_norm(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
+        x = self.lrn_fn(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
     if layer.pool:
         x = F.max_pool2d(x, **POOL)
     if layer.dropout and self.training:
@@ -91,20 +90,18 @@ def build(name, batch):
         import torchvision
         net, size, lrn = torchvision.models.alexnet(num_classes=1000), 224, None
     else:
-        net, size = AlexNet(), 227
         lrn = F.local_response_norm if name == "single-torchlrn" else fast_lrn
+        net, size = AlexNet(lrn_fn=labelled(lrn)), 227   # the LRN is the model's argument
         if name == "single-inplace":
             net.layer_fn = inplace_layer_fn.__get__(net)
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     if name.endswith("-cl"):
         net, x = net.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    return dict(net=net.train(), x=x, y=y, opt=opt, lrn=labelled(lrn) if lrn else None)
+    return dict(net=net.train(), x=x, y=y, opt=opt)
 
 
 def step(v):
-    if v["lrn"] is not None:
-        model_mod.local_response_norm = v["lrn"]
     loss = F.cross_entropy(v["net"](v["x"]), v["y"])
     loss.backward()
     v["opt"].step()

@@ -13,9 +13,11 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from . import comm
 from .cli import UsageError
+from .labels import LRN_LABEL
 from .lrn import local_response_norm
 from .spec import LRN, POOL, Spec
 
@@ -139,10 +141,11 @@ class _Layers(nn.Module):
     """conv1..fc8 as plain nn.Conv2d / nn.Linear, for the whole net (stream=None: AlexNet) or one
     stream (Stream): the layers and layer_fn the layouts share."""
 
-    def __init__(self, spec, stream=None, dropout_seed=0, init="paper", lrn_across_streams=False):
+    def __init__(self, spec, stream=None, dropout_seed=0, init="paper", lrn_across_streams=False, lrn_fn=None):
         super().__init__()
         self.spec, self.stream = spec, stream
         self.lrn_across_streams = lrn_across_streams  # an exercise's argument (exercises.py); never in training
+        self.lrn_fn = lrn_fn or local_response_norm   # another LRN implementation: a benchmark's argument
         self.dropout = DropoutMasks(dropout_seed)
         self.pad_end = {s.layer.name: s.pad_end for s in spec.shapes if s.pad_end}   # cuda-convnet2's rule
         self._compiled = {}                       # layer name -> its compiled function (compile_layers)
@@ -191,7 +194,8 @@ class _Layers(nn.Module):
         if layer.lrn:                             # within each stream, never across streams
             groups = self.spec.streams if self.stream is None and not self.lrn_across_streams else 1
             b, c, h, w = x.shape
-            x = local_response_norm(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
+            with record_function(LRN_LABEL):         # the profiler's "lrn" range, in every layout
+                x = self.lrn_fn(x.reshape(b * groups, c // groups, h, w), **LRN).reshape(b, c, h, w)
         if layer.pool:
             x = F.max_pool2d(x, **POOL)
         if layer.dropout and self.training:
@@ -207,10 +211,10 @@ class AlexNet(_Layers):
     """The single layout: the whole two-stream net on one device, as grouped convolutions."""
 
     def __init__(self, num_classes=1000, in_channels=3, streams=2, image_size=227, *,
-                 dropout_seed=0, init="paper", spec=None, lrn_across_streams=False):
+                 dropout_seed=0, init="paper", spec=None, lrn_across_streams=False, lrn_fn=None):
         spec = _spec(spec, dict(num_classes=num_classes, in_channels=in_channels,
                                 streams=streams, image_size=image_size))
-        super().__init__(spec, None, dropout_seed, init, lrn_across_streams)
+        super().__init__(spec, None, dropout_seed, init, lrn_across_streams, lrn_fn)
 
     def exchange(self, name, x):                  # one device: every stream's maps are already here
         return x
@@ -246,8 +250,12 @@ class StreamsAlexNet(nn.Module):
 
     def forward(self, x):                         # (B, 3, 227, 227) on any device
         _check_input(self.spec, x)
+        layer_fn, exchange = self.plan_callbacks()
         xs = [x.to(d) for d in self.devices]      # every stream sees the whole image
+        return forward_plan(self.spec, xs, layer_fn, exchange)  # (B, num_classes) on devices[0]
 
+    def plan_callbacks(self):
+        """forward_plan's layer_fn and exchange for this layout: lists of per-stream tensors."""
         def layer_fn(layer, xs):
             return [s.layer_fn(layer, t) for s, t in zip(self.streams, xs)]
 
@@ -256,7 +264,7 @@ class StreamsAlexNet(nn.Module):
                 return torch.cat([t.to(self.devices[0]) for t in xs], dim=1)
             return [torch.cat([t.to(d) for t in xs], dim=1) for d in self.devices]
 
-        return forward_plan(self.spec, xs, layer_fn, exchange)  # (B, num_classes) on devices[0]
+        return layer_fn, exchange
 
 
 class SplitAlexNet(nn.Module):

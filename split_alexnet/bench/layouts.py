@@ -1,58 +1,23 @@
 """The layouts, built and ready to step: one `Run` per layout (and per thread count of single on CPU)."""
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.profiler import record_function
 
 from .. import comm
-from ..labels import LRN_LABEL
+from ..labels import exchange_label
 from ..model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
 from ..overlap import overlapped_forward
 from ..spec import Spec
 from .config import cores, threads_per_rank, torchvision_image_size
 
 
-@contextlib.contextmanager
-def lrn_labelled():
-    """While the block runs, every LRN call of the model is a profiler range named "lrn".
-
-    The model's layer_fn calls its LRN through a module attribute looked up at call time: today
-    `F.local_response_norm` (torch.nn.functional), and, where model.py imports its own LRN function as
-    `local_response_norm` (split_alexnet/lrn.py), that name in split_alexnet.model. Both are wrapped if
-    present, so the LRN is labelled in every layout (single, streams, split, split-overlap, ddp) without
-    touching the model; nested "lrn" ranges (one calling the other) count once. The wrapper only
-    labels: the model's LRN (split_alexnet/lrn.py) itself returns its input's dtype under autocast
-    (computed in fp32 inside), so the bench times what training runs. A model whose LRN is reached by
-    neither name is not labelled: the bench then reports no LRN share (null), never 0.
-    """
-    from .. import model
-    targets = [(F, "local_response_norm")]
-    if callable(getattr(model, "local_response_norm", None)):
-        targets.append((model, "local_response_norm"))
-    originals = [getattr(mod, name) for mod, name in targets]
-
-    def wrap(original):
-        def labelled(x, *args, **kwargs):
-            with record_function(LRN_LABEL):
-                return original(x, *args, **kwargs)
-        return labelled
-
-    for (mod, name), original in zip(targets, originals):
-        setattr(mod, name, wrap(original))
-    try:
-        yield
-    finally:
-        for (mod, name), original in zip(targets, originals):
-            setattr(mod, name, original)
-
-
 def labelled_forward(net, x):
-    """AlexNet.forward or SplitAlexNet.forward (the same plan and comm Functions), labelled per layer."""
+    """AlexNet.forward or SplitAlexNet.forward (the same plan and comm Functions), labelled per layer
+    and per exchange; the LRN labels itself ("lrn", model.py's layer function), in every layout."""
     spec, layer_fn, exchange = net.spec, net.layer_fn, net.exchange
 
     def labelled_layer(layer, t):
@@ -60,7 +25,7 @@ def labelled_forward(net, x):
             return layer_fn(layer, t)
 
     def labelled_exchange(name, t):
-        with record_function(f"exchange:{name}"):
+        with record_function(exchange_label(name)):
             return exchange(name, t)
 
     return forward_plan(spec, x, labelled_layer, labelled_exchange)

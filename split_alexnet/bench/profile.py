@@ -6,7 +6,7 @@ autograd's operator ranges. The breakdown aggregates each step's ranges with the
 `key_averages()`.
 
 LRN's share of a step (`lrn_shares`): the forward is the time inside the step's "lrn" ranges (labelled
-by layouts.lrn_labelled, or by the model itself); the backward is every autograd node whose sequence
+by the model itself, model.py's layer function, in every layout); the backward is every autograd node whose sequence
 number is one of the ops run inside those ranges (the profiler gives a backward node the sequence number
 of the forward op that made it: AvgPool3DBackward0, PowBackward0, DivBackward0, ... for
 F.local_response_norm). Which clock is an argument (`device_time`, the bench's choice by device type):

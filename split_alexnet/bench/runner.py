@@ -13,7 +13,7 @@ from ..spec import Spec
 from . import profile
 from .bound import bound_section
 from .config import cores, streams_of, threads_per_rank
-from .layouts import build_runs, lrn_labelled
+from .layouts import build_runs
 from .measure import measure, over_ranks
 from .progress import BenchProgress
 from .stats import exchanges_table, ratios, summarise
@@ -85,8 +85,7 @@ def run_bench(cfg, ctx):
         log(f"  batch {batch} done ({time.perf_counter() - t0:.0f} s)")
 
     try:
-        with lrn_labelled():  # a profiler range "lrn" around each LRN
-            batches, stopped = sweep(cfg.batch_sizes, measure_one, ctx.world, device)
+        batches, stopped = sweep(cfg.batch_sizes, measure_one, ctx.world, device)  # the LRN labels itself
     finally:
         progress.close()
     rows = [summarise(r, spec, b, ctx.world) for b in batches for r in runs]
