@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import comm
-from .cli import UsageError
+from .errors import UsageError
 from .lrn import local_response_norm
 from .spec import LRN, POOL, Spec
 
