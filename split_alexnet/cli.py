@@ -9,15 +9,9 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from .errors import RankError, UsageError  # noqa: F401  (re-exported: the launchers and older imports use cli's)
+
 EXIT_PEER = 3  # the exit status of a rank that ends because a peer stopped answering or died
-
-
-class UsageError(Exception):
-    """Bad input: the launchers print its one-line message and exit with status 2."""
-
-
-class RankError(UsageError):
-    """Bad input found by one rank alone (no collective to share it): printed by the rank that raised it."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .cli import RankError, UsageError, attempt_prefix, env, rendezvous
+from .cli import attempt_prefix, env, rendezvous
+from .errors import RankError, UsageError
 from .spec import allowed_streams
 
 

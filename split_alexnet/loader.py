@@ -13,8 +13,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .augment import all_gather_rows, collate_encoded, decode_batch, split_encoded, stream_rows, to_device
-from .cli import RankError, UsageError, env
+from .cli import env
 from .data import EpochSampler
+from .errors import RankError, UsageError
 
 
 def cores():

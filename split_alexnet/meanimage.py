@@ -19,8 +19,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import v2
 
-from .cli import UsageError
 from .data import Seeded, _paper_base, cached_mean_image
+from .errors import UsageError
 
 
 def subset(n, count):

@@ -14,8 +14,8 @@ the (replica, stream) DeviceMesh).
 import torch.nn as nn
 from torch.utils.data import Sampler
 
-from .cli import UsageError
 from .data import EpochSampler
+from .errors import UsageError
 from .model import split_from_single
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from . import comm
-from .cli import UsageError
+from .errors import UsageError
 from .labels import LRN_LABEL
 from .lrn import local_response_norm
 from .spec import LRN, POOL, Spec

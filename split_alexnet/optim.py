@@ -23,7 +23,7 @@ gives every layer epsW=dexp[base=0.02;tgtFactor=250;numSteps=4], epsB=dexp[base=
 """
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
 
 
 class PaperSGD(torch.optim.Optimizer):

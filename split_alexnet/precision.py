@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-from .cli import UsageError
+from .errors import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # unit round-off u = 2^-p, p the significand's bits (implicit bit included): what one rounding costs

@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
-from .cli import UsageError
+from .errors import UsageError
 from .loader import cores
 
 PARTS = ("train", "val")

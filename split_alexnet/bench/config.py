@@ -2,7 +2,7 @@
 import os
 from dataclasses import dataclass
 
-from ..cli import UsageError
+from ..errors import UsageError
 from ..precision import PRECISIONS, check_precision, compile_available
 from ..spec import Spec
 
