@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from split_alexnet import layouts
 from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.check import AUTOCAST, criterion, format_table, run_check, verdict
 from split_alexnet.cli import DefaultsHelp, Parser, UsageError, env, log, run_main
@@ -31,7 +32,7 @@ from split_alexnet.spec import Spec, parse_reads
 
 def parse_args(argv=None):
     p = Parser(description=__doc__, formatter_class=DefaultsHelp)
-    p.add_argument("--layout", choices=["split", "streams", "hybrid"], default=None,
+    p.add_argument("--layout", choices=layouts.names(checked=True), default=None,
                    help="default: split under torchrun, streams otherwise; hybrid: conv data parallel, fc "
                    "model parallel over every process (docs/scaling.md)")
     p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
@@ -91,30 +92,33 @@ def main(argv=None):
     args = parse_args(argv)
     _, allocator = apply_keep_freed_memory(args.keep_freed_memory)   # before any tensor of the check
     proc = env()
-    layout = args.layout or ("split" if proc.torchrun else "streams")
+    entry = layouts.get(args.layout or ("split" if proc.torchrun else "streams"))
+    layout = entry.name
     args.streams = args.streams or (1 if args.net == "half" else 2)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"eval", "train"}:
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
     if args.batch_size < 1 or args.steps < 1:
         raise UsageError("--batch-size and --steps must be at least 1")
-    if args.net == "half" and layout == "split":
-        raise UsageError("--net half is the paper's one-GPU net (one stream): it has no split layout; "
-                         "run python launch/check.py --net half (streams layout, one stream)")
+    if args.net == "half" and entry.torchrun:
+        raise UsageError(f"--net half is the paper's one-GPU net (one stream): it has no {layout} layout; "
+                         f"run python launch/check.py --net half (streams layout, one stream)")
     if args.precision not in DTYPES:
         raise UsageError(f"--precision {args.precision}: use fp32, bf16, fp16 or fp64")
     dtype = DTYPES[args.precision]
-    if layout == "streams" and proc.torchrun and proc.world > 1:
-        raise UsageError("--layout streams runs in one process: use python launch/check.py, not torchrun")
-    if args.hybrid_schedule == "2014" and layout != "hybrid":
-        raise UsageError("--hybrid-schedule 2014 is the hybrid layout's: add --layout hybrid (under torchrun)")
-    if layout == "hybrid" and not proc.torchrun:
-        raise UsageError("--layout hybrid runs one process per rank: launch it with "
-                         "torchrun --nproc_per_node=4 launch/check.py --layout hybrid")
-    if args.exercise == "keep-own-slice" and layout != "split":
-        raise UsageError("--exercise keep-own-slice breaks the split layout's written-down rule: run it "
-                         "under torchrun --nproc_per_node=2 (in one process autograd sums by itself)")
+    if not entry.torchrun and proc.torchrun and proc.world > 1:
+        raise UsageError(f"--layout {layout} runs in one process: use python launch/check.py, not torchrun")
+    if args.hybrid_schedule not in entry.schedules:
+        raise UsageError(f"--hybrid-schedule {args.hybrid_schedule} is the hybrid layout's: add --layout hybrid "
+                         f"(under torchrun)")
+    if entry.torchrun and not proc.torchrun:
+        raise UsageError(f"--layout {layout} runs one process per {'stream' if entry.processes == 'per-stream' else 'rank'}: "
+                         f"launch it with torchrun --nproc_per_node={2 if entry.processes == 'per-stream' else 4} "
+                         f"launch/check.py --layout {layout}")
     opts = options(args.exercise) if args.exercise else {}
+    if opts.get("split") and not entry.exercises:
+        raise UsageError(f"--exercise {args.exercise} breaks the split layout's written-down rule: run it "
+                         f"under torchrun --nproc_per_node=2 (in one process autograd sums by itself)")
     rules = {}
     try:
         for flag, key in (("--gather-backward", "gather_rule"), ("--logits-backward", "logits_rule")):
@@ -123,7 +127,7 @@ def main(argv=None):
                 rules[key] = load_rule(path, flag)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if rules and (layout != "split" or proc.world != 2 or args.streams != 2):
+    if rules and (not entry.exercises or proc.world != 2 or args.streams != 2):
         raise UsageError("--gather-backward / --logits-backward replace the split layout's backward rules: "
                          "run them under torchrun --nproc_per_node=2 (in one process autograd has the rules)")
     if rules and opts.get("split"):
@@ -131,15 +135,14 @@ def main(argv=None):
                          "leave out --exercise or --gather-backward")
     if rules:
         opts = {**opts, "split": rules}
-    ctx = None
-    if layout in ("split", "hybrid"):
-        ctx = setup(args.backend, args.device, args.timeout, args.streams if layout == "split" else None)
+    ctx = setup(args.backend, args.device, args.timeout, layouts.setup_streams(entry, args.streams)) \
+        if entry.torchrun else None
     try:
         streams = args.streams
-        parts = ctx.replicas if layout == "split" else ctx.world if layout == "hybrid" else 1
+        parts = layouts.batch_parts(entry, ctx)
         if args.batch_size % parts:
             raise UsageError(f"--batch-size {args.batch_size} does not split over {parts} "
-                             f"{'replicas' if layout == 'split' else 'ranks'}: use a multiple of {parts}")
+                             f"{'replicas' if entry.processes == 'per-stream' else 'ranks'}: use a multiple of {parts}")
         try:
             spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
                         num_classes=args.num_classes, net=args.net).with_reads(**parse_reads(args.reads))
@@ -151,10 +154,10 @@ def main(argv=None):
             raise UsageError(f"--devices names {len(devices)} devices for {streams} streams: give one per stream")
         where = (f"{ctx.world} processes, {ctx.backend}, {device}" if ctx
                  else f"1 process, devices {', '.join(map(str, devices))}")
-        if layout == "split":
+        if entry.processes == "per-stream":
             where += f"; {ctx.replicas} replica(s) x {ctx.streams} streams, the global batch split over replicas"
-        if layout == "hybrid":
-            where += f"; conv data parallel, fc6-fc8 cut {ctx.world} ways, the batch split over ranks"
+        if entry.processes == "world":
+            where += f"; {entry.about}, {ctx.world} ways, the batch split over ranks"
         if not args.allreduce:
             where += "; NO gradient all-reduce (must fail)"
         log(f"check: {layout} vs single, {streams} streams ({where}), {spec.image_size} px, "

@@ -48,7 +48,7 @@ def converted_message(src, before, dst, meta):
     """What was written (paths and sizes), from what, and how to go on with it."""
     wrote = [f"{os.path.join(dst, n)} ({size / 2**20:.1f} MiB)" for n, size in meta["files"].items()]
     wrote.append(os.path.join(dst, "meta.pt"))
-    go_on = ("python launch/train.py --layout single" if meta["layout"] == "single"
+    go_on = ("python launch/train.py --layout single" if ckpt.single_files(meta["layout"])
              else f"torchrun --nproc_per_node={meta['streams']} launch/train.py")
     return (f"wrote {', '.join(wrote)}: the {meta['layout']} layout ({meta['streams']} streams, step "
             f"{meta['step']}), from {src} ({before['layout']} layout: {', '.join(before['files'])}); "

@@ -4,6 +4,7 @@
   torchrun --nproc_per_node=4 launch/train.py --streams 2   # 2 replicas of the 2-stream net (docs/scaling.md)
   python launch/train.py --layout single               # the whole net in one process (grouped convs)
   python launch/train.py --layout streams              # every stream in this process
+  torchrun --nproc_per_node=2 launch/train.py --layout hybrid   # conv data parallel, fc model parallel (2014)
   torchrun --nproc_per_node=2 launch/train.py --dataset mnist --data-dir DIR
   torchrun --nproc_per_node=2 launch/train.py --micro-batches 1   # the plain split (default: 2, overlapped)
   python launch/train.py --layout single --device cuda --precision bf16 --channels-last --compile
@@ -15,7 +16,7 @@ See docs/training.md and --help.
 from dataclasses import replace
 
 from split_alexnet import checkpoint as ckpt
-from split_alexnet import guard
+from split_alexnet import guard, layouts
 from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.cli import log, run_main
 from split_alexnet.config import parse_config
@@ -45,7 +46,9 @@ def main(argv=None):
     cfg = resume_source(cfg)                       # --out's newest checkpoint, in place (or --resume)
     if cfg.resume:
         cfg = resume_settings(cfg, argv)
-    ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout, cfg.streams) if cfg.layout == "split" else None
+    entry = layouts.get(cfg.layout)
+    ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout, layouts.setup_streams(entry, cfg.streams)) \
+        if entry.torchrun else None
     try:
         guard.start(ctx, cfg.peer_timeout)         # heartbeat watchdog, parent-death signal
         world = ctx.world if ctx else 1

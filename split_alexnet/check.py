@@ -30,7 +30,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .model import AlexNet, shard_state_dict, split_from_single, streams_from_single
+from .hybrid import _hybrid_params
+from .layouts import Place
+from .layouts import get as get_layout
+from .model import AlexNet
 from .optim import make_optimizer
 from .precision import UNIT_ROUNDOFF, ieee_fp32
 
@@ -68,50 +71,32 @@ class Row(NamedTuple):
         return self.abs_diff / self.tol
 
 
-class _Plan(NamedTuple):
-    """What one rank compares: its input rows, the reference rows of its logits, and its parameters."""
-    rows: object         # slice(None), or (part, parts): the rows of the global batch this rank's net reads
-    out_rows: object     # the same for the rows of the reference logits its logits are compared with
-    loss_group: object   # the group whose mean of the per-rank losses is the global loss (or None)
-    params: object       # (get, ref) -> [(name, this rank's tensor, the reference's same part)]
-
-
 def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce=True, options=None):
+    """The reference (a single-layout AlexNet holding `state`) and `layout`'s part of it on this rank
+    (layouts.py: a Built, whose rows, out_rows, loss_group and params say what this rank compares)."""
     options = options or {}
+    entry = get_layout(layout)
+    if options.get("split") and not entry.exercises:
+        raise ValueError(f"an exercise's backward rule is for the split layout, not {layout}: "
+                         f"run it under torchrun --nproc_per_node=2")
     ref = AlexNet(spec=spec, dropout_seed=seed, **options.get("single", {})).to(device, state["conv1.weight"].dtype)
     ref.load_state_dict(state)
-    whole = slice(None)
-    if layout == "streams":
-        net = streams_from_single(ref, devices)
-        return ref, net, _Plan(whole, whole, None, _shard_params(spec, list(enumerate(net.streams))))
-    if options.get("split") and (layout != "split" or (ctx is not None and ctx.replicas > 1)):
-        raise ValueError("an exercise's backward rule is for the split layout of one replica: "
-                         "run it under torchrun --nproc_per_node=2")
-    if layout == "split" and ctx is not None and ctx.mesh is not None and ctx.replicas > 1:
-        from .mesh import split_replica_from_single, unwrap  # streams x replicas (mesh.py)
-        net = split_replica_from_single(ref, ctx, device, allreduce)
-        mine = (ctx.replica, ctx.replicas)
-        return ref, net, _Plan(mine, mine, ctx.replica_group,
-                               _shard_params(spec, [(ctx.stream_rank, unwrap(net).stream)]))
-    if layout == "split":
-        group = ctx.stream_group if ctx is not None else None
-        net = split_from_single(ref, rank, group, device=device, **options.get("split", {}))
-        return ref, net, _Plan(whole, whole, None, _shard_params(spec, [(rank, net.stream)]))
-    if layout == "hybrid":
-        from .hybrid import hybrid_from_single
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        net = hybrid_from_single(ref, rank, world, None, device, allreduce)
-        return ref, net, _Plan((rank, world), whole, None, _hybrid_params(net))
-    raise ValueError(f"unknown layout {layout!r}: use streams, split or hybrid")
+    world = ctx.world if ctx is not None else 1
+    place = Place(rank, world, ctx, torch.device(device), tuple(devices) if devices else None)
+    return ref, entry.build(ref, place, allreduce, options)
 
 
 def _slice(rows, batch):
-    """rows: slice(None) (the whole batch) or (part, parts): that part's rows of the batch."""
-    if isinstance(rows, slice):
-        return rows
+    """rows: None (the whole batch) or (part, parts): that part's rows of the batch."""
+    if rows is None:
+        return slice(None)
     part, parts = rows
     b = batch // parts
     return slice(part * b, (part + 1) * b)
+
+
+def _labels(plan, y):
+    return plan.labels(y) if plan.labels is not None else y
 
 
 def _diff(a, b):
@@ -129,8 +114,9 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
     x = x.to(device, torch.float32 if half else dtype)
     device_type = torch.device(device).type
     name = str(dtype).replace("torch.", "")
-    ref, net, plan = _build(layout, spec, state, seed, device, devices, rank, ctx, allreduce, options)
-    rows, out_rows = _slice(plan.rows, len(x)), _slice(plan.out_rows, len(x))
+    ref, plan = _build(layout, spec, state, seed, device, devices, rank, ctx, allreduce, options)
+    net, rows, out_rows = plan.net, _slice(plan.rows, len(x)), _slice(plan.out_rows, len(x))
+    y_net = y[rows] if plan.labels is not None else y[out_rows]    # the hybrid gathers its rows' labels
     for m in (ref, net):
         m.train(mode == "train")
     opts = [make_optimizer(update, m.parameters(), LR, MOMENTUM, WEIGHT_DECAY) for m in (ref, net)]
@@ -138,7 +124,7 @@ def _compare(layout, spec, state, x, y, mode, steps, dtype, values, derivatives,
     for step in range(steps if derivatives else 1):
         with torch.autocast(device_type, dtype=dtype) if half else contextlib.nullcontext():
             out_ref, out_net = ref(x), net(x[rows])
-            loss_ref, loss = F.cross_entropy(out_ref, y), F.cross_entropy(out_net.to(device), y[out_rows])
+            loss_ref, loss = F.cross_entropy(out_ref, y), F.cross_entropy(out_net.to(device), _labels(plan, y_net))
         if half:
             assert out_ref.dtype == out_net.dtype == dtype, (out_ref.dtype, out_net.dtype)
         if step == 0 and values:
@@ -209,9 +195,9 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
     `options`: an exercise's arguments (exercises.py), {"single": AlexNet's keywords, "split":
     SplitAlexNet's}, which break or replace one rule on purpose.
     """
-    if hybrid_schedule not in ("single", "2014") or (hybrid_schedule == "2014" and layout != "hybrid"):
-        raise ValueError(f"hybrid_schedule {hybrid_schedule!r} with layout {layout!r}: use 'single', or "
-                         f"'2014' with the hybrid layout")
+    if hybrid_schedule not in get_layout(layout).schedules:
+        raise ValueError(f"hybrid_schedule {hybrid_schedule!r} with layout {layout!r}: use "
+                         f"{' or '.join(map(repr, get_layout(layout).schedules))}")
     torch.manual_seed(seed)
     state = AlexNet(spec=spec, init=init).state_dict()  # seeded: the same on every rank
     gen = torch.Generator().manual_seed(seed + 1)
@@ -228,7 +214,7 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
                 continue
             results += _compare(layout, spec, state, x, y, mode, steps, DERIVATIVES_DTYPE,
                                 dtype == DERIVATIVES_DTYPE, True, *args)
-    if layout in ("split", "hybrid") and dist.is_initialized():
+    if get_layout(layout).torchrun and dist.is_initialized():
         maxima = torch.tensor([r[3:] for r in results], dtype=torch.float64)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         results = [(*r[:3], a, b) for r, (a, b) in zip(results, maxima.tolist())]
@@ -238,26 +224,6 @@ def run_check(layout, spec, batch_size=8, steps=3, modes=("eval", "train"), seed
         tol = rtol * ref_max + atol
         rows.append(Row(mode, name, dt, abs_diff, abs_diff / ref_max if ref_max else 0.0, tol, abs_diff <= tol))
     return rows
-
-
-def _shard_params(spec, streams):
-    """params(get, ref) for streams [(s, Stream)]: each stream's tensor against shard s of the reference."""
-    def params(get, ref):
-        shards = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, spec)
-        return [(name, get(dict(stream.named_parameters())[name]), shards[s][name])
-                for s, stream in streams for name, _ in ref.named_parameters()]
-    return params
-
-
-def _hybrid_params(net):
-    """params(get, ref) for a HybridAlexNet: conv whole, fc this rank's share of the reference's."""
-    def params(get, ref):
-        shard = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, net.fc_spec)[net.rank]
-        full = {n: get(p) for n, p in ref.named_parameters()}
-        own = {n: get(p) for n, p in net.conv.named_parameters()}
-        own.update({n: get(p) for n, p in net.fc.named_parameters()})
-        return [(n, own[n], full[n] if n in dict(net.conv.named_parameters()) else shard[n]) for n in full]
-    return params
 
 
 def _compare_params(mode, what, dtype, ref, params, get):

@@ -32,6 +32,7 @@ from functools import lru_cache
 
 import torch
 
+from . import layouts
 from .cli import UsageError, log
 from .model import check_dropout_state, join_state_dicts, shard_state_dict
 from .outlock import pid_alive
@@ -45,8 +46,13 @@ def spec_dict(spec):
     return {k: getattr(spec, k) for k in SPEC_FIELDS}
 
 
+def single_files(layout):
+    """Whether `layout`'s checkpoints hold the single layout's file (layouts.py: files "single")."""
+    return layouts.get(layout, "checkpoint layout").files == "single"
+
+
 def shard_names(meta):
-    return ["single.pt"] if meta["layout"] == "single" else [f"stream{s}.pt" for s in range(meta["streams"])]
+    return ["single.pt"] if single_files(meta["layout"]) else [f"stream{s}.pt" for s in range(meta["streams"])]
 
 
 def atomic_save(obj, path, write=torch.save):
@@ -357,7 +363,7 @@ def expected_tensors(spec, layout):
     """{file name: {tensor name: shape}}: what each file of a checkpoint of this spec and layout holds
     under "model", from the net itself (built on the meta device: no memory, no random numbers)."""
     from .model import AlexNet, Stream
-    single = layout == "single"
+    single = single_files(layout)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         nets = {"single.pt": AlexNet(spec=spec)} if single else \
             {f"stream{s}.pt": Stream(spec, s) for s in range(spec.streams)}
@@ -524,8 +530,9 @@ def check_meta(meta, ckpt_dir):
         return meta[field]
 
     layout = need("layout")
-    if layout not in ("single", "streams", "split"):
-        bad("layout", f"is {_show(layout)}, not single, streams or split")
+    trained = layouts.names(trains=True)
+    if layout not in trained:
+        bad("layout", f"is {_show(layout)}, not {', '.join(trained[:-1])} or {trained[-1]}")
     spec = need("spec")
     if not isinstance(spec, dict):
         bad("spec", f"is {_show(spec)}, not a dict of {', '.join(SPEC_FIELDS)}")
@@ -664,8 +671,8 @@ def check_matches(meta, spec, layout, ckpt_dir):
         diff = ", ".join(f"{k} {have.get(k)} (this run: {want[k]})" for k in want if have.get(k) != want[k])
         raise UsageError(f"checkpoint {ckpt_dir} is of another net: {diff}; train with the same "
                          f"--image-size / data set / process count, or start afresh")
-    if (meta["layout"] == "single") != (layout == "single"):
-        to = "single" if layout == "single" else "shards"
+    if single_files(meta["layout"]) != single_files(layout):
+        to = "single" if single_files(layout) else "shards"
         raise UsageError(f"checkpoint {ckpt_dir} holds the {meta['layout']} layout and this run is {layout}: "
                          f"convert it first (python launch/convert.py {ckpt_dir} OUT --to {to})")
 
@@ -774,7 +781,7 @@ def export_state_dict(src, dst):
     spec = spec_of(meta)
     states = load_files(src, meta, shard_names(meta))   # every tensor checked against the spec
     shards = [states[n] for n in shard_names(meta)]
-    weights = shards[0]["model"] if meta["layout"] == "single" else join_state_dicts([s["model"] for s in shards], spec)
+    weights = shards[0]["model"] if single_files(meta["layout"]) else join_state_dicts([s["model"] for s in shards], spec)
     out = {"format": EXPORT_FORMAT, "spec": spec_dict(spec), "state_dict": weights, "step": meta["step"]}
     atomic_save(out, dst)
     return out
@@ -802,8 +809,9 @@ def load_exported(path):
 def join(src, dst):
     """Shards (split or streams layout) -> a single-layout checkpoint. Returns the meta written to dst."""
     meta = read_meta(src)
-    if meta["layout"] == "single":
-        raise UsageError(f"{src} already holds the single layout: nothing to join (use --to shards to cut it)")
+    if single_files(meta["layout"]):
+        raise UsageError(f"{src} already holds the single layout's file ({meta['layout']} layout): nothing to "
+                         f"join (use --to shards to cut it)")
     spec = spec_of(meta)
     states = load_files(src, meta, shard_names(meta))   # every tensor checked against the spec
     shards = [states[n] for n in shard_names(meta)]
@@ -819,7 +827,7 @@ def cut(src, dst):
     """A single-layout checkpoint -> one shard per stream (loads into split or streams). Returns the meta
     written to dst."""
     meta = read_meta(src)
-    if meta["layout"] != "single":
+    if not single_files(meta["layout"]):
         raise UsageError(f"{src} already holds shards ({meta['layout']} layout): nothing to cut "
                          f"(use --to single to join them)")
     spec = spec_of(meta)

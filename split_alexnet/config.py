@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import layouts
 from .cli import DefaultsHelp, Parser, UsageError, env
 from .data import DATASETS
 from .loader import default_workers
@@ -149,8 +150,7 @@ def build_parser(add_help=True):
                 formatter_class=_Help,
                 epilog="torchrun --nproc_per_node=2 launch/train.py   # split layout, shapes, defaults")
     B = argparse.BooleanOptionalAction
-    p.add_argument("--layout", choices=["single", "streams", "split"],
-                   default="split" if env().torchrun else "single",
+    p.add_argument("--layout", choices=layouts.names(trains=True), default=layouts.default(env().torchrun),
                    help="split under torchrun, single otherwise (here: %(default)s)")
     p.add_argument("--dataset", choices=list(DATASETS), default="shapes", help="see docs/training.md")
     p.add_argument("--data-dir", default="data", help="where the data set's files are (or are downloaded)")
@@ -298,9 +298,8 @@ def parse_config(argv=None):
     settings.pop("config")
     cfg = Config(**settings)
     given_m = cfg.micro_batches is not None
-    replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
-    if not given_m:  # the overlapped forward runs one replica of the split (mesh.py's DDP is not combined)
-        cfg.micro_batches = DEFAULT_MICRO_BATCHES if cfg.layout == "split" and replicas <= 1 else 1
+    if not given_m:  # the overlapped forward: on where the layout has it
+        cfg.micro_batches = DEFAULT_MICRO_BATCHES if layouts.get(cfg.layout).micro_batches else 1
     validate(cfg)
     validate_speed(cfg, given_m)
     return cfg
@@ -401,9 +400,9 @@ def validate(cfg):
         (cfg.lr * cfg.bias_lr_mult <= _F32_MAX, f"--lr {cfg.lr:g} x --bias-lr-mult {cfg.bias_lr_mult:g} = "
          f"{cfg.lr * cfg.bias_lr_mult:g}, the biases' lr, is not a finite float32: use smaller values"),
         (cfg.lr <= _F32_MAX, f"--lr {cfg.lr:g} is not a finite float32: use a positive number such as 0.01"),
-        (cfg.net != "half" or cfg.layout != "split",
-         "--net half is the paper's one-GPU net: it has one stream and no split; run it with "
-         "python launch/train.py --net half (single layout)"),
+        (cfg.net != "half" or not layouts.get(cfg.layout).torchrun,
+         f"--net half is the paper's one-GPU net: it has one stream and no {cfg.layout} layout; run it with "
+         f"python launch/train.py --net half (single layout)"),
         (cfg.net != "half" or cfg.streams == 1, f"--net half has one stream, not --streams {cfg.streams}: "
          f"leave --streams out"),
     ]
@@ -419,12 +418,15 @@ def validate(cfg):
         raise UsageError("--eval-only evaluates a checkpoint: give it with --resume DIR (a run directory "
                          "saved with --save-every, or one of its checkpoints/step*)")
     proc = env()
-    if cfg.layout != "split" and proc.world > 1:
+    entry = layouts.get(cfg.layout)
+    if not entry.torchrun and proc.world > 1:
         raise UsageError(f"--layout {cfg.layout} runs in one process: use python launch/train.py, not "
                          f"torchrun with {proc.world} processes")
-    if cfg.layout == "split" and not proc.torchrun:
-        raise UsageError("--layout split runs one process per stream: launch it with "
-                         "torchrun --nproc_per_node=2 launch/train.py")
+    if entry.torchrun and not proc.torchrun:
+        raise UsageError(f"--layout {cfg.layout} runs one process per "
+                         f"{'stream' if entry.processes == 'per-stream' else 'share'}: launch it with "
+                         f"torchrun --nproc_per_node=2 launch/train.py"
+                         f"{'' if cfg.layout == layouts.default(True) else f' --layout {cfg.layout}'}")
 
 
 def validate_speed(cfg, given_m=True):
@@ -433,14 +435,9 @@ def validate_speed(cfg, given_m=True):
     m = cfg.micro_batches
     if m < 1:
         raise UsageError(f"--micro-batches {m}: use 1 (no micro-batches) or more")
-    if m > 1 and cfg.layout != "split":
+    if m > 1 and not layouts.get(cfg.layout).micro_batches:
         raise UsageError(f"--micro-batches {m} overlaps the split layout's exchanges: --layout {cfg.layout} "
                          f"has none (drop the flag, or use torchrun with --layout split)")
-    replicas = env().world // cfg.streams if cfg.layout == "split" and cfg.streams > 0 else 1
-    if m > 1 and replicas > 1:
-        raise UsageError(f"--micro-batches {m} with {replicas} replicas: the overlapped forward is not combined "
-                         f"with the replicas' all-reduce (DDP) here: use --micro-batches 1, or one replica "
-                         f"(--nproc_per_node equal to --streams)")
     if m > 1 and cfg.batch_size % m:
         raise UsageError(f"--batch-size {cfg.batch_size} does not divide into {m} micro-batches: use a "
                          f"multiple of {m}{'' if given_m else f' (the split default --micro-batches {m})'} "

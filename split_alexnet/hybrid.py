@@ -220,3 +220,100 @@ def bytes_per_step(spec, batch, world):
             out[layer.name] = 2 * (world - 1) * batch * (spec.width(prev) // world) * d
     out["logits"] = (world - 1) * batch * max(fs.out_sizes(spec.layers[-1])) * d  # forward only
     return out
+
+
+# ---- the hybrid as a layout (layouts.py): train, check, checkpoints ------------------------------
+
+def _fc_names(spec):
+    return [layer.name for layer in spec.layers if layer.kind == "fc"]
+
+
+def _hybrid_params(net):
+    """params(get, ref) for a HybridAlexNet: conv whole, fc this rank's share of the reference's."""
+    def params(get, ref):
+        shard = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, net.fc_spec)[net.rank]
+        full = {n: get(p) for n, p in ref.named_parameters()}
+        conv = dict(net.conv.named_parameters())
+        own = {n: get(p) for n, p in conv.items()}
+        own.update({n: get(p) for n, p in net.fc.named_parameters()})
+        return [(n, own[n], full[n] if n in conv else shard[n]) for n in full]
+    return params
+
+
+def join_shares(conv, shares, spec):
+    """A checkpoint file of the single layout from rank 0's conv state and every rank's fc share
+    (checkpoint.stream_state's {model, optimizer, dropout}): the fc tensors (weights and the optimizer's
+    per-parameter tensors) joined along dim 0, the rest as they are."""
+    fc = set(_fc_names(spec))
+
+    def cat(name, values):
+        if name.split(".")[0] in fc and all(torch.is_tensor(v) and v.dim() > 0 for v in values):
+            return torch.cat(values, 0)
+        return values[0]
+    model = dict(conv["model"])
+    model.update({k: cat(k, [s["model"][k] for s in shares]) for k in shares[0]["model"]})
+    state = dict(conv["optimizer"]["state"])
+    for name, st in shares[0]["optimizer"]["state"].items():
+        state[name] = {k: cat(name, [s["optimizer"]["state"][name][k] for s in shares]) for k in st}
+    return {"model": model, "optimizer": {"state": state, "param_groups": conv["optimizer"]["param_groups"]},
+            "dropout": shares[0]["dropout"]}     # every share draws the global batch's masks: one state
+
+
+def cut_share(single, spec, rank, world):
+    """(conv state, fc state) of rank `rank` from a single-layout file's state: join_shares' inverse."""
+    fs, fc = fc_spec(spec, world), set(_fc_names(spec))
+    sizes = {f"{layer.name}.{k}": fs.out_sizes(layer) for layer in spec.layers for k in ("weight", "bias")}
+
+    def part(name, v):
+        return torch.split(v, sizes[name], 0)[rank].clone() if torch.is_tensor(v) and v.dim() > 0 else v
+
+    def of(keep):
+        model = {k: (part(k, v) if keep is fc else v) for k, v in single["model"].items()
+                 if (k.split(".")[0] in fc) == (keep is fc)}
+        opt = single["optimizer"]
+        state = {n: {k: (part(n, v) if keep is fc else v) for k, v in st.items()}
+                 for n, st in opt["state"].items() if (n.split(".")[0] in fc) == (keep is fc)}
+        return {"model": model, "optimizer": {"state": state, "param_groups": opt["param_groups"]},
+                "dropout": single["dropout"]}
+    return of(None), of(fc)
+
+
+def hybrid_built(full, place, allreduce=True):
+    """layouts.Built for rank place.rank of the hybrid over every process. Its checkpoint is the single
+    layout's file (single.pt): at a save every rank's fc share goes to rank 0 (gather_object), which joins
+    them; at a resume every rank reads single.pt and cuts its share (so convert.py and the single
+    layout read a hybrid checkpoint as it is)."""
+    from . import checkpoint as ckpt
+    from .layouts import Built
+    ctx = place.ctx
+    rank, world = (ctx.rank, ctx.world) if ctx is not None else (place.rank, place.world)
+    net = hybrid_from_single(full, rank, world, None, place.device, allreduce)
+    spec = full.spec
+
+    def labels(y):                                  # the logits cover the global batch: so must y
+        if world == 1:
+            return y
+        parts = [torch.empty_like(y) for _ in range(world)]
+        dist.all_gather(parts, y.contiguous())
+        return torch.cat(parts)
+
+    def state(optimizer):                           # a collective: every rank calls it
+        share = ckpt.stream_state(net.fc, optimizer)
+        shares = [None] * world if rank == 0 else None
+        if world > 1:
+            dist.gather_object(share, shares, dst=0)
+        else:
+            shares = [share]
+        if rank != 0:
+            return {}
+        return {"single.pt": join_shares(ckpt.stream_state(net.conv, optimizer), shares, spec)}
+
+    def load(states, optimizer):
+        conv, fc = cut_share(states["single.pt"], spec, rank, world)
+        ckpt.load_stream_state(net.conv, None, conv)
+        ckpt.load_stream_state(net.fc, None, fc)
+        ckpt.load_optimizer_states(optimizer, [(net.conv, conv), (net.fc, fc)])
+
+    return Built(net, {"conv": net.conv, "fc": net.fc}, rows=(rank, world) if world > 1 else None,
+                 params=_hybrid_params(net), labels=labels, state=state, load=load, reads=("single.pt",),
+                 evaluate=lambda n, x: n(x)[:len(x)])   # every rank the whole batch: W copies, the first

@@ -271,9 +271,12 @@ class SplitAlexNet(nn.Module):
     """The split layout: this process's stream of the net; the other streams are other ranks."""
 
     def __init__(self, spec=None, rank=0, group=None, *, dropout_seed=0, init="paper", replica=0, gather_rule=None,
-                 logits_rule=None, **kwargs):
+                 logits_rule=None, micro_batches=1, **kwargs):
         super().__init__()
         self.spec, self.rank, self.group = _spec(spec, kwargs), rank, group
+        # M > 1: the training forward is overlap.overlapped_forward over M micro-batches (the same
+        # function); as the module's own forward, DDP (replicas, mesh.py) runs it and all-reduces its gradients
+        self.micro_batches = micro_batches
         self.replica = replica   # streams x replicas (mesh.py): replica r's rows of the global batch start at r * b
         self.stream = Stream(self.spec, rank, dropout_seed, init)
         # the exercises' arguments (exercises.py): other backward rules for the exchanges; None in training
@@ -291,6 +294,9 @@ class SplitAlexNet(nn.Module):
 
     def forward(self, x):                         # (B, 3, 227, 227), the same batch on every rank
         _check_input(self.spec, x)
+        if self.micro_batches > 1 and self.training:  # evaluation: any batch, the plain forward
+            from .overlap import overlapped_forward
+            return overlapped_forward(self, x, self.micro_batches)
         return forward_plan(self.spec, x, self.layer_fn, self.exchange)  # (B, num_classes)
 
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from . import checkpoint as ckpt
-from . import guard, precision
+from . import guard, layouts, precision
 from .augment import build_uint8_path
 from .cli import UsageError, log, stop_all_on_error
 from .config import Config
@@ -40,12 +40,12 @@ from .data import (
     mean_image_path,
     paper_side,
 )
+from .layouts import Place
 from .loader import DataBound, TrainLoader, encoded_view, one_line_errors, share_plan
 from .meanimage import counted_path, run_mean_image
-from .mesh import replica_batch, split_replica_from_single, unwrap
-from .model import AlexNet, check_dropout_state, init_weights, split_from_single, streams_from_single
+from .mesh import replica_batch, unwrap
+from .model import AlexNet, check_dropout_state, init_weights
 from .optim import DexpSchedule, check_resume_update, make_optimizer, parse_dexp
-from .overlap import overlapped_forward
 from .plots import plot_curves
 from .precision import check_precision
 from .spec import Spec, parse_reads
@@ -68,9 +68,10 @@ class Job:
     world: int = 1
     out: str = ""
     scaler: object = None  # fp16: the GradScaler, made at the first step (train_step)
-    replicas: int = 1            # streams x replicas (mesh.py): each replica takes its slice of the batch
+    replicas: int = 1            # the parts of the global batch (layouts.Built.rows): replica r loads part r
     replica: int = 0
-    replica_group: object = None
+    replica_group: object = None  # the group whose per-rank losses are averaged (replicas), or None
+    built: object = None         # layouts.Built: this rank's part of the layout
     divergence: object = None    # guard.Divergence: the loss and the weights' norm judged
     fingerprint: str = ""        # data.fingerprint of the training set (checkpoints hold it)
     mean_source: str = ""        # where the input's mean came from (run.json)
@@ -81,26 +82,14 @@ class Job:
 
 
 def build_model(cfg, spec, ctx_rank, device, ctx=None):
-    """The full AlexNet from cfg.seed on CPU, then this layout's part of it: split and single with the
-    same seed start from the same weights."""
+    """The full AlexNet from cfg.seed on CPU, then this layout's part of it (layouts.py: a Built): every
+    layout with the same seed starts from the same weights."""
     torch.manual_seed(cfg.seed)
     full = AlexNet(spec=spec, dropout_seed=cfg.dropout_seed, init="torch")
     init_weights(full, cfg.init)
-    if cfg.layout == "single":
-        model = full.to(device)
-        return model, {"single.pt": model}
-    if cfg.layout == "streams":
-        devices = cfg.devices.split(",") if cfg.devices else [device] * spec.streams
-        if len(devices) != spec.streams:
-            raise UsageError(f"--devices names {len(devices)} devices for {spec.streams} streams: "
-                             f"give one per stream")
-        model = streams_from_single(full, devices)
-        return model, {f"stream{s}.pt": m for s, m in enumerate(model.streams)}
-    if ctx is not None and ctx.mesh is not None:  # this rank's stream, one replica of the mesh (mesh.py)
-        model = split_replica_from_single(full, ctx, device)
-        return model, {f"stream{ctx.stream_rank}.pt": unwrap(model).stream}
-    model = split_from_single(full, ctx_rank, None, device)
-    return model, {f"stream{ctx_rank}.pt": model.stream}
+    place = Place(ctx_rank, ctx.world if ctx else 1, ctx, device,
+                  tuple(cfg.devices.split(",")) if cfg.devices else None, cfg.micro_batches)
+    return layouts.get(cfg.layout).build(full, place)
 
 
 def _mean_image_rank0_first(cfg, train_raw, channels, rank, world):
@@ -185,7 +174,7 @@ def for_speed(cfg, model):
     (comm.py's autograd Functions, their collectives, the overlap's waits: _Layers.compile_layers)."""
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.compile and cfg.layout == "split":
+    if cfg.compile and layouts.get(cfg.layout).compile_layers:
         unwrap(model).stream.compile_layers()       # in place: DDP and overlapped_forward keep the net
     elif cfg.compile:
         model = torch.compile(model)
@@ -216,8 +205,8 @@ def build(cfg, ctx=None):
     else:
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     streams = cfg.streams
-    replicas = ctx.replicas if ctx is not None and cfg.layout == "split" else 1
-    replica_batch(cfg.batch_size, replicas)       # refused in one line unless the batch divides
+    entry = layouts.get(cfg.layout)
+    replica_batch(cfg.batch_size, layouts.batch_parts(entry, ctx))   # one line unless the batch divides
     data = dataset(cfg.dataset)
     train_raw, val_raw, classes = _datasets_rank0_first(cfg, rank, world)
     try:
@@ -249,8 +238,8 @@ def build(cfg, ctx=None):
     train_set.bad_images = val_set.bad_images = cfg.bad_images
     check_precision(cfg.precision, device.type)
     precision.set_cudnn_benchmark(device.type, cfg.cudnn_benchmark)
-    model, parts = build_model(cfg, spec, rank, device, ctx)
-    model = for_speed(cfg, model)
+    built = build_model(cfg, spec, rank, device, ctx)
+    model = for_speed(cfg, built.net)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     out = run_folder(cfg, world)
@@ -258,11 +247,11 @@ def build(cfg, ctx=None):
         raise UsageError(f"--out {out} already holds metrics.jsonl and no checkpoint to continue from: give "
                          f"another --out (runs are never overwritten; a run continues in its folder only from "
                          f"a checkpoint: --save-every N)")     # every rank: all stop together
-    return Job(cfg, spec, model, parts, optimizer, scheduler, train_set, val_set, list(classes), device,
-               rank, world, out, replicas=replicas, replica=ctx.replica if replicas > 1 else 0,
-               replica_group=ctx.replica_group if replicas > 1 else None,
+    replica, replicas = built.rows or (0, 1)
+    return Job(cfg, spec, model, built.parts, optimizer, scheduler, train_set, val_set, list(classes), device,
+               rank, world, out, replicas=replicas, replica=replica, replica_group=built.loss_group, built=built,
                divergence=guard.Divergence(len(classes)), mean_source=how, augment=augment,
-               share=share_plan(cfg, ctx, replicas))
+               share=share_plan(cfg, ctx, replicas) if entry.processes == "per-stream" else None)
 
 
 def in_place(cfg, out):
@@ -317,7 +306,8 @@ def evaluate(job):
     model, cfg = job.model, job.cfg
     model.eval()
     val_set = job.val_set            # replicas: each evaluates every replicas-th image, summed below
-    if job.replicas > 1:
+    forward = job.built.evaluate if job.built is not None and job.built.evaluate else (lambda m, x: m(x))
+    if job.replica_group is not None:
         val_set = torch.utils.data.Subset(val_set, range(job.replica, len(val_set), job.replicas))
     loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.workers)
     n, loss_sum, top1, top5 = 0, 0.0, 0, 0
@@ -327,11 +317,11 @@ def evaluate(job):
         if x.dim() == 5:                           # ten crops: (B, 10, C, H, W), softmax averaged
             b = x.shape[0]
             with precision.autocast(job.device.type, half):
-                logits = model(x.flatten(0, 1).to(job.device))
+                logits = forward(model, x.flatten(0, 1).to(job.device))
             logp = logits.float().softmax(1).view(b, 10, -1).mean(1).clamp_min(1e-12).log()
         else:
             with precision.autocast(job.device.type, half):
-                logits = model(x.to(job.device))
+                logits = forward(model, x.to(job.device))
             logp = logits.float().log_softmax(1)
         y = y.to(logp.device)
         loss_sum += F.nll_loss(logp, y, reduction="sum").item()
@@ -339,7 +329,7 @@ def evaluate(job):
         top1 += (best[:, 0] == y).sum().item()
         top5 += (best == y[:, None]).any(1).sum().item()
         n += len(y)
-    if job.replicas > 1:
+    if job.replica_group is not None:
         sums = torch.tensor([n, loss_sum, top1, top5], dtype=torch.float64)
         dist.all_reduce(sums, group=job.replica_group)
         n, loss_sum, top1, top5 = int(sums[0]), *sums[1:].tolist()
@@ -357,12 +347,17 @@ def save_checkpoint(job, state, write=torch.save):
     guard.phase(f"checkpoint write at step {state['step']}")
     stop_all_on_error(lambda: _judge_weights(job, state), job.world)   # never save a diverged net
 
-    def shards():
-        if job.replica == 0:                       # one copy per stream: replica 0's (all hold the same)
+    def shards():                                  # this rank's files (layouts.Built: writes, state)
+        built = job.built
+        if built.state is not None:                # the layout's own (the hybrid's: a collective)
+            files = built.state(job.optimizer)
+        else:                                      # replicas: one copy per stream, replica 0's
+            writes = built.parts if built.writes is None else built.writes
+            files = {name: ckpt.stream_state(job.parts[name], job.optimizer) for name in writes}
+        if files:
             ckpt.remove_stale_temps([job.out],     # this run's folder only, never a resume source's
-                                    set(job.parts) | ({"meta.pt"} if job.rank == 0 else set()))
-            ckpt.save_files(path, {name: ckpt.stream_state(m, job.optimizer) for name, m in job.parts.items()},
-                            write)
+                                    set(files) | ({"meta.pt"} if job.rank == 0 else set()))
+            ckpt.save_files(path, files, write)
 
     def meta():
         if job.rank == 0:
@@ -437,19 +432,23 @@ def resume(job, path):
         ckpt.check_matches(meta, job.spec, job.cfg.layout, found)
         if not job.cfg.eval_only:
             check_data(job, meta, found)
-        expected = {name: {k: v.shape for k, v in m.state_dict().items()} for name, m in job.parts.items()}
-        devices = {name: ckpt._device_of(m) for name, m in job.parts.items()}
+        reads = job.built.reads or list(job.parts)     # the hybrid: the single layout's file, cut on load
+        expected = None if job.built.reads else \
+            {name: {k: v.shape for k, v in m.state_dict().items()} for name, m in job.parts.items()}
         dtype = next(iter(job.parts.values())).conv1.weight.dtype      # the model's: no cast on load
-        states = ckpt.load_files(found, meta, list(job.parts), expected, dtype)
+        states = ckpt.load_files(found, meta, list(reads), expected, dtype)
         for name, state in states.items():    # an old checkpoint's generator state: one line, here
-            check_dropout_state(state.get("dropout"), devices[name], os.path.join(found, name))
+            check_dropout_state(state.get("dropout"), job.device, os.path.join(found, name))
         return found, meta, states
     path, meta, states = stop_all_on_error(read, job.world)   # one rank's bad shard stops every rank
     if not job.cfg.eval_only:                     # evaluating reads the weights alone, never the velocities
         check_resume_update(meta.get("config"), job.cfg.update, path)
-    for name, m in job.parts.items():
-        ckpt.load_stream_state(m, None, states[name])
-    ckpt.load_optimizer_states(job.optimizer, [(m, states[name]) for name, m in job.parts.items()])
+    if job.built.load is not None:
+        job.built.load(states, job.optimizer)
+    else:
+        for name, m in job.parts.items():
+            ckpt.load_stream_state(m, None, states[name])
+        ckpt.load_optimizer_states(job.optimizer, [(m, states[name]) for name, m in job.parts.items()])
     if meta.get("scaler") and job.cfg.precision == "fp16":   # the loss scale and its growth count go on
         job.scaler = torch.amp.GradScaler(job.device.type)
         job.scaler.load_state_dict(meta["scaler"])
@@ -556,7 +555,7 @@ def run(job, write=torch.save):
                 # let DDP rebuild its buckets), a host synchronisation inside the step is an error on CUDA
                 with precision.no_host_sync(job.device, cfg.sync_debug and state["step"] >= first + 2):
                     loss = comm_share.measure(lambda: train_step(job, x, y))   # a device tensor: read by progress
-                    if job.replicas > 1:               # the global batch's loss: the replicas' mean
+                    if job.replica_group is not None:  # the global batch's loss: the replicas' mean
                         loss = _replica_mean(job, loss)
                 state["step"] += 1
                 state["batch"] += 1
@@ -843,11 +842,11 @@ def train_step(job, x, y):
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with precision.autocast(job.device.type, precision.autocast_dtype(cfg.precision)):
-        if cfg.micro_batches > 1:
-            logits = overlapped_forward(job.model, x, cfg.micro_batches)      # (B, classes)
-        else:
-            logits = job.model(x)                                          # (B, classes)
-        loss = F.cross_entropy(logits.float(), y.to(logits.device, non_blocking=True))
+        logits = job.model(x)        # (B, classes); --micro-batches M: overlapped (SplitAlexNet's argument)
+        y = y.to(logits.device, non_blocking=True)
+        if job.built is not None and job.built.labels is not None:
+            y = job.built.labels(y)                # the hybrid: its logits cover the global batch
+        loss = F.cross_entropy(logits.float(), y)
     job.optimizer.zero_grad(set_to_none=True)
     if cfg.precision != "fp16":
         loss.backward()
@@ -923,11 +922,13 @@ def launcher(job):
     """The command that starts this run's layout again (for the lines that say how to go on)."""
     import shlex
     cfg = job.cfg
-    cmd = (f"torchrun --nproc_per_node={job.world} launch/train.py" if cfg.layout == "split"
-           else f"python launch/train.py --layout {cfg.layout}")
+    entry = layouts.get(cfg.layout)
+    cmd = (f"torchrun --nproc_per_node={job.world} launch/train.py" if entry.torchrun
+           else "python launch/train.py") + ("" if cfg.layout == layouts.default(True) and entry.torchrun
+                                             else f" --layout {cfg.layout}")
     if job.spec.streams != 2:
         cmd += f" --streams {job.spec.streams}"
-    if cfg.layout == "streams" and cfg.devices:
+    if cfg.devices:                                # the streams layout's devices
         cmd += f" --devices {shlex.quote(cfg.devices)}"
     if cfg.dataset != "shapes" and cfg.data_dir != "data":    # not taken from the checkpoint
         cmd += f" --data-dir {shlex.quote(cfg.data_dir)}"
@@ -950,12 +951,22 @@ def next_steps(job):
             f"  resume:   {cmd} --resume {run_dir} {more}   # (to epoch {cfg.epochs + 1}; a new run folder)"]
 
 
+def processes(job):
+    """' (N processes: ...)' for a layout over several processes, else ''."""
+    entry = layouts.get(job.cfg.layout)
+    if entry.processes == "per-stream":
+        return f" ({job.world} processes: {job.world // job.spec.streams} replica(s) x {job.spec.streams} streams)"
+    if entry.processes == "world":
+        return f" ({job.world} processes: {entry.about})"
+    return ""
+
+
 def announce(job, progress, steps_per_epoch, resumed_from, state):
     """The run in two lines: layout, data and devices; recipe and schedule."""
     cfg = job.cfg
     progress.say(f"train: {'' if cfg.net == 'paper' else 'net half (one-GPU, §3.2), '}{cfg.layout} layout, "
                  f"{job.spec.streams} streams"
-                 f"{f' ({job.world} processes: {job.replicas} replica(s) x {job.spec.streams} streams)' if cfg.layout == 'split' else ''} on {job.device}; "
+                 f"{processes(job)} on {job.device}; "
                  f"{cfg.dataset} ({len(job.train_set)} train / {len(job.val_set)} val images, "
                  f"{len(job.classes)} classes) at {cfg.image_size} px, {job.spec.in_channels} channel(s)")
     progress.say(f"recipe {cfg.recipe}: init {cfg.init}, SGD ({cfg.update}'s update) lr {cfg.lr:g} momentum {cfg.momentum:g} weight "

@@ -246,7 +246,7 @@ def _meta_with(real, tmp_path, **fields):
 
 @pytest.mark.parametrize("field, value, message", [
     ("format", 2, "is not a split_alexnet checkpoint of format 1"),
-    ("layout", "mesh", "meta.pt field layout is 'mesh' (str), not single, streams or split"),
+    ("layout", "mesh", "meta.pt field layout is 'mesh' (str), not single, streams, split or hybrid"),
     ("streams", 4, "meta.pt field streams is 4 (int), not the spec's 2 streams"),
     ("spec", {"streams": 2, "image_size": "67", "in_channels": 3, "num_classes": 10},
      "meta.pt field spec.image_size is '67' (str), not int"),

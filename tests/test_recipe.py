@@ -237,7 +237,7 @@ def test_ten_crop_evaluation_averages_softmax():
     ys = [0, 3, 1]
     job = SimpleNamespace(model=_PerCrop(), cfg=SimpleNamespace(batch_size=2, workers=0, precision="fp32"),
                           val_set=list(zip(xs, ys)), spec=SimpleNamespace(num_classes=4),
-                          device=torch.device("cpu"), replicas=1)
+                          device=torch.device("cpu"), replicas=1, replica_group=None, built=None)
     loss, top1, top5 = evaluate(job)
     prob = torch.stack([_PerCrop()(x).softmax(1).mean(0) for x in xs])   # (3, 4): per image
     want = F.nll_loss(prob.log(), torch.tensor(ys)).item()
