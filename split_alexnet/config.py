@@ -426,7 +426,7 @@ def validate(cfg):
         raise UsageError(f"--layout {cfg.layout} runs one process per "
                          f"{'stream' if entry.processes == 'per-stream' else 'share'}: launch it with "
                          f"torchrun --nproc_per_node=2 launch/train.py"
-                         f"{'' if cfg.layout == layouts.default(True) else f' --layout {cfg.layout}'}")
+                         f"{layouts.flag(cfg.layout)}")
 
 
 def validate_speed(cfg, given_m=True):

@@ -13,7 +13,7 @@ its name. An entry (`Layout`) says:
 - `line(spec, world, streams)`: (fixed bytes, bytes per image of the global batch) one rank sends per
   step, from the spec's formulas (spec.py; hybrid.bytes_per_step);
 - `mesh_dims`, `micro_batches`, `compile_layers`: what it uses and supports;
-- `bench(cfg, spec, ctx, make)`: its timed runs (bench/layouts.py), or None.
+- `bench(cfg, spec, ctx, make)`: its timed runs (bench/layouts.py: bench_<name>), or None.
 
 Adding a layout is its module plus one `register(Layout(...))` line; docs/layouts.md says how.
 """
@@ -65,7 +65,9 @@ class Layout:
     compile_layers: bool = False      # --compile per layer (the exchanges between graphs), not the whole net
     channels_last: bool = False       # --channels-last in the bench (the split keeps its own layout)
     bench_compile: bool = False       # --compile in the bench: the whole forward as one graph
-    bench: Callable = None            # (cfg, spec, ctx, make) -> None, or None: not benched
+    bench: Callable = None            # (cfg, spec, ctx, make) -> [bench Run], or None: not benched
+    bench_default: bool = True        # in the bench's default --layouts (else on request)
+    scaled: bool = True               # with a line: a row of the bench's scaling table (bench/scaling.py)
     checked: bool = True              # launch/check.py compares it against the single layout
     exercises: bool = False           # takes the exercises' backward rules (options["split"], exercises.py)
     schedules: tuple = ("single",)    # the check's schedules: "single" (one SGD step), the hybrid's "2014"
@@ -89,6 +91,11 @@ LAYOUTS = {}
 def default(torchrun):
     """--layout's default: split under torchrun, single otherwise."""
     return "split" if torchrun else "single"
+
+
+def flag(name):
+    """' --layout NAME' for a command line, or '' where NAME is its launcher's default."""
+    return "" if name == default(get(name).torchrun) else f" --layout {name}"
 
 
 def register(layout):
@@ -223,23 +230,25 @@ def _bench(name):
 
 
 register(Layout("single", "the whole net in one module (conv2, conv4, conv5 grouped by stream)",
-                build=_build_single, files="single", channels_last=True, bench_compile=True, bench=_bench("single"), checked=False))
+                build=_build_single, files="single", channels_last=True, bench_compile=True, bench=_bench("single"),
+                checked=False))
 register(Layout("streams", "every stream in this process, stream s on its own device (or all on one)",
-                build=_build_streams, channels_last=True, bench=_bench("streams")))
+                build=_build_streams, channels_last=True, bench=_bench("streams"), bench_default=False))
 register(Layout("split", "one process per stream (torchrun), exchanging at conv3 and fc6-fc8; N processes "
                 "run N / S replicas (DDP over the replica group)", processes="per-stream", build=_build_split,
                 line=_split_line, mesh_dims=("replica", "stream"), micro_batches=True, compile_layers=True,
                 exercises=True, bench=_bench("split")))
-register(Layout("hybrid", "the 2014 hybrid: conv data parallel, fc6-fc8 model parallel over every process",
-                processes="world", build=_build_hybrid, files="single", line=_hybrid_line,
-                mesh_dims=("stream",), schedules=("single", "2014"), bench=_bench("hybrid")))
-# bench only: the split's overlapped forward, data parallelism, the mesh at --streams, the peer
+# bench only: the split's overlapped forward, the mesh at --streams
 register(Layout("split-overlap", "the split with --micro-batches M overlapped (overlap.py)", processes="per-stream",
-                line=_split_line, micro_batches=True, bench=_bench("split-overlap")))
+                line=_split_line, scaled=False, micro_batches=True, bench=_bench("split-overlap")))
+register(Layout("mesh", "the split as --streams streams x world / streams replicas", processes="per-stream",
+                line=_mesh_line, mesh_dims=("replica", "stream"), bench=_bench("mesh"), bench_default=False))
+register(Layout("hybrid", "the 2014 hybrid: conv data parallel, fc6-fc8 model parallel over every process",
+                processes="world", build=_build_hybrid, files="single", line=_hybrid_line, mesh_dims=("stream",),
+                schedules=("single", "2014"), bench=_bench("hybrid"), bench_default=False))
+# bench only: data parallelism, and the peer
 register(Layout("ddp", "data parallelism: the whole net on every process, gradients all-reduced (DDP)",
                 processes="world", line=_ddp_line, bench=_bench("ddp")))
-register(Layout("mesh", "the split as --streams streams x world / streams replicas", processes="per-stream",
-                line=_mesh_line, mesh_dims=("replica", "stream"), bench=_bench("mesh")))
 register(Layout("torchvision", "torchvision.models.alexnet, the peer (224 px, no LRN, no groups)",
                 channels_last=True, bench_compile=True, bench=_bench("torchvision")))
 register(Layout("torchvision-all", "torchvision's AlexNet with every core", channels_last=True, bench_compile=True,

@@ -139,8 +139,9 @@ class TrainLoader:
 
 
 def share_plan(cfg, ctx, replicas):
-    """--share-decode, split: (stream group, S, s) when the replica batch divides among the streams."""
-    if cfg.layout != "split" or not cfg.share_decode or ctx is None or ctx.streams < 2 or ctx.mesh is None:
+    """--share-decode, a layout of one process per stream (train.py asks only then): (stream group, S, s)
+    when the replica batch divides among the streams."""
+    if not cfg.share_decode or ctx is None or ctx.streams < 2 or ctx.mesh is None:
         return None
     if (cfg.batch_size // replicas) % ctx.streams:
         return None                                # every stream decodes the whole batch, as before

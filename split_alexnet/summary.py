@@ -197,16 +197,30 @@ def crossover_text(spec: Spec):
 # (conv2d, relu, local_response_norm, max_pool2d, flatten, linear), so each step's shape is measured,
 # not derived from the spec. The model code is not changed.
 
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass  # noqa: E402, I001
 
 _STEPS = {"conv2d": "conv", "relu": "relu", "local_response_norm": "lrn", "max_pool2d": "maxpool",
           "flatten": "flatten", "linear": "linear"}
-LAYOUTS = ("single", "streams", "split")
-_EXCHANGE_OPS = {  # what an exchange is in each layout: (before conv3..fc8, for the logits)
-    "single": ("identity (one device)", "identity (one device)"),
-    "streams": ("copy + cat on every device", "copy + cat on device 0"),
-    "split": ("all-gather, bwd reduce-scatter", "all-gather, bwd keep own slice"),
+
+
+@dataclass(frozen=True)
+class View:
+    """How --trace shows one layout: one column or one per stream, where it runs, and what each exchange
+    is there (before conv3..fc8, for the logits)."""
+    whole: bool
+    where: str
+    ops: tuple
+    collective: bool = False    # the exchange a collective performs (every rank receives every part)
+
+
+VIEWS = {
+    "single": View(True, "one module, one device", ("identity (one device)", "identity (one device)")),
+    "streams": View(False, "{S} stream modules in one process", ("copy + cat on every device",
+                                                                  "copy + cat on device 0")),
+    "split": View(False, "{S} ranks, shown in one process", ("all-gather, bwd reduce-scatter",
+                                                            "all-gather, bwd keep own slice"), collective=True),
 }
+LAYOUTS = tuple(VIEWS)
 
 
 @dataclass
@@ -252,9 +266,10 @@ def trace(spec: Spec, layout="streams"):
     import torch
 
     from . import model as model_module
-    if layout not in LAYOUTS:
+    if layout not in VIEWS:
         raise ValueError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
-    columns = 1 if layout == "single" else spec.streams
+    view = VIEWS[layout]
+    columns = 1 if view.whole else spec.streams
     steps, current = [], {"layer": None}
 
     def record(column, op, shape, note="", replace=False):
@@ -283,54 +298,44 @@ def trace(spec: Spec, layout="streams"):
             current["layer"] = name
             out = exchange(name, x)
             outs = out if isinstance(out, (list, tuple)) else [out] + [None] * (columns - 1)
-            op = _EXCHANGE_OPS[layout][name == "logits"]
+            op = view.ops[name == "logits"]
             steps.append(Step(name, "exchange", [None if t is None else tuple(t.shape) for t in outs], op))
             return out
         return run
 
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(0)
-        if layout == "single":
-            net = model_module.AlexNet(spec=spec).eval()
-            net.layer_fn = traced_layer_fn(0, net.layer_fn)
-        else:
-            net = model_module.StreamsAlexNet(spec).eval()
-            for s, stream in enumerate(net.streams):
-                stream.layer_fn = traced_layer_fn(s, stream.layer_fn)
         x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
-        plan = model_module.forward_plan
+        if view.whole:              # AlexNet.forward's plan, with the traced callbacks passed in
+            net = model_module.AlexNet(spec=spec).eval()
+            model_module.forward_plan(spec, x, traced_layer_fn(0, net.layer_fn), traced_exchange(net.exchange))
+            return steps
+        net = model_module.StreamsAlexNet(spec).eval()
+        traced = [traced_layer_fn(s, stream.layer_fn) for s, stream in enumerate(net.streams)]
 
-        def traced_plan(spec_, x_, layer_fn, exchange):
-            return plan(spec_, x_, layer_fn, traced_exchange(exchange))
+        def layer_fn(layer, xs):    # every stream's module on its part (StreamsAlexNet.plan_callbacks')
+            return [run(layer, t) for run, t in zip(traced, xs)]
 
-        if layout == "split":
-            # in process: the streams' modules, and the exchange the collectives perform
+        if not view.collective:     # StreamsAlexNet.forward's exchange, as it runs
+            exchange = net.plan_callbacks()[1]
+        else:
+            # split, in process: the streams' modules, and the exchange the collectives perform
             # (comm.gather_for_distinct_kernels / gather_for_same_computation): every rank
             # receives every rank's part, the logits included
-            def layer_fn(layer, xs):
-                return [s.layer_fn(layer, t) for s, t in zip(net.streams, xs)]
-
             def exchange(name, xs):
                 return [torch.cat(xs, dim=1) for _ in xs]
-
-            traced_plan(spec, [x] * spec.streams, layer_fn, exchange)
-        elif layout == "single":    # AlexNet.forward, with the traced exchange passed in
-            traced_plan(spec, x, net.layer_fn, net.exchange)
-        else:                       # StreamsAlexNet.forward's plan, as it runs: every stream sees the image
-            layer_fn, exchange = net.plan_callbacks()
-            traced_plan(spec, [x] * spec.streams, layer_fn, exchange)
+        model_module.forward_plan(spec, [x] * spec.streams, layer_fn, traced_exchange(exchange))
     return steps
 
 
 def trace_table(spec: Spec, layout="streams"):
     """The trace as text: one line per step, one column per stream."""
     steps = trace(spec, layout)
-    cols = ["whole net"] if layout == "single" else [f"stream {s}" for s in range(spec.streams)]
-    where = {"single": "one module, one device",
-             "streams": f"{spec.streams} stream modules in one process",
-             "split": f"{spec.streams} ranks, shown in one process"}[layout]
+    view = VIEWS[layout]
+    cols = ["whole net"] if view.whole else [f"stream {s}" for s in range(spec.streams)]
+    where = view.where.format(S=spec.streams)
     width = max(20, *(len(str(sh)) + 2 for s in steps for sh in s.shapes))
-    readers = "" if layout == "single" else " read by every stream"
+    readers = "" if view.whole else " read by every stream"
     out = [f"{layout} layout ({where}): input (1, {spec.in_channels}, {spec.image_size}, "
            f"{spec.image_size}){readers}; eval mode (dropout off)",
            "",

@@ -924,8 +924,7 @@ def launcher(job):
     cfg = job.cfg
     entry = layouts.get(cfg.layout)
     cmd = (f"torchrun --nproc_per_node={job.world} launch/train.py" if entry.torchrun
-           else "python launch/train.py") + ("" if cfg.layout == layouts.default(True) and entry.torchrun
-                                             else f" --layout {cfg.layout}")
+           else f"python launch/train.py --layout {cfg.layout}") + (layouts.flag(cfg.layout) if entry.torchrun else "")
     if job.spec.streams != 2:
         cmd += f" --streams {job.spec.streams}"
     if cfg.devices:                                # the streams layout's devices

@@ -3,13 +3,16 @@ import os
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..layouts import LAYOUTS as REGISTRY
 from ..precision import PRECISIONS, check_precision, compile_available
 from ..spec import Spec
 
-LAYOUTS = ("single", "split", "split-overlap", "ddp", "torchvision", "torchvision-all")
-EXTRA_LAYOUTS = ("streams", "mesh", "hybrid")  # on request: streams (one process, one device); mesh
-# (W / --streams replicas of the --streams-stream net) and hybrid (conv data parallel, fc model parallel)
-ONE_PROCESS = ("single", "streams", "torchvision", "torchvision-all")  # run on rank 0 (or alone)
+# the registry's (split_alexnet/layouts.py): the default --layouts, those on request (streams: one process,
+# one device; mesh: W / --streams replicas of the --streams-stream net; hybrid: conv data parallel, fc model
+# parallel), and those that run on rank 0 (or alone)
+LAYOUTS = tuple(n for n, e in REGISTRY.items() if e.bench and e.bench_default)
+EXTRA_LAYOUTS = tuple(n for n, e in REGISTRY.items() if e.bench and not e.bench_default)
+ONE_PROCESS = tuple(n for n, e in REGISTRY.items() if e.bench and not e.torchrun)
 TORCHVISION_MIN_SIZE = 63  # torchvision's alexnet: 63 px -> 15 -> 7 -> 3 -> 3 -> 1 (adaptive pool after)
 
 

@@ -184,14 +184,9 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None, progress=None, clock=
             c0 = time.process_time()
             if ctx.rank in run.ranks:
                 xr, yr = inputs[run.image_size or spec.image_size], y
-                if run.layout == "ddp":  # each rank its slice of the same global batch
-                    n = batch // ctx.world
-                    xr, yr = x[ctx.rank * n:(ctx.rank + 1) * n], y[ctx.rank * n:(ctx.rank + 1) * n]
-                elif run.rows:  # mesh: its replica's rows; hybrid: its rows in, the whole batch's logits out
-                    part, parts = run.rows
-                    n = batch // parts
-                    xr = x[part * n:(part + 1) * n]
-                    yr = y if run.layout == "hybrid" else y[part * n:(part + 1) * n]
+                if run.rows:  # ddp, mesh: its rows in and out; hybrid: its rows in, the whole batch's logits out
+                    xr = x[_rows(run.rows, batch)]
+                    yr = y[_rows(run.out_rows, batch)] if run.out_rows else y
                 torch.set_num_threads(run.threads)
                 c1 = time.process_time()
                 rec = step(run, xr, yr, clock, track_memory=(i == 0), autocast_dtype=cfg.autocast_dtype)
@@ -222,3 +217,10 @@ def measure(runs, spec, batch, cfg, ctx, profile_dir=None, progress=None, clock=
             pad = [profile.NO_LRN] * (int(n) - len(mine))  # a rank that did not compute this layout
             vals = over_ranks(mine + pad, ctx.device, dist.ReduceOp.MAX) if n else []
             run.lrn_share[batch] = [v for v in vals if v >= 0]  # NO_LRN: no "lrn" range on any rank
+
+
+def _rows(rows, batch):
+    """(part, parts): that part's rows of the global batch."""
+    part, parts = rows
+    n = batch // parts
+    return slice(part * n, (part + 1) * n)

@@ -12,32 +12,18 @@ W processes; the split net has S streams (split: S = W; mesh: R = W / S replicas
 
 Each layout sends the fewest bytes where its line is the lowest: cheapest_ranges finds those ranges.
 """
-from ..hybrid import bytes_per_step as hybrid_bytes
-from ..spec import Spec
+from ..layouts import LAYOUTS
+from ..layouts import get as get_layout
 
-MULTI = ("split", "mesh", "hybrid", "ddp")
+MULTI = tuple(n for n, e in LAYOUTS.items() if e.line and e.scaled)   # split, hybrid, ddp, mesh
 
 
 def line(layout, spec, world, streams=2):
-    """(fixed bytes, bytes per image of the global batch) one rank sends per step; spec: the net's spec
-    at any stream count (its image size and dtype are used)."""
-    def at(s):
-        return Spec(streams=s, image_size=spec.image_size, in_channels=spec.in_channels,
-                    num_classes=spec.num_classes, dtype_bytes=spec.dtype_bytes)
-    if layout == "split":
-        net = at(world)
-        return 0.0, float(sum(e.bytes * (2 if e.backward == "reduce-scatter" else 1) for e in net.exchanges))
-    if layout == "ddp":
-        return 2 * (world - 1) * spec.params_total * 4 / world, 0.0
-    if layout == "mesh":
-        net, replicas = at(streams), world // streams
-        per = sum(e.bytes * (2 if e.backward == "reduce-scatter" else 1) for e in net.exchanges)
-        return 2 * (replicas - 1) * net.params_per_stream(0) * 4 / replicas, per / replicas
-    if layout == "hybrid":
-        parts = hybrid_bytes(at(streams), world, world)       # at B = W: one image per rank
-        fixed = parts.pop("conv-allreduce")
-        return float(fixed), sum(parts.values()) / world      # the rest is linear in B
-    raise ValueError(layout)
+    """(fixed bytes, bytes per image of the global batch) one rank sends per step (the layout's line,
+    layouts.py; none for one process); spec: the net's spec at any stream count (its image size and dtype
+    are used)."""
+    entry = get_layout(layout, "--layouts")
+    return entry.line(spec, world, streams) if entry.line else (0.0, 0.0)
 
 
 def bytes_at(layout, spec, world, batch, streams=2):

@@ -3,18 +3,14 @@ from statistics import median
 
 from .measure import exchange_keys
 
+PEERS = ("torchvision", "torchvision-all")   # the ratios' denominators (bench/layouts.py: bench_torchvision)
+
 
 def spec_bytes_per_step(spec, layout, batch, world, streams=2):
-    """What each rank sends per step, from the spec (split: activations in spec.dtype_bytes; ddp: a ring
-    all-reduce of the fp32 gradients; mesh, hybrid: scaling.py)."""
-    if layout in ("mesh", "hybrid"):
-        from .scaling import bytes_at
-        return int(round(bytes_at(layout, spec, world, batch, streams)))
-    if layout in ("split", "split-overlap"):
-        return batch * sum(e.bytes * (2 if e.backward == "reduce-scatter" else 1) for e in spec.exchanges)
-    if layout == "ddp":  # the gradients: fp32 whatever the precision (autocast keeps fp32 weights)
-        return 2 * (world - 1) * spec.params_total * 4 // world
-    return 0
+    """What each rank sends per step, from the spec: the layout's line (layouts.py; split: activations in
+    spec.dtype_bytes; ddp: a ring all-reduce of the fp32 gradients; mesh, hybrid), 0 for one process."""
+    from .scaling import bytes_at
+    return int(round(bytes_at(layout, spec, world, batch, streams)))
 
 
 def summarise(run, spec, batch, world):
@@ -54,9 +50,9 @@ def summarise(run, spec, batch, world):
         # None without --profile, or where no step had an "lrn" range (torchvision's; profile.lrn_shares)
         lrn_share=median(run.lrn_share[batch]) if run.lrn_share.get(batch) else None,
     )
-    if run.layout == "single":
+    if "waiting_rank_cpu_s" in run.report:      # one rank computes, the others wait (single)
         out["waiting_rank_cpu_s"] = median(s.idle_cpu_s for s in steps)
-    if run.layout == "ddp":
+    if "allreduce_in_flight_s" in run.report:   # ddp's buckets in flight
         out["breakdown"]["allreduce_in_flight_s"] = median(s.inflight_s for s in steps)
     return out
 
@@ -93,7 +89,7 @@ def ratios(rows):
     [{label, layout, batch_size, vs_torchvision, vs_torchvision_all}]; a key is None where that
     torchvision row was not run."""
     peers = {(r["layout"], r["batch_size"]): r["images_per_s"] for r in rows
-             if r["layout"] in ("torchvision", "torchvision-all")}
+             if r["layout"] in PEERS}
     if not peers:
         return []
     out = []
