@@ -141,9 +141,14 @@ def active_meter():
 last_exchange = None
 
 
-def _collective(key, nbytes, fn):
+def entered(key):
+    """Note the collective this process now waits in (comm_async's waits call it too)."""
     global last_exchange
     last_exchange = key
+
+
+def _collective(key, nbytes, fn):
+    entered(key)
     if _meter is None:
         return fn()
     _meter.count(key, nbytes)

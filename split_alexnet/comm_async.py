@@ -28,7 +28,7 @@ class Pending:
     def wait(self, key):
         if self.work is None:
             return
-        comm.last_exchange = key                    # what guard's watchdog names if the peer never answers
+        comm.entered(key)                           # what guard's watchdog names if the peer never answers
         meter = active_meter()
         if meter is None:
             self.work.wait()

@@ -311,7 +311,7 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path):
     ("a.toml", "lrr = 0.1\n", "unknown setting 'lrr': use the flags' names"),
     ("a.toml", 'lr = "fast"\n', "lr = 'fast' is not a float"),
     ("a.toml", "epochs = 2.5\n", "epochs = 2.5 is not an int"),
-    ("a.toml", 'layout = "mesh"\n', "layout = 'mesh': choose from single, streams, split"),
+    ("a.toml", 'layout = "mesh"\n', "layout = 'mesh': choose from single, streams, split, hybrid"),
     ("a.toml", "lr = \n", "not valid TOML"),
     ("a.json", "{lr: 1}", "not valid JSON"),
     ("a.json", "[1, 2]", "not a table of settings"),

@@ -12,7 +12,6 @@ from ..spec import Spec
 # parallel), and those that run on rank 0 (or alone)
 LAYOUTS = tuple(n for n, e in REGISTRY.items() if e.bench and e.bench_default)
 EXTRA_LAYOUTS = tuple(n for n, e in REGISTRY.items() if e.bench and not e.bench_default)
-ONE_PROCESS = tuple(n for n, e in REGISTRY.items() if e.bench and not e.torchrun)
 TORCHVISION_MIN_SIZE = 63  # torchvision's alexnet: 63 px -> 15 -> 7 -> 3 -> 3 -> 1 (adaptive pool after)
 
 
@@ -72,10 +71,11 @@ def check_config(cfg, world, device_type):
         ok, why = compile_available()
         if not ok:
             raise UsageError(f"--compile: {why}: drop --compile")
-    bad = [l for l in cfg.layouts if l not in LAYOUTS + EXTRA_LAYOUTS]
+    benched = [n for n, e in REGISTRY.items() if e.bench]   # as registered now (a toy layout too)
+    bad = [l for l in cfg.layouts if l not in benched]
     if bad or not cfg.layouts:
-        raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(LAYOUTS + EXTRA_LAYOUTS)}")
-    multi = [l for l in cfg.layouts if l not in ONE_PROCESS]
+        raise UsageError(f"--layouts {','.join(cfg.layouts)}: choose from {','.join(benched)}")
+    multi = [l for l in cfg.layouts if REGISTRY[l].torchrun]
     if multi and world < 2:
         raise UsageError(f"{','.join(multi)} need one process per stream: run under torchrun "
                          f"--nproc_per_node=2, or use --layouts single")
