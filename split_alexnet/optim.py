@@ -146,3 +146,45 @@ class DexpSchedule:
 
     def load_state_dict(self, state):
         pass
+
+
+class PlateauOnError(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """The paper's schedule (§5): divide the lr (every group's) by 10 when the validation error rate
+    stops improving with the current rate, at most max_drops times (the paper: three).
+
+    torch's ReduceLROnPlateau on the top-1 error (mode min), with threshold 0 (any lower error is an
+    improvement), no cooldown, eps 0, and each group's min_lr its current lr times factor once per drop
+    left, multiplied in turn as the drops multiply (so the capped lr is the same float): after more
+    than `patience` evaluations in a row without a new best, every group's lr is multiplied by
+    `factor`, at most `max_drops` times in all. step(error) returns whether it dropped; `drops` counts
+    them. Its state is (best, bad, drops), as checkpoints have held it."""
+
+    def __init__(self, optimizer, factor=0.1, patience=5, max_drops=3):
+        self.drops = 0
+        super().__init__(optimizer, mode="min", factor=factor, patience=patience, threshold=0.0,
+                         threshold_mode="abs", cooldown=0, min_lr=0.0, eps=0.0)
+        self.configure(factor, patience, max_drops)
+
+    def configure(self, factor, patience, max_drops):
+        """factor, patience and the cap (a resume's flags), the floors from the current lrs and drops."""
+        self.factor, self.patience, self.max_drops = factor, patience, max_drops
+        self.min_lrs = []
+        for group in self.optimizer.param_groups:
+            lr = group["lr"]
+            for _ in range(max(0, max_drops - self.drops)):
+                lr *= factor
+            self.min_lrs.append(lr)
+
+    def step(self, error):
+        before = [g["lr"] for g in self.optimizer.param_groups]
+        super().step(error)
+        dropped = any(g["lr"] != lr for g, lr in zip(self.optimizer.param_groups, before))
+        self.drops += dropped
+        return dropped
+
+    def state_dict(self):
+        return dict(best=self.best, bad=self.num_bad_epochs, drops=self.drops)
+
+    def load_state_dict(self, state):
+        self.best, self.num_bad_epochs, self.drops = state["best"], state["bad"], state["drops"]
+        self.configure(self.factor, self.patience, self.max_drops)

@@ -45,7 +45,7 @@ from .loader import DataBound, TrainLoader, encoded_view, one_line_errors, share
 from .meanimage import counted_path, run_mean_image
 from .mesh import replica_batch, unwrap
 from .model import AlexNet, check_dropout_state, init_weights
-from .optim import DexpSchedule, check_resume_update, make_optimizer, parse_dexp
+from .optim import DexpSchedule, PlateauOnError, check_resume_update, make_optimizer, parse_dexp
 from .plots import plot_curves
 from .precision import check_precision
 from .spec import Spec, parse_reads
@@ -134,37 +134,6 @@ def build_scheduler(optimizer, cfg):
         return DexpSchedule(optimizer, [(cfg.lr, *parse_dexp(cfg.dexp_weights, "--dexp-weights")),
                                         (cfg.lr * cfg.bias_lr_mult, *parse_dexp(cfg.dexp_biases, "--dexp-biases"))])
     return None
-
-
-class PlateauOnError:
-    """The paper's schedule (§5): divide the lr (every group's) by 10 when the validation error rate
-    stops improving with the current rate, at most max_drops times (the paper: three).
-
-    step(error) after each scheduled evaluation, with the top-1 error: an error below the best so far
-    is an improvement; after more than `patience` evaluations in a row without one, every group's lr is
-    multiplied by `factor` and the count starts again (the best error is kept)."""
-
-    def __init__(self, optimizer, factor=0.1, patience=5, max_drops=3):
-        self.optimizer, self.factor, self.patience, self.max_drops = optimizer, factor, patience, max_drops
-        self.best, self.bad, self.drops = math.inf, 0, 0
-
-    def step(self, error):
-        if error < self.best:
-            self.best, self.bad = error, 0
-            return False
-        self.bad += 1
-        if self.bad <= self.patience or self.drops >= self.max_drops:
-            return False
-        for group in self.optimizer.param_groups:
-            group["lr"] *= self.factor
-        self.drops, self.bad = self.drops + 1, 0
-        return True
-
-    def state_dict(self):
-        return dict(best=self.best, bad=self.bad, drops=self.drops)
-
-    def load_state_dict(self, state):
-        self.best, self.bad, self.drops = state["best"], state["bad"], state["drops"]
 
 
 def for_speed(cfg, model):
@@ -472,8 +441,7 @@ def resume(job, path):
             raise UsageError(f"checkpoint {path}: meta.pt field scheduler {meta['scheduler']!r:.80} is not the "
                              f"state of this run's --schedule {job.cfg.schedule}: resume with the schedule it "
                              f"was trained with") from None
-        job.scheduler.factor, job.scheduler.patience = job.cfg.lr_factor, job.cfg.lr_patience
-        job.scheduler.max_drops = job.cfg.lr_drops
+        job.scheduler.configure(job.cfg.lr_factor, job.cfg.lr_patience, job.cfg.lr_drops)   # this run's flags
     torch.set_rng_state(meta["torch_rng"])
     return path, {"step": meta["step"], "epoch": meta["epoch"], "batch": meta["batch"]}
 

@@ -26,8 +26,9 @@ from split_alexnet.data import (
     paper_side,
 )
 from split_alexnet.model import AlexNet, DropoutMasks, SplitAlexNet, StreamsAlexNet, split_from_single
+from split_alexnet.optim import PlateauOnError
 from split_alexnet.spec import Spec
-from split_alexnet.train import PlateauOnError, build, build_optimizer, evaluate, run
+from split_alexnet.train import build, build_optimizer, evaluate, run
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 MNIST_DIR = os.path.join(ROOT, "tests", "fixtures", "mnist")
@@ -262,7 +263,9 @@ def test_plateau_on_top1_error_capped():
     state = sched.state_dict()
     other = PlateauOnError(opt, 0.1, 2, 2)
     other.load_state_dict(state)
-    assert other.state_dict() == state == dict(best=0.6, bad=6, drops=2)
+    # torch's count of bad evaluations starts again at each attempt past the cap: 3 + 3 since the best
+    assert other.state_dict() == state == dict(best=0.6, bad=0, drops=2)
+    assert [sched.step(0.6) for _ in range(6)] == [False] * 6 and sched.drops == 2   # the cap holds
 
 
 def test_schedule_follows_top1_not_loss(tmp_path):
