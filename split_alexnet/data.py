@@ -4,9 +4,7 @@ Every data set yields (uint8 image tensor C x H x W or PIL image, label); the tr
 bring it to the model's input. Random augmentation is seeded per (seed, epoch, index), so a batch is the
 same on every rank, with any number of loader workers, and after a resume.
 """
-import gzip
 import hashlib
-import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -19,305 +17,39 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from .cli import UsageError
+from .idx import (  # noqa: F401  (data.py's names: where they live)
+    IDX_FILES,
+    TV_CLASS,
+    TensorImages,
+    _download,
+    _find,
+    _network_cause,
+    _new_folders,
+    _remove_empty,
+    load_idx,
+    load_idx_split,
+    read_idx,
+)
+from .shapes import (  # noqa: F401  (data.py's names: where they live)
+    SHAPES_CLASSES,
+    Shapes,
+    _u,
+    render_shape,
+    seed32,
+)
 from .spec import LAYERS, pad_end
-
-# ---- shapes: a procedural, offline data set -------------------------------------------------------
-
-SHAPES_CLASSES = ("disk", "ring", "square", "triangle", "plus", "star", "half-disk", "stripes",
-                  "checker", "frame")
-
-
-class Shapes(Dataset):
-    """10 classes of shapes and textures at random position, scale, rotation and colour on noisy
-    backgrounds, drawn on the fly. Image i of a split depends only on (seed, split, i)."""
-
-    classes = SHAPES_CLASSES
-
-    def __init__(self, size=20000, seed=0, split="train", native=112, transform=None):
-        self.size, self.seed, self.native, self.transform = size, seed, native, transform
-        self.split = split                         # train and val: disjoint streams of images
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        g = torch.Generator().manual_seed(seed32("shapes", self.seed, self.split, i))
-        label = int(torch.randint(len(self.classes), (), generator=g))
-        img = render_shape(label, self.native, g)
-        return (self.transform(img) if self.transform else img), label
-
-
-def seed32(*key):
-    """A seed from a key, the same in every process (torch's CPU generator keeps 32 bits of a seed)."""
-    return int.from_bytes(hashlib.blake2b(repr(key).encode(), digest_size=4).digest(), "little")
-
-
-def _u(g, lo=0.0, hi=1.0, n=()):
-    return lo + (hi - lo) * torch.rand(n, generator=g)
-
-
-def render_shape(label, n, g):
-    """One n x n RGB uint8 image of class `label`, drawn with generator g."""
-    t = (torch.arange(n, dtype=torch.float32) + 0.5) / n
-    y, x = torch.meshgrid(t, t, indexing="ij")                          # (n, n) in [0, 1]
-    radius = float(_u(g, 0.2, 0.42))                                    # of the image side
-    cx, cy = (float(_u(g, radius, 1 - radius)) for _ in range(2))
-    angle = float(_u(g, 0, 2 * math.pi))
-    dx, dy = (x - cx) / radius, (y - cy) / radius
-    u = dx * math.cos(angle) + dy * math.sin(angle)                     # shape's own frame, unit radius
-    v = -dx * math.sin(angle) + dy * math.cos(angle)
-    r, th = torch.sqrt(u * u + v * v), torch.atan2(v, u)
-    box = torch.maximum(u.abs(), v.abs())
-    name = SHAPES_CLASSES[label]
-    if name == "disk":
-        mask = r < 1
-    elif name == "ring":
-        mask = (r < 1) & (r > 0.6)
-    elif name == "square":
-        mask = box < 0.75
-    elif name == "triangle":
-        mask = torch.ones_like(u, dtype=torch.bool)
-        for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6):
-            mask &= u * math.cos(a) + v * math.sin(a) < 0.5
-    elif name == "plus":
-        mask = ((u.abs() < 0.28) & (v.abs() < 0.95)) | ((v.abs() < 0.28) & (u.abs() < 0.95))
-    elif name == "star":
-        mask = r < 0.6 + 0.38 * torch.cos(5 * th)
-    elif name == "half-disk":
-        mask = (r < 1) & (v > 0)
-    elif name == "stripes":
-        mask = (box < 0.85) & (torch.sin(u * 3 * math.pi) > 0)
-    elif name == "checker":
-        mask = (box < 0.85) & (torch.sin(u * 2.5 * math.pi) * torch.sin(v * 2.5 * math.pi) > 0)
-    else:  # frame
-        mask = (box < 0.85) & (box > 0.5)
-    bg = _u(g, n=3)
-    fg = (bg + _u(g, 0.3, 0.7, 3)) % 1.0                                # differs from bg in every channel
-    ramp_dir = float(_u(g, 0, 2 * math.pi))
-    ramp = (x * math.cos(ramp_dir) + y * math.sin(ramp_dir)) * float(_u(g, -0.3, 0.3))
-    img = torch.where(mask, fg[:, None, None], bg[:, None, None] + ramp)  # (3, n, n)
-    img = img + 0.08 * torch.randn(3, n, n, generator=g)
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-# ---- MNIST and Fashion-MNIST: the IDX files ----------------------------------------------------
-
-IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-TV_CLASS = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}
-
-
-def _find(data_dir, name, tv_class):
-    for folder in (data_dir, os.path.join(data_dir, tv_class.__name__, "raw")):
-        for fname in (name, name + ".gz"):
-            path = os.path.join(folder, fname)
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def read_idx(path):
-    """An IDX file (plain or .gz) as a uint8 tensor. torchvision's reader (datasets.mnist.read_image_file)
-    takes only uncompressed files under <root>/<Class>/raw; this reads the .gz files where they lie."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    if data[2] != 0x08 or len(data) != 4 + 4 * ndim + math.prod(shape):
-        raise UsageError(f"{path} is not a complete uint8 IDX file ({len(data)} bytes for shape {shape}): "
-                         f"replace it with the original file")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=4 + 4 * ndim).view(*shape)
-
-
-def _new_folders(*paths):
-    """The folders among paths and their parents that do not exist yet (what a download would create)."""
-    new = []
-    for path in paths:
-        path = os.path.abspath(path)
-        while path and not os.path.exists(path) and path not in new:
-            new.append(path)
-            path = os.path.dirname(path)
-    return new
-
-
-def _remove_empty(folders):
-    """Remove those of `folders` that are empty, deepest first: a failed download leaves nothing behind."""
-    for path in sorted(folders, key=len, reverse=True):
-        try:
-            os.rmdir(path)                     # only if empty: a file the attempt did fetch stays
-        except OSError:
-            pass
-
-
-def _network_cause(e):
-    """The network error behind a failed torchvision download, as a short phrase, else None. torchvision
-    catches the URLError per mirror and raises a RuntimeError quoting it ('<urlopen error ...>')."""
-    import re
-    import socket
-    from urllib.error import URLError
-    seen = e
-    while seen is not None:
-        if isinstance(seen, URLError):
-            return str(seen.reason)
-        if isinstance(seen, (socket.gaierror, socket.timeout, ConnectionError)):
-            return str(seen) or type(seen).__name__
-        seen = seen.__cause__ or seen.__context__
-    found = re.search(r"<urlopen error (.*?)>", str(e))
-    return found.group(1) if found else None
-
-
-def _download(tv_class, data_dir, train):
-    """torchvision's download of the data set (train or test part); returns why it failed, or None.
-    Folders it created are removed again when it fails (empty ones: nothing fetched stays lost)."""
-    created = _new_folders(os.path.join(data_dir, tv_class.__name__, "raw"))
-    try:
-        tv_class(data_dir, train=train, download=True)
-        return None
-    except Exception as e:
-        _remove_empty(created)
-        cause = _network_cause(e)
-        if cause is not None:
-            return f"the download failed for lack of network ({cause})"
-        return f"the download failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
-
-
-def load_idx(dataset, data_dir, parts, download):
-    """{part: (images (N, 28, 28) uint8, labels (N,) int64)} of the 'train' and/or 'test' files. Every file
-    the parts need is looked for before any is read, so a missing set is named whole in one message."""
-    tv_class = TV_CLASS[dataset]
-    names = [n for part in parts for n in IDX_FILES[part]]
-    paths = [_find(data_dir, n, tv_class) for n in names]
-    why = "downloads are off (--no-download)"
-    if None in paths and download:
-        why = _download(tv_class, data_dir, train="train" in parts)
-        paths = [_find(data_dir, n, tv_class) for n in names]
-    if None in paths:
-        missing = ", ".join(f"{n}.gz" for n, p in zip(names, paths) if p is None)
-        raise UsageError(f"{dataset}: {missing} not found in {os.path.abspath(data_dir)} (nor in its "
-                         f"{tv_class.__name__}/raw) and {why}: place those files there"
-                         + (", or use --split-test N if only the t10k files are at hand" if "train" in parts else ""))
-    out = {}
-    for part in parts:
-        image_path, label_path = (p for n, p in zip(names, paths) if n in IDX_FILES[part])
-        images, labels = read_idx(image_path), read_idx(label_path)
-        if len(images) != len(labels):
-            raise UsageError(f"{dataset}: {image_path} holds {len(images)} images but {label_path} {len(labels)} "
-                             f"labels: replace them with the original files")
-        out[part] = images, labels.long()
-    return out
-
-
-def load_idx_split(dataset, data_dir, part, download):
-    """(images (N, 28, 28) uint8, labels (N,) int64) of the 'train' or 'test' files."""
-    return load_idx(dataset, data_dir, [part], download)[part]
-
-
-class TensorImages(Dataset):
-    """Grey images held in memory (N, H, W) uint8, yielded as (1, H, W) tensors."""
-
-    def __init__(self, images, labels, classes, transform=None):
-        self.images, self.labels, self.classes, self.transform = images, labels, classes, transform
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        img = self.images[i][None]
-        return (self.transform(img) if self.transform else img), int(self.labels[i])
-
-
-# ---- transforms ------------------------------------------------------------------------------------
-
-# PCA of ImageNet RGB pixels in [0, 1] as fb.resnet.torch prints it (datasets/imagenet.lua, "pca"): the
-# eigenvalues of the pixels' covariance and its eigenvectors. The shift eigvec @ (alpha * eigval) is added
-# to [0, 1] pixels (the paper's formula, §4.1, with these eigenvalues).
-PCA_EIGVAL = torch.tensor([0.2175, 0.0188, 0.0045])
-PCA_EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
-                           [-0.5808, -0.0045, -0.8140],
-                           [-0.5836, -0.6948, 0.4203]])  # columns are the eigenvectors
-# --lighting-pca mxnet on 0-255 pixels: MXNet's image.CreateAugmenter pca_noise ("for an image with range
-# [0, 255]") multiplies those eigenvalues by 255 (55.46, 4.794, 1.148): the same shift relative to the
-# pixel range. They are not the eigenvalues of 0-255 pixels (255^2 times), nor standard deviations.
-PCA_MXNET_255 = PCA_EIGVAL * 255
-# --lighting-pca cuda-convnet2: make-data/input_meta's 'color_pca' (standard deviations along its
-# eigenvectors, 0-255 pixels; the eigenvectors are the columns), read by convdata.py's ImageNetDP
-# (color_stdevs, color_eig). ColorNoiseMakerThread draws randn(3) * stdevs @ eigvecs.T, times the
-# --color-noise coefficient (a command-line value, convnet.py; the paper's sigma is 0.1), and
-# add_color_noise then rescales the data by 1 / (1 + coefficient).
-PCA_C2_STDEV = torch.tensor([19.72083305, 37.09388853, 121.78006099])
-PCA_C2_EIGVEC = torch.tensor([[0.41795513, -0.71257945, -0.56351045],
-                              [-0.81698062, -0.02354167, -0.5761844],
-                              [0.39731118, 0.70119634, -0.59200296]])
-
-
-class Lighting(v2.Transform):
-    """The paper's PCA colour augmentation (§4.1), the one transform torchvision lacks: add
-    eigvec @ (alpha * eigval) to every pixel of a float RGB image, alpha ~ N(0, sigma) per image.
-    rescale (cuda-convnet2's add_color_noise): then multiply the image by 1 / (1 + sigma)."""
-
-    def __init__(self, sigma=0.1, eigval=PCA_EIGVAL, eigvec=PCA_EIGVEC, rescale=False):
-        super().__init__()
-        self.sigma, self.eigval, self.eigvec, self.rescale = sigma, eigval, eigvec, rescale
-
-    def make_params(self, flat_inputs):
-        return dict(alpha=torch.randn(3) * self.sigma)
-
-    def shift(self, params):
-        """The RGB shift (3,) of one image's draw: added to every pixel."""
-        return self.eigvec @ (params["alpha"] * self.eigval)
-
-    def transform(self, inpt, params):
-        if not isinstance(inpt, torch.Tensor) or not inpt.is_floating_point() or inpt.shape[-3] != 3:
-            return inpt
-        out = inpt + self.shift(params)[:, None, None].to(inpt.dtype)
-        return out * (1.0 / (1.0 + self.sigma)) if self.rescale else out
-
-
-LIGHTING_PCA = {   # --lighting-pca on 0-255 pixels: (eigenvalue-like scale, eigenvectors, rescale)
-    "mxnet": (PCA_MXNET_255, PCA_EIGVEC, False),
-    "cuda-convnet2": (PCA_C2_STDEV, PCA_C2_EIGVEC, True),
-}
-
-
-class TenCrop(v2.Transform):
-    """The ten test patches of §4.1: the four corner patches and the centre patch, and the horizontal
-    reflection of each. torchvision's TenCrop crops its five from the mirrored image instead, which
-    puts the mirrored centre patch 1 px off when the margin is odd (256 -> 227: columns 15..241, not
-    the mirror of 14..240); here each patch is mirrored itself."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.size = size
-
-    def forward(self, img):
-        five = v2.functional.five_crop(img, [self.size, self.size])
-        return tuple(five) + tuple(v2.functional.horizontal_flip(c) for c in five)
-
-
-def build_transforms(image_size, in_channels, mean, std, *, train, crop, flip, lighting, ten_crop=False):
-    """crop: resize to image_size * 256/224 and take a random (train) or centre crop, as the paper
-    does from 256 to 224; otherwise resize to image_size. ten_crop: evaluation on the 4 corners,
-    the centre and their mirrors (stacked: (10, C, H, W))."""
-    # the larger square only where a crop is cut from it: training with crop, evaluation with crop or
-    # ten-crop (training without crop resizes to image_size, whatever the evaluation does)
-    big = round(image_size * 256 / 224) if crop or (ten_crop and not train) else image_size
-    t = [v2.ToImage(), v2.Resize((big, big), antialias=True)]
-    if train:
-        if crop:
-            t.append(v2.RandomCrop(image_size))
-        if flip:
-            t.append(v2.RandomHorizontalFlip())
-    elif crop and not ten_crop:
-        t.append(v2.CenterCrop(image_size))
-    t.append(v2.ToDtype(torch.float32, scale=True))
-    if train and lighting > 0 and in_channels == 3:
-        t.append(Lighting(lighting))
-    t.append(v2.Normalize(mean, std))
-    if ten_crop and not train:
-        return _Stack(v2.Compose(t + [TenCrop(image_size)]))
-    return v2.Compose(t)
-
+from .transforms import (  # noqa: F401  (data.py's names: where they live)
+    LIGHTING_PCA,
+    PCA_C2_EIGVEC,
+    PCA_C2_STDEV,
+    PCA_EIGVAL,
+    PCA_EIGVEC,
+    PCA_MXNET_255,
+    Lighting,
+    TenCrop,
+    _Stack,
+    build_transforms,
+)
 
 # ---- the paper's input (§2): shorter side to 256, the central 256x256, minus the mean image, 0-255 ----
 
@@ -459,17 +191,6 @@ def cached_mean_image(path, train_set, side, channels):
     except OSError:
         return mean, f"computed from {len(train_set)} training images (in memory: {os.path.dirname(path)} " \
                      f"cannot be written)"
-
-
-class _Stack:
-    """Ten crops as one (10, C, H, W) tensor (minus `minus`, a (C, H, W) mean crop, if given)."""
-
-    def __init__(self, transform, minus=None):
-        self.transform, self.minus = transform, minus
-
-    def __call__(self, img):
-        out = torch.stack([torch.as_tensor(c) for c in self.transform(img)])
-        return out if self.minus is None else out - self.minus.to(out.dtype)
 
 
 # ---- the same batches on every rank ----------------------------------------------------------------
