@@ -26,6 +26,7 @@ import sys
 
 import torch
 
+from split_alexnet import flags
 from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.bench import (
     EXTRA_LAYOUTS,
@@ -40,6 +41,8 @@ from split_alexnet.bench import (
 from split_alexnet.bench.bound import format_bound
 from split_alexnet.cli import DefaultsHelp, Parser, UsageError, env, log, run_main
 from split_alexnet.distributed import setup, teardown
+from split_alexnet.precision import dtype_bytes
+from split_alexnet.spec import default_streams, spec_or_usage_error
 
 CUDA_SWEEP = "128,256,512,1024"   # after --batch-size (64): the sweep on a GPU, as far as memory allows
 CUDA_STEPS, CPU_STEPS, CUDA_WARMUP = 30, 5, 3
@@ -52,22 +55,19 @@ def parse_args(argv=None):
                    "e.g. 16,32,64,128 (throughput and memory against batch size); default: "
                    f"{CUDA_SWEEP} on CUDA (stopped with a line at the first that runs out of memory), none on "
                    "CPU; 'none': no sweep")
-    p.add_argument("--image-size", type=int, default=227)
+    flags.add_image_size(p)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma-separated: {','.join(LAYOUTS)} "
                    f"(the default), or {','.join(EXTRA_LAYOUTS)} (every stream in one process, one device); "
                    "one process without torchrun: single (default) and streams only")
-    p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
-                   "net (§3.2), one stream, one process: layouts single and torchvision")
-    p.add_argument("--streams", type=int, default=None, help="streams of single/streams when run without "
-                   "torchrun, default 2 (--net half: 1; under torchrun split has one per process); mesh: "
-                   "streams per replica; hybrid: the conv layers' groups")
+    flags.add_net(p, "half: the paper's one-GPU net (§3.2), one stream, one process: layouts single and torchvision")
+    flags.add_streams(p, "streams of single/streams when run without torchrun, default 2 (--net half: 1; under "
+                      "torchrun split has one per process); mesh: streams per replica; hybrid: the conv layers' groups")
     p.add_argument("--steps", type=int, default=None, help="measured steps per layout (per batch size); "
                    f"default {CUDA_STEPS} on CUDA, {CPU_STEPS} on CPU")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per layout, not measured; "
                    f"default {CUDA_WARMUP} on CUDA (cuDNN's algorithm search, the allocator), 1 on CPU")
-    p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
-                   help="fp32, bf16 or fp16: bf16/fp16 run forward + loss under torch.autocast (weights and "
-                   "gradients stay fp32); the exchanges then carry 2-byte activations")
+    flags.add_precision(p, "fp32, bf16 or fp16: bf16/fp16 run forward + loss under torch.autocast (weights and "
+                        "gradients stay fp32); the exchanges then carry 2-byte activations", choices=None, dtype_alias=True)
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches of split-overlap")
     p.add_argument("--profile", default=None, metavar="DIR", help="write a torch.profiler trace per rank "
                    "of the measured steps (first batch size) to DIR")
@@ -153,10 +153,7 @@ def link_main(args, world):
             links.append(lm.Link(name, float(gbs), float(us)))
         except ValueError:
             raise UsageError(f"--link-spec {text!r}: use NAME:GBPS:US, e.g. 'PCIe 3.0 x16:12:10'") from None
-    try:
-        spec = Spec(image_size=args.image_size, dtype_bytes=2 if args.precision in ("bf16", "fp16") else 4)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    spec = spec_or_usage_error(image_size=args.image_size, dtype_bytes=dtype_bytes(args.precision))
     check = None
     if world > 1:
         if result is None or not any(r["layout"] == "split" for r in result["runs"]):
@@ -200,7 +197,7 @@ def loopback_check(result, loop, lm, Spec):
     compute for both)."""
     batch = result["batch_size"]
     spec = Spec(streams=result["streams"], image_size=result["image_size"],
-                dtype_bytes=2 if result.get("precision", result.get("dtype")) in ("bf16", "fp16") else 4)
+                dtype_bytes=dtype_bytes(result.get("precision", result.get("dtype"))))
     rows = {r["layout"]: r for r in result["runs"] if r["batch_size"] == batch}
     compute, _ = lm.compute_from_bench(result)  # split: step - transfer (min-rank communication)
     out = []
@@ -218,15 +215,11 @@ def loopback_check(result, loop, lm, Spec):
 def bound_table(args, batches):
     """--bound-table: the bound from a datasheet's peaks (no device, no steps)."""
     from split_alexnet.bench import bound as bd
-    from split_alexnet.spec import Spec
     peak = bd.table_peak(args.bound_table, args.precision)
     if peak is None:
         raise UsageError(f"--bound-table {args.bound_table}: the table has {', '.join(bd.TABLE)}")
-    act_bytes = 2 if args.precision in ("bf16", "fp16") else 4
-    try:
-        spec = Spec(image_size=args.image_size, dtype_bytes=act_bytes)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    act_bytes = dtype_bytes(args.precision)
+    spec = spec_or_usage_error(image_size=args.image_size, dtype_bytes=act_bytes)
     log(bd.format_bound(bd.section(spec, batches, act_bytes, peak)))
     return 0
 
@@ -263,7 +256,7 @@ def main(argv=None):
     cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=steps,
                  warmup=warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, net=args.net,
-                 streams=args.streams or (1 if args.net == "half" else 2), allocator=allocator,
+                 streams=default_streams(args.streams, args.net), allocator=allocator,
                  channels_last=args.channels_last, compile=args.compile, log_every=args.log_every,
                  command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:]))
     check_config(cfg, world, "cuda" if gpu else "cpu")  # before any process group: fail fast

@@ -19,15 +19,15 @@ import time
 
 import torch
 
-from split_alexnet import layouts
+from split_alexnet import flags, layouts
 from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.check import AUTOCAST, criterion, format_table, run_check, verdict
 from split_alexnet.cli import DefaultsHelp, Parser, UsageError, env, log, run_main
 from split_alexnet.comm import RuleError
 from split_alexnet.distributed import setup, teardown
 from split_alexnet.exercises import EXERCISES, load_rule, options
-from split_alexnet.precision import check_precision
-from split_alexnet.spec import Spec, parse_reads
+from split_alexnet.precision import DTYPES, check_precision
+from split_alexnet.spec import default_streams, spec_or_usage_error
 
 
 def parse_args(argv=None):
@@ -35,15 +35,15 @@ def parse_args(argv=None):
     p.add_argument("--layout", choices=layouts.names(checked=True), default=None,
                    help="default: split under torchrun, streams otherwise; hybrid: conv data parallel, fc "
                    "model parallel over every process (docs/scaling.md)")
-    p.add_argument("--net", choices=["paper", "half"], default="paper", help="half: the paper's one-GPU "
-                   "net (§3.2), one stream: streams layout only (its one stream against the single layout)")
-    p.add_argument("--streams", type=int, default=None, help="streams of the net, default 2 (--net half: 1): "
-                   "split: processes per replica (N processes run N / S replicas); hybrid: the conv layers' groups")
+    flags.add_net(p, "half: the paper's one-GPU net (§3.2), one stream: streams layout only (its one stream "
+                  "against the single layout)")
+    flags.add_streams(p, "streams of the net, default 2 (--net half: 1): split: processes per replica (N processes "
+                      "run N / S replicas); hybrid: the conv layers' groups")
     p.add_argument("--no-allreduce", dest="allreduce", action="store_false",
                    help="leave the gradient all-reduce out (replicas, hybrid): the check must then FAIL")
     p.add_argument("--devices", default=None, help="streams layout: comma-separated devices, one per "
                    "stream (default: all on --device)")
-    p.add_argument("--image-size", type=int, default=227)
+    flags.add_image_size(p)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
@@ -57,10 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="eval,train", help="eval, train (dropout on), or both")
     p.add_argument("--init", choices=["d2l", "paper"], default="d2l",
                    help="weights the layouts are compared at (see docs/equivalence.md)")
-    p.add_argument("--precision", "--dtype", dest="precision", default="fp32",
-                   help="precision of the logits and loss: fp32 (float32), fp64 (float64), or bf16/fp16 "
-                   "through torch.autocast with fp32 weights; gradients and SGD steps are always compared "
-                   "in float64 (fp32 cannot rule on them: see docs/equivalence.md)")
+    flags.add_precision(p, "precision of the logits and loss: fp32 (float32), fp64 (float64), or bf16/fp16 "
+                        "through torch.autocast with fp32 weights; gradients and SGD steps are always compared "
+                        "in float64 (fp32 cannot rule on them: see docs/equivalence.md)", choices=None, dtype_alias=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK with NCCL, else cpu")
     p.add_argument("--backend", choices=["nccl", "gloo"], default=None)
@@ -83,18 +82,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# --precision's names (the bench's) and the torch dtype names --dtype took before it
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
 def main(argv=None):
     args = parse_args(argv)
     _, allocator = apply_keep_freed_memory(args.keep_freed_memory)   # before any tensor of the check
     proc = env()
     entry = layouts.get(args.layout or ("split" if proc.torchrun else "streams"))
     layout = entry.name
-    args.streams = args.streams or (1 if args.net == "half" else 2)
+    args.streams = default_streams(args.streams, args.net)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or set(modes) - {"eval", "train"}:
         raise UsageError(f"--modes {args.modes!r}: use eval, train or eval,train")
@@ -143,11 +137,8 @@ def main(argv=None):
         if args.batch_size % parts:
             raise UsageError(f"--batch-size {args.batch_size} does not split over {parts} "
                              f"{'replicas' if entry.processes == 'per-stream' else 'ranks'}: use a multiple of {parts}")
-        try:
-            spec = Spec(streams=streams, image_size=args.image_size, in_channels=args.in_channels,
-                        num_classes=args.num_classes, net=args.net).with_reads(**parse_reads(args.reads))
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        spec = spec_or_usage_error(args.reads, streams=streams, image_size=args.image_size,
+                                   in_channels=args.in_channels, num_classes=args.num_classes, net=args.net)
         device = ctx.device if ctx else torch.device(args.device or "cpu")
         devices = args.devices.split(",") if args.devices else [device] * streams
         if len(devices) != streams:

@@ -13,17 +13,18 @@ with --trace the shape after every step of a real forward pass, per stream.
   python launch/summary.py --net half                        # the paper's one-GPU comparison net (§3.2)
 """
 
-from split_alexnet.cli import DefaultsHelp, Parser, UsageError, run_main
-from split_alexnet.spec import Spec, parse_reads
+from split_alexnet import flags
+from split_alexnet.cli import DefaultsHelp, Parser, run_main
+from split_alexnet.precision import dtype_bytes
+from split_alexnet.spec import default_streams, spec_or_usage_error
 from split_alexnet.summary import LAYOUTS, summary_table, trace_table
 
 
 def main(argv=None):
     p = Parser(description=__doc__, formatter_class=DefaultsHelp)
-    p.add_argument("--net", choices=["paper", "half"], default="paper",
-                   help="paper: the two-GPU net; half: the paper's one-GPU comparison net (§3.2), one stream")
-    p.add_argument("--streams", type=int, default=None, help="default: 2 (--net half: 1)")
-    p.add_argument("--image-size", type=int, default=227)
+    flags.add_net(p, "paper: the two-GPU net; half: the paper's one-GPU comparison net (§3.2), one stream")
+    flags.add_streams(p, "default: 2 (--net half: 1)")
+    flags.add_image_size(p)
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128, help="for the bytes-per-batch column")
@@ -36,16 +37,12 @@ def main(argv=None):
     p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
                    help="change what conv2..conv5 read, e.g. conv4=all (an exchange before conv4); "
                         "the paper's: conv3=all, the others own")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="the activations' dtype, which sizes every exchange (gradients stay fp32)")
+    flags.add_precision(p, "the activations' dtype, which sizes every exchange (gradients stay fp32)")
     args = p.parse_args(argv)
-    try:
-        paper = Spec(streams=args.streams or (1 if args.net == "half" else 2), image_size=args.image_size,
-                     in_channels=args.in_channels, num_classes=args.num_classes,
-                     dtype_bytes=4 if args.precision == "fp32" else 2, net=args.net)
-        spec = paper.with_reads(**parse_reads(args.reads))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    fields = dict(streams=default_streams(args.streams, args.net), image_size=args.image_size,
+                  in_channels=args.in_channels, num_classes=args.num_classes,
+                  dtype_bytes=dtype_bytes(args.precision), net=args.net)
+    paper, spec = spec_or_usage_error(**fields), spec_or_usage_error(args.reads, **fields)
     print(trace_table(spec, args.layout) if args.trace else summary_table(spec, args.batch_size))
     if spec != paper and not args.trace:
         print(f"\nagainst the paper's connectivity: {spec.params_total - paper.params_total:+,} parameters, "

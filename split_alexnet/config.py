@@ -8,16 +8,17 @@ set's, and the flags still win: recipe < data set < file < flags.
 """
 import argparse
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-from . import layouts
+from . import flags, layouts
 from .cli import DefaultsHelp, Parser, UsageError, env
+from .config_file import load_config_file
 from .data import DATASETS
 from .loader import default_workers
 from .optim import UPDATES, parse_dexp
+from .spec import default_streams
 
 # Every value here can be overridden by its flag (--lr, --momentum, ...), and the data set's defaults
 # (data.DATASETS[name].defaults) apply over the recipe's. The paper's recipe (§2, §4, §5), each row
@@ -177,8 +178,8 @@ def build_parser(add_help=True):
                    "takes its slice; the streams of a replica see the same slice)")
     p.add_argument("--epochs", type=int, help="passes over the training set")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many SGD steps (0: no limit)")
-    p.add_argument("--net", choices=["paper", "half"], default="paper", help="paper: the two-GPU net; half: "
-                   "the paper's one-GPU comparison net (§3.2: conv1-4 halved, conv5 and fc kept; one stream)")
+    flags.add_net(p, "paper: the two-GPU net; half: the paper's one-GPU comparison net (§3.2: conv1-4 halved, "
+                  "conv5 and fc kept; one stream)")
     p.add_argument("--reads", default="", metavar="LAYER=own|all,...",
                    help="change what conv2..conv5 read, e.g. conv4=all (an exchange before conv4; "
                         "docs/tutorial.md, the paper's trade-off); empty: the paper's, conv3=all")
@@ -213,9 +214,9 @@ def build_parser(add_help=True):
                    "its make-data/input_meta eigenvectors and standard deviations, then the data x 1/(1 + sigma)")
     p.add_argument("--ten-crop", action=B, help="evaluate on 10 crops (4 corners + centre, mirrored), "
                    "softmax averaged")
-    p.add_argument("--image-size", type=int, help="the model's input (>= 67)")
-    p.add_argument("--streams", type=int, default=2, help="streams of the net; split: processes per replica "
-                   "(torchrun --nproc_per_node=N runs N / S replicas, docs/scaling.md)")
+    flags.add_image_size(p, "the model's input (>= 67)", default=None)
+    flags.add_streams(p, "streams of the net; split: processes per replica (torchrun --nproc_per_node=N runs "
+                      "N / S replicas, docs/scaling.md)", default=2)
     p.add_argument("--seed", type=int, default=0, help="weights, data order and augmentation")
     p.add_argument("--dropout-seed", type=int, default=0, help="dropout masks")
     p.add_argument("--workers", type=int, help="data loader processes per rank (GPUs: the cores per local rank "
@@ -259,8 +260,8 @@ def build_parser(add_help=True):
     p.add_argument("--wandb", action="store_true", help="also log the metrics rows to Weights & Biases "
                    "(pip install wandb; never required)")
     g = p.add_argument_group("speed (docs/training.md)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="bf16/fp16: forward and loss under torch.autocast, fp32 weights; fp16 with a GradScaler")
+    flags.add_precision(p, "bf16/fp16: forward and loss under torch.autocast, fp32 weights; fp16 with a GradScaler",
+                        group=g)
     g.add_argument("--micro-batches", type=int, default=None, metavar="M",
                    help=f"split: micro-batches of the overlapped forward (overlap.py); 1: plain split "
                    f"(default {DEFAULT_MICRO_BATCHES} for split, measured: docs/benchmarks.md)")
@@ -291,8 +292,7 @@ def parse_config(argv=None):
     dataset, net = pick("dataset"), pick("net")
     recipe = pick("recipe") or DATASETS[dataset].recipe
     p.set_defaults(recipe=recipe, **{**RECIPES[recipe], **DATASETS[dataset].defaults})
-    if net == "half":                              # the one-GPU net has one stream
-        p.set_defaults(streams=1)
+    p.set_defaults(streams=default_streams(None, net))   # 1 for the one-GPU net (--net half)
     p.set_defaults(**file)                         # the file over the recipe's; the flags over both
     settings = vars(p.parse_args(argv))
     settings.pop("config")
@@ -306,72 +306,6 @@ def parse_config(argv=None):
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def _toml():
-    try:
-        import tomllib  # Python 3.11+
-    except ImportError:
-        try:
-            import tomli as tomllib
-        except ImportError:
-            raise UsageError("--config: TOML needs Python 3.11 or pip install tomli: or give the settings "
-                             "as JSON") from None
-    return tomllib
-
-
-# a run's config.json holds these beside the settings: what the run was, not how to run it
-RUN_KEYS = ("spec", "torch")
-# and where that run wrote and what it resumed: a replay of its config.json takes them from its own flags
-NOT_REPLAYED = ("out", "resume", "eval_only")
-
-
-def load_config_file(path, parser):
-    """--config FILE: {Config field: value} from TOML (.toml) or JSON (.json; other names: JSON, else
-    TOML). Keys are the flags' names (lr, batch_size or batch-size); a run's own config.json (it has
-    `spec`) loads as it was written, without its out/resume. Each value is checked against its flag's
-    type and choices; a bad file is one line naming the key and the fix."""
-    import json
-    from dataclasses import fields
-    if not os.path.isfile(path):
-        raise UsageError(f"--config {path}: no such file: give a TOML or JSON file of settings (a run's "
-                         f"config.json works)")
-    with open(path, "rb") as f:
-        raw = f.read()
-    kinds = ["toml"] if path.endswith(".toml") else ["json"] if path.endswith(".json") else ["json", "toml"]
-    data, why = None, ""
-    for kind in kinds:
-        try:
-            data = json.loads(raw) if kind == "json" else _toml().loads(raw.decode())
-            break
-        except (ValueError, UnicodeDecodeError) as e:
-            why = f"not valid {kind.upper()}: {str(e).splitlines()[0]}"
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path}: {why or 'not a table of settings'}: write one setting per key, "
-                         f"e.g. lr = 0.01 (TOML) or {{\"lr\": 0.01}} (JSON)")
-    run_file = "spec" in data
-    types = {f.name: f.type for f in fields(Config)}
-    actions = {a.dest: a for a in parser._actions}
-    settings = {}
-    for key, value in data.items():
-        k = key.replace("-", "_")
-        if k in RUN_KEYS or (run_file and k in NOT_REPLAYED):
-            continue
-        if k not in types:
-            raise UsageError(f"--config {path}: unknown setting {key!r}: use the flags' names (e.g. lr, "
-                             f"batch_size; python launch/train.py --help lists them)")
-        want = types[k]
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        nullable = value is None and actions[k].default is None
-        if not nullable and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise UsageError(f"--config {path}: {k} = {value!r} is not {'an' if want is int else 'a'} "
-                             f"{want.__name__}: give it as its flag takes it")
-        if actions[k].choices and value not in actions[k].choices and value != actions[k].default:
-            raise UsageError(f"--config {path}: {k} = {value!r}: choose from "
-                             f"{', '.join(map(str, actions[k].choices))}")
-        settings[k] = value
-    return settings
 
 
 def validate(cfg):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .cli import attempt_prefix, env, rendezvous
 from .errors import RankError, UsageError
-from .spec import allowed_streams
+from .spec import allowed_streams, streams_rule
 
 
 @dataclass
@@ -59,8 +59,7 @@ class Context:
 def check_world(world, streams):
     """Refuse a world that does not hold whole replicas of a net of `streams` streams (one line)."""
     if streams not in allowed_streams():
-        raise UsageError(f"--streams {streams}: the widths (96, 256, 384, 4096) divide into "
-                         f"{', '.join(map(str, allowed_streams()))} streams; use one of those")
+        raise UsageError(f"--streams {streams}: {streams_rule()}; use one of those")
     if world % streams:
         raise UsageError(f"{world} processes cannot hold replicas of the {streams}-stream net: use a "
                          f"multiple of {streams} (e.g. torchrun --nproc_per_node={streams * max(1, world // streams)}) "
@@ -75,8 +74,7 @@ def setup(backend=None, device=None, timeout_s=120, streams=None):
     proc = env()
     rank, world, local_rank, local_world = proc.rank, proc.world, proc.local_rank, proc.local_world
     if streams is None and world not in allowed_streams():
-        raise UsageError(f"{world} processes cannot hold the streams: the widths (96, 256, 384, 4096) "
-                         f"divide into {', '.join(map(str, allowed_streams()))} streams; "
+        raise UsageError(f"{world} processes cannot hold the streams: {streams_rule()}; "
                          f"use torchrun --nproc_per_node=2 (the paper's split) or another of those")
     streams = world if streams is None else streams
     check_world(world, streams)

@@ -31,7 +31,7 @@ from .mesh import replica_batch, unwrap
 from .model import AlexNet, init_weights
 from .optim import DexpSchedule, PlateauOnError, make_optimizer, parse_dexp
 from .precision import check_precision
-from .spec import Spec, parse_reads
+from .spec import Spec, spec_or_usage_error
 
 # ---- build ----------------------------------------------------------------------------------------
 
@@ -161,11 +161,8 @@ def build(cfg, ctx=None):
     replica_batch(cfg.batch_size, layouts.batch_parts(entry, ctx))   # one line unless the batch divides
     data = dataset(cfg.dataset)
     train_raw, val_raw, classes = _datasets_rank0_first(cfg, rank, world)
-    try:
-        spec = Spec(streams=streams, image_size=cfg.image_size, in_channels=data.channels,
-                    num_classes=len(classes), net=cfg.net).with_reads(**parse_reads(cfg.reads))
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    spec = spec_or_usage_error(cfg.reads, streams=streams, image_size=cfg.image_size, in_channels=data.channels,
+                               num_classes=len(classes), net=cfg.net)
     if len(train_raw) // cfg.batch_size < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} is more than the {len(train_raw)} training images: "
                          f"use a smaller batch")

@@ -16,6 +16,9 @@ import torch
 from .errors import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the check's --precision (the bench's names, fp64, and the torch dtype names --dtype took before it)
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # unit round-off u = 2^-p, p the significand's bits (implicit bit included): what one rounding costs
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8,
                  torch.float16: 2.0**-11}

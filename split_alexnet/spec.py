@@ -281,7 +281,29 @@ def allowed_streams():
     return tuple(s for s in range(1, 9) if g % s == 0)
 
 
+WIDTHS = "the widths (96, 256, 384, 4096)"
+
+
+def streams_rule():
+    """The allowed stream counts, as the launchers' refusals say it."""
+    return f"{WIDTHS} divide into {', '.join(map(str, allowed_streams()))} streams"
+
+
 def check_streams(streams):
     if streams not in allowed_streams():
-        raise ValueError(f"{streams} streams do not divide the layer widths "
-                         f"(96, 256, 384, 4096): use {', '.join(map(str, allowed_streams()))} streams")
+        raise ValueError(f"{streams} streams do not divide the layer {WIDTHS[4:]}: use "
+                         f"{', '.join(map(str, allowed_streams()))} streams")
+
+
+def default_streams(streams, net="paper"):
+    """--streams, or its default: the paper's 2, and 1 for --net half (the one-GPU net has one stream)."""
+    return streams or (1 if net == "half" else 2)
+
+
+def spec_or_usage_error(reads="", **fields):
+    """Spec(**fields) with --reads, or the ValueError that refuses it as one line (UsageError, exit 2)."""
+    from .errors import UsageError
+    try:
+        return Spec(**fields).with_reads(**parse_reads(reads))
+    except ValueError as e:
+        raise UsageError(str(e)) from None

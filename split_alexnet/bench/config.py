@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from ..errors import UsageError
 from ..layouts import LAYOUTS as REGISTRY
 from ..precision import PRECISIONS, check_precision, compile_available
-from ..spec import Spec
+from ..spec import spec_or_usage_error
 
 # the registry's (split_alexnet/layouts.py): the default --layouts, those on request (streams: one process,
 # one device; mesh: W / --streams replicas of the --streams-stream net; hybrid: conv data parallel, fc model
@@ -94,7 +94,4 @@ def check_config(cfg, world, device_type):
         if "split-overlap" in cfg.layouts and b % cfg.micro_batches:
             raise UsageError(f"batch {b} does not divide into {cfg.micro_batches} micro-batches: use a "
                              f"multiple of {cfg.micro_batches} or change --micro-batches")
-    try:
-        Spec(streams=streams_of(cfg, world), image_size=cfg.image_size, net=cfg.net)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    spec_or_usage_error(streams=streams_of(cfg, world), image_size=cfg.image_size, net=cfg.net)
