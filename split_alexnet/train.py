@@ -12,16 +12,19 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import guard, precision
-from .cli import UsageError, stop_all_on_error
+from . import guard, layouts, precision
+from .allocator import apply_keep_freed_memory
+from .cli import UsageError, log, stop_all_on_error
+from .config import parse_config
 from .data import paper_side
+from .distributed import setup, teardown
 
 # the job's parts, where they live (train.build, train.resume, ... are what launch/train.py and the tests call)
 from .evaluate import evaluate, evaluate_and_log, evaluate_checkpoint  # noqa: F401
@@ -250,3 +253,57 @@ def _replica_mean(job, loss):
     t = loss.detach().to(torch.float64).reshape(1)
     dist.all_reduce(t, group=job.replica_group)
     return t[0] / job.replicas
+
+
+# ---- the trainer: config, build, run, teardown (launch/train.py, python -m split_alexnet.train) ------------
+
+def resume_settings(cfg, argv):
+    """A resume continues the checkpoint's run: its settings, but the flags given here (see guard)."""
+    found = ckpt.find_checkpoint(cfg.resume)      # the newest that verifies, from a run directory
+    meta = ckpt.read_meta(found)
+    cfg, lines = guard.resolve_resume(cfg, argv, meta.get("config") or {}, meta.get("batch", 0))
+    ckpt.check_resumed_config(cfg, found)        # the checkpoint's settings pass the flags' checks
+    for line in lines:
+        log(line)
+    return replace(cfg, resume=found)
+
+
+def main(argv=None):
+    guard.die_with_parent()                        # first: a rank ends with its torchrun agent
+    cfg = parse_config(argv)
+    _, allocator = apply_keep_freed_memory(cfg.keep_freed_memory)   # every rank, before any tensor
+    if not cfg.quiet:
+        log(f"{allocator}; precision {cfg.precision}, micro-batches {cfg.micro_batches}, "
+            f"channels-last {cfg.channels_last}, compile {cfg.compile}")
+    guard.check_out(cfg.out, cfg.save_every > 0 and not cfg.eval_only)   # before any work
+    cfg = resume_source(cfg)                       # --out's newest checkpoint, in place (or --resume)
+    if cfg.resume:
+        cfg = resume_settings(cfg, argv)
+    entry = layouts.get(cfg.layout)
+    ctx = setup(cfg.backend or None, cfg.device or None, cfg.timeout, layouts.setup_streams(entry, cfg.streams)) \
+        if entry.torchrun else None
+    try:
+        guard.start(ctx, cfg.peer_timeout)         # heartbeat watchdog, parent-death signal
+        world = ctx.world if ctx else 1
+        guard.agree(world, guard.config_fields(cfg), "the arguments")
+        if not cfg.eval_only:                      # the folder is this job's alone (outlock.py)
+            cfg = replace(cfg, out=run_folder(cfg, world))
+            guard.lock_out(cfg.out, world)
+        job = build(cfg, ctx)
+        guard.agree(world, guard.data_fields(job), "the data")
+        return EXIT_PREEMPTED if run(job).get("stopped") else 0   # --eval-only: never stopped
+    finally:
+        guard.stop()                               # the watchdog joined before the group goes
+        teardown()
+        guard.unlock_out()
+
+
+def cli():
+    """The console script split-alexnet-train (setup.cfg), and python -m split_alexnet.train."""
+    from .cli import run_main
+    run_main(main)
+
+
+if __name__ == "__main__":
+    cli()
+

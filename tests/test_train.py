@@ -270,3 +270,16 @@ def test_split_resume_and_bad_shard(tmp_path):
     # a run directory: no checkpoint verifies, and the message names the file and why
     assert f"error: --resume {part}: no checkpoint in" in proc.stderr
     assert f"checkpoint file {shard} is" in proc.stderr and "truncated" in proc.stderr
+
+
+def test_the_trainer_runs_as_a_module_and_as_a_console_script():
+    """python -m split_alexnet.train is the trainer (as launch/train.py), and pip install gives the command."""
+    from importlib.metadata import entry_points
+    proc = subprocess.run([sys.executable, "-m", "split_alexnet.train", "--help"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0 and "--layout {single,streams,split,hybrid}" in proc.stdout, proc.stderr[-2000:]
+    bad = subprocess.run([sys.executable, "-m", "split_alexnet.train", "--batch-size", "0"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: "), bad.stderr[-2000:]
+    (script,) = entry_points(group="console_scripts", name="split-alexnet-train")
+    assert script.value == "split_alexnet.train:cli"
