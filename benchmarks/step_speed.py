@@ -6,7 +6,7 @@
 
 A step: forward, cross-entropy, backward, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), zero_grad,
 on a fixed random batch. Variants (--variants, comma-separated):
-  single-torchlrn  AlexNet(), 227 px, F.local_response_norm (main before this branch)
+  single-torchlrn  AlexNet(lrn_fn=F.local_response_norm), 227 px: torch's LRN (the model's before lrn.py)
   single           AlexNet(), 227 px, split_alexnet.lrn
   single-inplace   the same with ReLU in place (layer_fn patched here; model.py has since made ReLU in place)
   single-cl        the same in channels_last

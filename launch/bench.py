@@ -31,7 +31,7 @@ from split_alexnet.allocator import apply_keep_freed_memory
 from split_alexnet.bench import (
     EXTRA_LAYOUTS,
     LAYOUTS,
-    Config,
+    BenchConfig,
     check_config,
     format_ratios,
     format_table,
@@ -253,7 +253,7 @@ def main(argv=None):
         return bound_table(args, batches)
     steps = args.steps if args.steps is not None else (CUDA_STEPS if gpu else CPU_STEPS)
     warmup = args.warmup if args.warmup is not None else (CUDA_WARMUP if gpu else 1)
-    cfg = Config(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=steps,
+    cfg = BenchConfig(batch_sizes=batches, image_size=args.image_size, layouts=layouts, steps=steps,
                  warmup=warmup, precision=args.precision, micro_batches=args.micro_batches,
                  profile=args.profile, out=args.out, seed=args.seed, net=args.net,
                  streams=default_streams(args.streams, args.net), allocator=allocator,

@@ -47,12 +47,12 @@ class Context:
 
     @property
     def stream_group(self):
-        """The process group of this rank's replica: the exchanges run in it."""
+        """The streams of this rank's replica (the mesh's "stream" dimension): the exchanges run in it."""
         return self.mesh["stream"].get_group() if self.mesh is not None else None
 
     @property
     def replica_group(self):
-        """The process group of this rank's stream across replicas: gradients are averaged in it."""
+        """This stream's copies across the replicas (the mesh's "replica" dimension): gradients are averaged in it."""
         return self.mesh["replica"].get_group() if self.mesh is not None else None
 
 

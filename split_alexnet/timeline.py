@@ -57,7 +57,8 @@ def load(trace_dir):
     return out
 
 
-def _union(intervals):
+def _merged(intervals):
+    """The union of (t0, t1) intervals as sorted, disjoint ones."""
     out = []
     for t0, t1 in sorted(intervals):
         if out and t0 <= out[-1][1]:
@@ -89,7 +90,7 @@ def _one_rank(events, step):
     inside = [e for e in events if t0 <= e["ts"] <= t1]
     main = [e for e in inside if e["tid"] == tid]
     blocked = [(e["ts"], e["ts"] + e["dur"], e["name"]) for e in main if _blocked(e["name"])]
-    holes = _union((a, b) for a, b, _ in blocked)
+    holes = _merged((a, b) for a, b, _ in blocked)
     fwd_end = max((e["ts"] + e["dur"] for e in main if e["name"].startswith("exchange:logits")), default=t0)
     opt = [(e["ts"], e["ts"] + e["dur"]) for e in main if e["name"].startswith("Optimizer.step")]
     opt_end = max((b for _, b in opt), default=float("inf"))   # after SGD's step: zero_grad, not backward
@@ -137,7 +138,7 @@ def timeline(traces, layouts=("split", "split-overlap"), which=-1):
                 # begin after it and before this rank's next issue; transfer from when both had issued
                 nxt = issues[j + 1][0] if j + 1 < len(issues) else float("inf")
                 mine = [(max(a, arrive[j]), b) for a, b in works if t <= a < nxt and b > arrive[j]]
-                lane.transfer += [(ms(a), ms(b), kind) for a, b in _union(mine)]
+                lane.transfer += [(ms(a), ms(b), kind) for a, b in _merged(mine)]
             lanes.append(lane)
         out[layout] = lanes
     if not out:
@@ -187,7 +188,7 @@ def draw_timeline(lanes_by_layout, title=""):
         ax.grid(axis="x", color="#eeeeee")
         ax.set_axisbelow(True)
         stats = "\n".join(f"rank {l.rank}: step {l.end - l.start:.0f} ms; compute {l.total('compute'):.0f}, "
-                           f"blocked in exchanges {_merged(l.blocked):.0f}, transfer {l.total('transfer'):.0f}, "
+                           f"blocked in exchanges {_covered(l.blocked):.0f}, transfer {l.total('transfer'):.0f}, "
                            f"waiting for the peer {l.total('wait'):.0f}" for l in lanes_by_layout[layout])
         ax.set_title(layout, fontsize=12, loc="left", weight="bold")
         ax.set_title(stats, fontsize=8.5, loc="right")
@@ -203,5 +204,6 @@ def draw_timeline(lanes_by_layout, title=""):
     return fig
 
 
-def _merged(intervals):
-    return sum(b - a for a, b in _union((a, b) for a, b, _ in intervals))
+def _covered(intervals):
+    """The total length of the union of (t0, t1, kind) intervals (overlaps counted once)."""
+    return sum(b - a for a, b in _merged((a, b) for a, b, _ in intervals))

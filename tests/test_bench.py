@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from split_alexnet.bench import Config, check_config, spec_bytes_per_step
+from split_alexnet.bench import BenchConfig, check_config, spec_bytes_per_step
 from split_alexnet.cli import UsageError
 from split_alexnet.spec import Spec
 
@@ -220,7 +220,7 @@ def test_bf16_halves_the_exchanged_bytes(tmp_path):
     (dict(image_size=32), 2, "cpu", "--image-size 67"),
 ])
 def test_bad_config_refused_with_the_fix(change, world, device, words):
-    cfg = Config(**{**dict(batch_sizes=[64]), **change})
+    cfg = BenchConfig(**{**dict(batch_sizes=[64]), **change})
     with pytest.raises(UsageError) as e:
         check_config(cfg, world, device)
     assert words in str(e.value) and "\n" not in str(e.value)
@@ -230,7 +230,7 @@ def test_precision_without_autocast_support_is_refused(monkeypatch):
     from split_alexnet import precision  # the one place train, check and bench ask
     monkeypatch.setattr(precision, "autocast_works", lambda device_type, dtype: False)
     with pytest.raises(UsageError) as e:
-        check_config(Config(batch_sizes=[4], precision="fp16"), 2, "cpu")
+        check_config(BenchConfig(batch_sizes=[4], precision="fp16"), 2, "cpu")
     assert "use --precision bf16 or fp32 on cpu" in str(e.value) and "\n" not in str(e.value)
 
 

@@ -21,8 +21,7 @@ import pytest
 import torch
 
 from split_alexnet import layouts
-from split_alexnet.bench import Config as BenchConfig
-from split_alexnet.bench import check_config
+from split_alexnet.bench import BenchConfig, check_config
 from split_alexnet.bench.runner import run_bench
 from split_alexnet.check import run_check
 from split_alexnet.config import parse_config

@@ -26,7 +26,7 @@ Layouts (docs/benchmarks.md):
 link.py: the link model (launch/bench.py --link): a two-GPU step predicted from compute and bytes.
 
 One module per job:
-- config.py    Config, and the checks that refuse bad input before any work
+- config.py    BenchConfig, and the checks that refuse bad input before any work
 - layouts.py   the layouts built and labelled for the profiler (one `Run` each)
 - measure.py   one step (times, communication, memory) and the interleaved schedule
 - profile.py   torch.profiler: trace, operator table, per-step breakdown
@@ -34,11 +34,11 @@ One module per job:
 - report.py    the printed table, bench.json; plot.py: bench.png
 - runner.py    run_bench: all of the above, on one rank
 """
-from .config import EXTRA_LAYOUTS, LAYOUTS, Config, check_config
+from .config import EXTRA_LAYOUTS, LAYOUTS, BenchConfig, check_config
 from .layouts import labelled_forward
 from .report import format_ratios, format_table, write_outputs
 from .runner import run_bench
 from .stats import spec_bytes_per_step
 
-__all__ = ["EXTRA_LAYOUTS", "LAYOUTS", "Config", "check_config", "labelled_forward", "format_ratios", "format_table",
+__all__ = ["EXTRA_LAYOUTS", "LAYOUTS", "BenchConfig", "check_config", "labelled_forward", "format_ratios", "format_table",
            "write_outputs", "run_bench", "spec_bytes_per_step"]

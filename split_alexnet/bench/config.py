@@ -21,7 +21,7 @@ def torchvision_image_size(image_size):
 
 
 @dataclass
-class Config:
+class BenchConfig:
     batch_sizes: list              # the main batch first, then the rest of a sweep
     image_size: int = 227
     layouts: tuple = LAYOUTS

@@ -78,7 +78,8 @@ def _tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _union(intervals):
+def _covered(intervals):
+    """The total length of the union of (t0, t1) intervals (overlaps counted once)."""
     total, end = 0.0, float("-inf")
     for a, b in sorted(intervals):
         if b > end:
@@ -133,7 +134,7 @@ def step(run, x, y, clock, track_memory=False, autocast_dtype=None):
         h = run.allreduce
         rec.comm["allreduce/bwd"] = max(0.0, sec(h.last_issue, m2)) if h.last_issue is not None else 0.0
         rec.bytes["allreduce/bwd"] = h.bytes
-        rec.inflight_s = _union([(sec(m0, a), sec(m0, b)) for a, b in h.intervals])
+        rec.inflight_s = _covered([(sec(m0, a), sec(m0, b)) for a, b in h.intervals])
     if track_memory:
         param_bytes = _tensor_bytes(params)
         opt_bytes = _tensor_bytes(t for st in run.opt.state.values() for t in st.values()
