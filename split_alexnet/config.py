@@ -283,7 +283,7 @@ def build_parser(add_help=True):
 
 
 def parse_config(argv=None):
-    from .guard import explicit_flags
+    from .resume import explicit_flags  # resume.py reads this module's parser
     first, _ = build_parser(add_help=False).parse_known_args(argv)   # which file, recipe, data set
     p = build_parser()
     given = explicit_flags(argv)

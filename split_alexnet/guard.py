@@ -16,8 +16,8 @@
 - `lock_out`: the folder is this job's alone, on every rank (outlock.py): a second job is refused naming
   the first's host and pid.
 - `Divergence`: the loss against the chance level and the weights' norm against its start, not only NaN.
-- `resolve_resume`: a resumed run takes the checkpoint's settings but the flags given on the command
-  line, which win where they are in RESUME_SAFE and are refused, with the fix, everywhere else.
+(resume.py's `resolve_resume` decides a resumed run's settings: the checkpoint's, and the flags given
+where they are safe to change.)
 """
 import ctypes
 import hashlib
@@ -317,80 +317,3 @@ class Divergence:
             return (f"the weights' norm grew from {self.norm0:.4g} to {norm:.4g}, over {self.GROWTH:g} x "
                     f"its start")
         return None
-
-
-# ---- resume: the checkpoint's settings, the command line's flags -----------------------------------
-
-# may change on resume: the explicit flag wins and is printed as changed. Every other flag given with a
-# value other than the checkpoint's is refused (RESUME_REFUSED says why, where it is known).
-# batch_size: at an epoch's end only (refused mid-epoch); the steps left are counted from the position.
-RESUME_SAFE = ("lr", "momentum", "weight_decay", "epochs", "max_steps", "schedule", "lr_factor", "lr_patience",
-               "lr_drops", "bias_lr_mult", "bias_decay", "batch_size", "dexp_weights", "dexp_biases",
-               "crop", "flip", "lighting", "lighting_pca", "ten_crop", "val_size", "eval_every", "save_every",
-               "timeout", "peer_timeout", "bad_images")
-# never taken from the checkpoint: where this run writes, reads and runs
-RESUME_LOCAL = ("keep_last", "tensorboard", "wandb", "out", "resume", "data_dir", "download", "workers", "device", "devices", "backend", "quiet",
-                "plot", "log_every", "layout", "streams", "eval_only",
-                "micro_batches", "precision", "channels_last", "compile", "keep_freed_memory",  # how, not what
-                "cudnn_benchmark", "fused_sgd", "sync_debug",
-                "prefetch_factor", "decode", "share_decode")   # the data path: how, not what (loader.py)
-# cannot be honoured after the run started: field -> why, the fix
-RESUME_REFUSED = {
-    "seed": "the data order and augmentation come from the seed",
-    "dropout_seed": "the dropout masks continue from the checkpoint's seed and draw counter",
-    "init": "the weights come from the checkpoint",
-    "dataset": "the checkpoint was trained on another data set",
-    "train_size": "the epoch's order depends on the training set's size",
-    "split_test": "the epoch's order depends on the training set's size",
-    "image_size": "the checkpoint's net takes another input size",
-    "preprocess": "the trained net's first layer learned the checkpoint's input",
-    "net": "the checkpoint holds another net",
-    "subtract_mean": "the trained net's first layer learned the checkpoint's input",
-    "mean_images": "the mean image subtracted from the input is taken over another subset",
-    "reads": "the checkpoint's net has another connectivity (its layers read other streams)",
-    "update": "the checkpoint's velocity is in the units of its own update rule",
-    "recipe": "a recipe also sets the init and the input, which a trained net cannot change; give the "
-              "flags to change (--lr, --momentum, ...) instead",
-}
-
-
-def explicit_flags(argv):
-    """The Config fields given on the command line."""
-    import argparse
-
-    from .config import build_parser
-    p = build_parser(add_help=False)
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    ns, _ = p.parse_known_args(argv)
-    return set(vars(ns))
-
-
-def resolve_resume(cfg, argv, saved, ckpt_batch):
-    """cfg with the checkpoint's settings (`saved`, its config) but the explicit flags. Returns
-    (cfg, lines to print). Raises UsageError for a flag that cannot be honoured on resume."""
-    from dataclasses import fields, replace
-    explicit = explicit_flags(argv)
-    changes, lines = {}, []
-    for f in fields(cfg):
-        k = f.name
-        if k in RESUME_LOCAL or k not in saved:
-            continue
-        mine, theirs = getattr(cfg, k), saved[k]
-        if k not in explicit:
-            changes[k] = theirs                    # the run continues with its own settings
-            continue
-        if mine == theirs:
-            continue
-        flag = "--" + k.replace("_", "-")
-        if k == "batch_size" and ckpt_batch:
-            raise UsageError(f"{flag} {mine} on resume: the checkpoint stopped mid-epoch (batch {ckpt_batch}) "
-                             f"with batch size {theirs}: drop {flag}, or resume from a checkpoint at an "
-                             f"epoch's end")
-        if k in RESUME_REFUSED or k not in RESUME_SAFE:
-            why = RESUME_REFUSED.get(k, "a resume may change only " + ", ".join(
-                "--" + f.replace("_", "-") for f in RESUME_SAFE))
-            raise UsageError(f"{flag} {mine} on resume: the checkpoint's run used {theirs}, and "
-                             f"{why}: drop {flag} (or start a new run)")
-        lines.append(f"resume: {flag} {mine} (the checkpoint's run: {theirs})")
-    return replace(cfg, **changes), lines

@@ -51,7 +51,7 @@ from .report import (  # noqa: F401
     strict_json,
     write_run_json,
 )
-from .resume import resume, save_checkpoint  # noqa: F401
+from .resume import resolve_resume, resume, save_checkpoint  # noqa: F401
 
 # ---- the run --------------------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ def resume_settings(cfg, argv):
     """A resume continues the checkpoint's run: its settings, but the flags given here (see guard)."""
     found = ckpt.find_checkpoint(cfg.resume)      # the newest that verifies, from a run directory
     meta = ckpt.read_meta(found)
-    cfg, lines = guard.resolve_resume(cfg, argv, meta.get("config") or {}, meta.get("batch", 0))
+    cfg, lines = resolve_resume(cfg, argv, meta.get("config") or {}, meta.get("batch", 0))
     ckpt.check_resumed_config(cfg, found)        # the checkpoint's settings pass the flags' checks
     for line in lines:
         log(line)

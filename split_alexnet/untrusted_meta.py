@@ -195,7 +195,7 @@ def _check_scaler(state, bad):
 def check_saved_config(saved, bad):
     """The checkpoint's config (the run's settings, which a resume takes): a dict whose every setting
     this version has holds a value of its type, one of its flag's choices where it has some. Settings
-    this version does not have are not used (guard.resolve_resume). Ranges: check_resumed_config."""
+    this version does not have are not used (resume.resolve_resume). Ranges: check_resumed_config."""
     from .config import Config, build_parser
     if not isinstance(saved, dict):
         bad("config", f"is {_show(saved)}, not a dict of the run's settings")

@@ -22,6 +22,7 @@ from test_faults import TINY, TRAIN, _alive, _bad, _env, _free_port, _launcher, 
 
 from split_alexnet import checkpoint as ckpt
 from split_alexnet import guard, outlock
+from split_alexnet import resume as resume_policy
 from split_alexnet.cli import UsageError, run_main
 from split_alexnet.config import parse_config
 from split_alexnet.data import Seeded, build_datasets
@@ -360,9 +361,9 @@ def test_resume_flags_outside_the_safe_list_are_refused():
                              ("--recipe", "d2l", "a recipe also sets the init and the input")):
         argv = base + [flag, value, "--resume", "r"]
         with pytest.raises(UsageError, match=f"{flag} {value} on resume: the checkpoint's run used .*{why}"):
-            guard.resolve_resume(parse_config(argv), argv, saved, 0)
+            resume_policy.resolve_resume(parse_config(argv), argv, saved, 0)
     argv = base + ["--momentum", "0.5", "--resume", "r"]
-    _, lines = guard.resolve_resume(parse_config(argv), argv, saved, 0)
+    _, lines = resume_policy.resolve_resume(parse_config(argv), argv, saved, 0)
     assert lines == [f"resume: --momentum 0.5 (the checkpoint's run: {saved['momentum']})"]
 
 
