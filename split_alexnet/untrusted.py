@@ -10,18 +10,13 @@ import torch
 from .checkpoint_files import FORMAT, shard_names
 from .cli import UsageError, log
 from .model import check_dropout_state
-from .untrusted_meta import (  # noqa: F401  (SPEC_DEFAULTS, spec_of, check_*: what checkpoint.py re-exports)
-    _PER_TENSOR_BYTES,
-    _SLACK_BYTES,
+from .untrusted_meta import (
     MAX_META_BYTES,
     OLD_SHARD_KEYS,
     SHARD_KEYS,
-    SPEC_DEFAULTS,
     _is_int,
     _show,
-    check_matches,
     check_meta,
-    check_resumed_config,
     expected_tensors,
     max_file_bytes,
     spec_of,
