@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..spec import Spec
+
 
 @dataclass(frozen=True)
 class Link:
@@ -223,3 +225,98 @@ def format_link_tables(spec, compute_per_image_s, source, links, micro_batches=2
             cells.append(f"{100 * s1:>6.1f}/{100 * sm:>5.1f}%")
         lines.append(f"{link.name:<28}" + "".join(f"{c:>14}" for c in cells))
     return "\n".join(lines)
+
+
+# ---- launch/bench.py --link: the tables, the loopback fit and its check ------------------------------
+
+def run_link(args, world):
+    """--link: the link model's tables; under torchrun also the loopback fit and predicted vs measured."""
+    import json
+    import os
+
+    from ..cli import UsageError, env, log
+    from ..distributed import setup, teardown
+    from ..precision import dtype_bytes
+    from ..spec import spec_or_usage_error
+    result = None
+    if os.path.exists(args.link_from):
+        with open(args.link_from) as f:
+            result = json.load(f)
+    if args.compute_ms is not None:
+        try:
+            ms = GTX580_MS_PER_IMAGE if args.compute_ms == "gtx580" else float(args.compute_ms)
+        except ValueError:
+            raise UsageError(f"--compute-ms {args.compute_ms!r}: give milliseconds, e.g. 4.4, or gtx580") from None
+        compute, source = ms / 1e3, ("the 2012 paper's GTX 580 pair, 5.5 days for 90 epochs"
+                                     if args.compute_ms == "gtx580" else "--compute-ms")
+    elif result is not None:
+        compute, source = compute_from_bench(result)
+        source = f"{args.link_from}: {source}, {result.get('device', '?')}"
+    else:
+        raise UsageError(f"--link needs a bench.json for the compute: {args.link_from} does not exist; run "
+                         f"the bench first, pass --link-from, or give --compute-ms")
+    links = list(LINKS)
+    for text in args.link_spec:
+        try:
+            name, gbs, us = text.rsplit(":", 2)
+            links.append(Link(name, float(gbs), float(us)))
+        except ValueError:
+            raise UsageError(f"--link-spec {text!r}: use NAME:GBPS:US, e.g. 'PCIe 3.0 x16:12:10'") from None
+    spec = spec_or_usage_error(image_size=args.image_size, dtype_bytes=dtype_bytes(args.precision))
+    check = None
+    if world > 1:
+        if result is None or not any(r["layout"] == "split" for r in result["runs"]):
+            raise UsageError(f"the loopback check compares with a measured split step: {args.link_from} has "
+                             f"none; run torchrun --nproc_per_node=2 launch/bench.py first")
+        ctx = setup("gloo", "cpu", args.timeout)
+        try:
+            sweep, loop = measure_loopback(ctx.device)
+        finally:
+            teardown()
+        links.append(loop)
+        check = loopback_check(result, loop)
+        check.update(sweep={k: dict(bytes_sent=v[0], seconds=v[1]) for k, v in sweep.items()})
+    log(format_link_tables(spec, compute, source, links, args.micro_batches, args.batch_size))
+    if check:
+        log("")
+        for kind, (sent, secs) in sweep.items():
+            log(f"loopback {kind:<15}" + "  ".join(f"{b:,} B {t * 1e3:.3f} ms" for b, t in zip(sent, secs)))
+        log(f"loopback fit (both collectives, 2 gloo ranks, relative least squares): latency "
+            f"{loop.latency_us:.1f} us, bandwidth {loop.bandwidth_gbs:.2f} GB/s")
+        for row in check["rows"]:
+            log(f"{row['layout']:<14} batch {row['batch']}: predicted {row['predicted_step_s']:.4f} s (compute "
+                f"{row['compute_s']:.4f} + comm {row['predicted_comm_s']:.4f}), measured {row['measured_step_s']:.4f} s "
+                f"(comm {row['measured_comm_s']:.4f}, min-rank {row['measured_comm_min_rank_s']:.4f}): "
+                f"{100 * (row['predicted_step_s'] / row['measured_step_s'] - 1):+.1f} %")
+    if env().rank == 0 and args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "link.json"), "w") as f:
+            json.dump(dict(compute_per_image_s=compute, source=source, micro_batches=args.micro_batches,
+                           links=[dict(name=l.name, bandwidth_gbs=l.bandwidth_gbs, latency_us=l.latency_us,
+                                       at_batch=predict(spec, args.batch_size, compute, l, 1),
+                                       overlapped=predict(spec, args.batch_size, compute, l,
+                                                             args.micro_batches)) for l in links],
+                           loopback_check=check), f, indent=2)
+    return 0
+
+
+def loopback_check(result, loop):
+    """The measured split (and split-overlap) step of bench.json against the model fed the loopback fit
+    and the split's own compute (step - its transfer time, the min-rank communication; the split row's
+    compute for both)."""
+    from ..precision import dtype_bytes
+    batch = result["batch_size"]
+    spec = Spec(streams=result["streams"], image_size=result["image_size"],
+                dtype_bytes=dtype_bytes(result.get("precision", result.get("dtype"))))
+    rows = {r["layout"]: r for r in result["runs"] if r["batch_size"] == batch}
+    compute, _ = compute_from_bench(result)  # split: step - transfer (min-rank communication)
+    out = []
+    for layout, m in (("split", 1), ("split-overlap", result.get("micro_batches", 2))):
+        if layout in rows:
+            p = predict(spec, batch, compute, loop, m)
+            r = rows[layout]
+            out.append(dict(layout=layout, batch=batch, micro_batches=m, compute_s=p["compute_s"],
+                            predicted_comm_s=p["comm_s"], predicted_step_s=p["step_s"],
+                            measured_step_s=r["step_s"], measured_comm_s=r["comm_s"],
+                            measured_comm_min_rank_s=r["comm_min_rank_s"]))
+    return dict(rows=out, latency_us=loop.latency_us, bandwidth_gbs=loop.bandwidth_gbs)
