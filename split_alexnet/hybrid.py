@@ -59,14 +59,15 @@ def conv_layers(spec):
 
 
 class HybridAlexNet(nn.Module):
-    """Rank `rank` of `world`: `conv` holds conv1..conv5 whole, `fc` this rank's share of fc6..fc8."""
+    """Share `share` of `world` (the rank in `group`, every process of the job by default): `conv` holds
+    conv1..conv5 whole, `fc` share `share` of fc6..fc8 (fc_spec: the fc layers cut `world` ways)."""
 
-    def __init__(self, spec, rank=0, world=1, group=None, *, dropout_seed=0, init="paper"):
+    def __init__(self, spec, share=0, world=1, group=None, *, dropout_seed=0, init="paper"):
         super().__init__()
-        self.spec, self.rank, self.world, self.group = spec, rank, world, group
+        self.spec, self.share, self.world, self.group = spec, share, world, group
         self.fc_spec = fc_spec(spec, world)
         self.conv = _Layers(dataclasses.replace(spec, layers=tuple(conv_layers(spec))), None, dropout_seed, init)
-        self.fc = Stream(self.fc_spec, rank, dropout_seed, init)
+        self.fc = Stream(self.fc_spec, share, dropout_seed, init)
         for layer in conv_layers(spec):              # the fc share's own (thin) conv layers: not used
             delattr(self.fc, layer.name)
 
@@ -112,7 +113,7 @@ def fc_logits(net, feats):
 
 
 def step_2014(net, x, y, fc_opt, conv_opt):
-    """One step of the 2014 schedule (module docstring) on rank net.rank: x its slice (b images), y the
+    """One step of the 2014 schedule (module docstring) on share net.share: x its slice (b images), y the
     global batch's labels (W b). fc_opt steps this rank's fc share, conv_opt its conv layers (whose
     gradients sum_conv_grads all-reduces). Returns the W passes' losses."""
     world, group = net.world, net.group
@@ -131,7 +132,7 @@ def step_2014(net, x, y, fc_opt, conv_opt):
         grad = rows.grad
         if world > 1:                                       # worker k's rows: every fc share's part
             dist.reduce(grad, dst=k if group is None else dist.get_global_rank(group, k), group=group)
-        if k == net.rank:
+        if k == net.share:
             own = grad
         fc_opt.step()
         losses.append(loss.detach())
@@ -191,16 +192,16 @@ def sum_conv_grads(net, group=None):
     return net
 
 
-def hybrid_from_single(model, rank, world, group=None, device="cpu", allreduce=True):
-    """Rank `rank`'s HybridAlexNet holding exactly a single-layout AlexNet's conv weights and its fc share."""
+def hybrid_from_single(model, share, world, group=None, device="cpu", allreduce=True):
+    """Share `share`'s HybridAlexNet holding exactly a single-layout AlexNet's conv weights and its fc share."""
     with torch.random.fork_rng(devices=[]):
-        net = HybridAlexNet(model.spec, rank, world, group, dropout_seed=model.dropout.seed)
+        net = HybridAlexNet(model.spec, share, world, group, dropout_seed=model.dropout.seed)
     net.to(device, model.conv1.weight.dtype)
     state = model.state_dict()
     fc_names = [layer.name for layer in model.spec.layers if layer.kind == "fc"]
     net.conv.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] not in fc_names})
-    share = shard_state_dict(state, net.fc_spec)[rank]
-    net.fc.load_state_dict({k: v for k, v in share.items() if k.split(".")[0] in fc_names})  # its fc share
+    mine = shard_state_dict(state, net.fc_spec)[share]
+    net.fc.load_state_dict({k: v for k, v in mine.items() if k.split(".")[0] in fc_names})  # its fc share
     return sum_conv_grads(net, group) if allreduce else net
 
 
@@ -231,7 +232,7 @@ def _fc_names(spec):
 def _hybrid_params(net):
     """params(get, ref) for a HybridAlexNet: conv whole, fc this rank's share of the reference's."""
     def params(get, ref):
-        shard = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, net.fc_spec)[net.rank]
+        shard = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, net.fc_spec)[net.share]
         full = {n: get(p) for n, p in ref.named_parameters()}
         conv = dict(net.conv.named_parameters())
         own = {n: get(p) for n, p in conv.items()}
@@ -259,13 +260,13 @@ def join_shares(conv, shares, spec):
             "dropout": shares[0]["dropout"]}     # every share draws the global batch's masks: one state
 
 
-def cut_share(single, spec, rank, world):
-    """(conv state, fc state) of rank `rank` from a single-layout file's state: join_shares' inverse."""
+def cut_share(single, spec, share, world):
+    """(conv state, fc state) of share `share` from a single-layout file's state: join_shares' inverse."""
     fs, fc = fc_spec(spec, world), set(_fc_names(spec))
     sizes = {f"{layer.name}.{k}": fs.out_sizes(layer) for layer in spec.layers for k in ("weight", "bias")}
 
     def part(name, v):
-        return torch.split(v, sizes[name], 0)[rank].clone() if torch.is_tensor(v) and v.dim() > 0 else v
+        return torch.split(v, sizes[name], 0)[share].clone() if torch.is_tensor(v) and v.dim() > 0 else v
 
     def of(keep):
         model = {k: (part(k, v) if keep is fc else v) for k, v in single["model"].items()
