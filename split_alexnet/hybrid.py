@@ -44,8 +44,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from . import comm
+from .labels import exchange_label
 from .model import Stream, _check_input, _Layers, shard_state_dict
 
 
@@ -77,17 +79,21 @@ class HybridAlexNet(nn.Module):
 
     def forward(self, x):                             # (b, C, H, W): this rank's slice of the batch
         _check_input(self.spec, x)
-        for layer in self.spec.layers:
+        for layer in self.spec.layers:                # each layer and exchange in its profiler range
             if layer.kind == "conv":
-                x = self.conv.layer_fn(layer, x)
+                with record_function(layer.name):
+                    x = self.conv.layer_fn(layer, x)
                 continue
-            if layer.name == "fc6":                   # (b, 256, 6, 6) -> (B, 9216): the batch, gathered
-                x = comm.gather_for_distinct_kernels(x.flatten(1), self.group, "fc6", dim=0)
-            else:                                     # (B, 4096 / W) -> (B, 4096): the features
-                x = comm.gather_for_distinct_kernels(x, self.group, layer.name)
-            x = self.fc.layer_fn(layer, x)
+            with record_function(exchange_label(layer.name)):
+                if layer.name == "fc6":               # (b, 256, 6, 6) -> (B, 9216): the batch, gathered
+                    x = comm.gather_for_distinct_kernels(x.flatten(1), self.group, "fc6", dim=0)
+                else:                                 # (B, 4096 / W) -> (B, 4096): the features
+                    x = comm.gather_for_distinct_kernels(x, self.group, layer.name)
+            with record_function(layer.name):
+                x = self.fc.layer_fn(layer, x)
         sizes = self.fc_spec.out_sizes(self.spec.layers[-1])
-        return comm.gather_for_same_computation(x, sizes, self.group, "logits")  # (B, classes), every rank
+        with record_function(exchange_label("logits")):
+            return comm.gather_for_same_computation(x, sizes, self.group, "logits")  # (B, classes), every rank
 
 
 CONV_LR_MULT_2014 = 4.0   # conv epsW base 0.04 over fc 0.01 (layer-params-imagenet-4gpu-data-model.cfg)

@@ -17,18 +17,23 @@ from torch.profiler import record_function
 
 from . import comm
 from .errors import UsageError
-from .labels import LRN_LABEL
+from .labels import LRN_LABEL, exchange_label
 from .lrn import local_response_norm
 from .spec import LRN, POOL, Spec
 
 
 def forward_plan(spec, x, layer_fn, exchange):
-    """The network: layer after layer, exchanging before each layer that reads every stream."""
+    """The network: layer after layer, exchanging before each layer that reads every stream. Each layer
+    and each exchange runs in a profiler range named for it (labels.py: "conv3", "exchange:conv3"), so a
+    trace of any layout shows them; a range costs nothing when no profiler is active."""
     for layer in spec.layers:
         if layer.reads == "all":
-            x = exchange(layer.name, x)
-        x = layer_fn(layer, x)
-    return exchange("logits", x)
+            with record_function(exchange_label(layer.name)):
+                x = exchange(layer.name, x)
+        with record_function(layer.name):
+            x = layer_fn(layer, x)
+    with record_function(exchange_label("logits")):
+        return exchange("logits", x)
 
 
 # ---- dropout: counter-based masks, the same on every device ----------------------------------------

@@ -35,3 +35,20 @@ def test_no_library_module_patches_another():
              for p in sorted((ROOT / d).rglob("*.py"))
              for n, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+@pytest.mark.parametrize("layout", ["single", "streams"])
+def test_forward_plan_labels_every_layer_and_exchange(layout):
+    """The ranges a trace shows come from forward_plan: one per layer (conv1..fc8) and one per exchange
+    (conv3, fc6, fc7, fc8, logits), in every layout that runs it; no wrapper puts them there."""
+    spec = Spec(streams=2, num_classes=10, image_size=67)
+    torch.manual_seed(0)
+    net = AlexNet(spec=spec) if layout == "single" else StreamsAlexNet(spec)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        net(torch.randn(2, 3, 67, 67)).sum().backward()
+    names = {e.name for e in prof.events()}
+    layers = [layer.name for layer in spec.layers]
+    assert set(layers) <= names, set(layers) - names
+    exchanges = {f"exchange:{e.name}" for e in spec.exchanges}
+    assert exchanges == {"exchange:conv3", "exchange:fc6", "exchange:fc7", "exchange:fc8", "exchange:logits"}
+    assert exchanges <= names, exchanges - names

@@ -27,7 +27,7 @@ link.py: the link model (launch/bench.py --link): a two-GPU step predicted from 
 
 One module per job:
 - config.py    BenchConfig, and the checks that refuse bad input before any work
-- layouts.py   the layouts built and labelled for the profiler (one `Run` each)
+- layouts.py   each layout's bench hook (layouts.py's registry): its `Run`s, built and ready to step
 - measure.py   one step (times, communication, memory) and the interleaved schedule
 - profile.py   torch.profiler: trace, operator table, per-step breakdown
 - stats.py     medians over steps: the rows of bench.json
@@ -35,10 +35,9 @@ One module per job:
 - runner.py    run_bench: all of the above, on one rank
 """
 from .config import EXTRA_LAYOUTS, LAYOUTS, BenchConfig, check_config
-from .layouts import labelled_forward
 from .report import format_ratios, format_table, write_outputs
 from .runner import run_bench
 from .stats import spec_bytes_per_step
 
-__all__ = ["EXTRA_LAYOUTS", "LAYOUTS", "BenchConfig", "check_config", "labelled_forward", "format_ratios", "format_table",
+__all__ = ["EXTRA_LAYOUTS", "LAYOUTS", "BenchConfig", "check_config", "format_ratios", "format_table",
            "write_outputs", "run_bench", "spec_bytes_per_step"]

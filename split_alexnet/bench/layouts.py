@@ -5,42 +5,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.profiler import record_function
 
 from .. import comm
-from ..labels import exchange_label
 from ..layouts import get as get_layout
-from ..model import AlexNet, SplitAlexNet, StreamsAlexNet, forward_plan
+from ..model import AlexNet, SplitAlexNet, StreamsAlexNet
 from ..overlap import overlapped_forward
 from ..spec import Spec
 from .config import cores, threads_per_rank, torchvision_image_size
-
-
-def labelled_forward(net, x):
-    """AlexNet.forward or SplitAlexNet.forward (the same plan and comm Functions), labelled per layer
-    and per exchange; the LRN labels itself ("lrn", model.py's layer function), in every layout."""
-    spec, layer_fn, exchange = net.spec, net.layer_fn, net.exchange
-
-    def labelled_layer(layer, t):
-        with record_function(layer.name):
-            return layer_fn(layer, t)
-
-    def labelled_exchange(name, t):
-        with record_function(exchange_label(name)):
-            return exchange(name, t)
-
-    return forward_plan(spec, x, labelled_layer, labelled_exchange)
-
-
-class Labelled(nn.Module):
-    """A module whose forward is labelled_forward(net, x): what DDP wraps."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.spec = net, net.spec
-
-    def forward(self, x):
-        return labelled_forward(self.net, x)
 
 
 @dataclass
@@ -150,6 +121,11 @@ def build_runs(cfg, spec, ctx):
     return runs
 
 
+def _forward(n, x):
+    """The net's own forward: forward_plan labels each layer and exchange, model.py the LRN."""
+    return n(x)
+
+
 def _single_net(cfg, spec):
     return AlexNet(spec=Spec(streams=spec.streams, image_size=spec.image_size, net=spec.net), dropout_seed=cfg.seed)
 
@@ -157,8 +133,8 @@ def _single_net(cfg, spec):
 def bench_single(cfg, spec, ctx, make):
     one = _single_net(cfg, spec) if ctx.rank == 0 else None
     if ctx.device.type != "cpu":
-        return [make("single", "single", 1, (0,), one, labelled_forward, report=("waiting_rank_cpu_s",))]
-    run = make("single", f"single ({make.per_rank} thr)", 1, (0,), one, labelled_forward,
+        return [make("single", "single", 1, (0,), one, _forward, report=("waiting_rank_cpu_s",))]
+    run = make("single", f"single ({make.per_rank} thr)", 1, (0,), one, _forward,
                report=("waiting_rank_cpu_s",))
     if cores() == make.per_rank:
         return [run]
@@ -173,7 +149,7 @@ def bench_streams(cfg, spec, ctx, make):
 
 def bench_split(cfg, spec, ctx, make, overlap=False):
     net = SplitAlexNet(spec, ctx.rank, dropout_seed=cfg.seed)
-    fwd = (lambda n, x, m=cfg.micro_batches: overlapped_forward(n, x, m)) if overlap else labelled_forward
+    fwd = (lambda n, x, m=cfg.micro_batches: overlapped_forward(n, x, m)) if overlap else _forward
     layout = "split-overlap" if overlap else "split"
     return [make(layout, layout, ctx.world, make.every_rank, net, fwd)]
 
@@ -183,7 +159,7 @@ def bench_split_overlap(cfg, spec, ctx, make):
 
 
 def bench_ddp(cfg, spec, ctx, make):
-    net = Labelled(_single_net(cfg, spec)).to(ctx.device)
+    net = _single_net(cfg, spec).to(ctx.device)   # forward_plan labels its layers and exchanges
     kwargs = dict(device_ids=[ctx.device]) if ctx.device.type == "cuda" else {}
     ddp = nn.parallel.DistributedDataParallel(net, gradient_as_bucket_view=True, **kwargs)
     mine = (ctx.rank, ctx.world)                  # each rank its slice of the same global batch
