@@ -27,10 +27,10 @@ from .data import (
 from .layouts import Place
 from .loader import encoded_view, share_plan
 from .meanimage import counted_path, run_mean_image
-from .mesh import replica_batch, unwrap
 from .model import AlexNet, init_weights
 from .optim import DexpSchedule, PlateauOnError, make_optimizer, parse_dexp
 from .precision import check_precision
+from .replicas import replica_batch, unwrap
 from .spec import Spec, spec_or_usage_error
 
 # ---- build ----------------------------------------------------------------------------------------

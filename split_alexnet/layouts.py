@@ -164,10 +164,10 @@ def _build_streams(full, place, allreduce=True, options=None):
 
 
 def _build_split(full, place, allreduce=True, options=None):
-    """This rank's stream; on a mesh of several replicas one replica of it (mesh.py: DDP over the
+    """This rank's stream; on a mesh of several replicas one replica of it (replicas.py: DDP over the
     replica group, the global batch's rows of its replica)."""
-    from .mesh import unwrap, wrap_replicas
     from .model import split_from_single
+    from .replicas import unwrap, wrap_replicas
     ctx, rules = place.ctx, (options or {}).get("split", {})
     overlap = dict(micro_batches=place.micro_batches) if place.micro_batches > 1 else {}
     replicas = ctx.replicas if ctx is not None and ctx.mesh is not None else 1

@@ -73,7 +73,7 @@ class TrainSampler(Sampler):
 
     def _replica_order(self):
         if self.replicas > 1:
-            from .mesh import ReplicaSampler
+            from .replicas import ReplicaSampler
             return list(ReplicaSampler(self.n, self.seed, self.epoch, self.batch, self.replicas, self.replica,
                                        self.start))
         return list(EpochSampler(self.n, self.seed, self.epoch, self.start))

@@ -86,7 +86,7 @@ class DropoutMasks(nn.Module):
     """Dropout masks over a layer's FULL width, counter-based: entry (row, column) of the draw-th mask
     is a hash of (seed, draw, row * width + column) (`keep_mask`).
 
-    Every stream computes its own columns of the same full-width mask, every replica (mesh.py) its
+    Every stream computes its own columns of the same full-width mask, every replica (replicas.py) its
     rows of the global batch's, every micro-batch (overlap.py) its rows: all layouts drop the same
     neurons given the same seed, so train mode can be compared exactly, not only eval mode. The state
     is the seed and a draw counter (a 0-dim int64 buffer, not in the state_dict: checkpoints carry it
@@ -280,9 +280,9 @@ class SplitAlexNet(nn.Module):
         super().__init__()
         self.spec, self.rank, self.group = _spec(spec, kwargs), rank, group
         # M > 1: the training forward is overlap.overlapped_forward over M micro-batches (the same
-        # function); as the module's own forward, DDP (replicas, mesh.py) runs it and all-reduces its gradients
+        # function); as the module's own forward, DDP (replicas.py) runs it and all-reduces its gradients
         self.micro_batches = micro_batches
-        self.replica = replica   # streams x replicas (mesh.py): replica r's rows of the global batch start at r * b
+        self.replica = replica   # streams x replicas (replicas.py): replica r's rows of the global batch start at r * b
         self.stream = Stream(self.spec, rank, dropout_seed, init)
         # the exercises' arguments (exercises.py): other backward rules for the exchanges; None in training
         self.gather_rule, self.logits_rule = gather_rule, logits_rule
@@ -378,7 +378,7 @@ def streams_from_single(model, devices=None):
 
 def split_from_single(model, rank, group=None, device="cpu", replica=0, **rules):
     """This rank's SplitAlexNet holding exactly its shard of a single-layout AlexNet (replica: its
-    replica's index on a streams x replicas mesh, mesh.py; `rules`: the exercises' gather_rule /
+    replica's index on a streams x replicas mesh, replicas.py; `rules`: the exercises' gather_rule /
     logits_rule, see SplitAlexNet)."""
     with torch.random.fork_rng(devices=[]):  # shards differ in size: keep every rank's RNG in step
         net = SplitAlexNet(model.spec, rank, group, dropout_seed=model.dropout.seed, replica=replica, **rules)

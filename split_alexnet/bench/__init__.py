@@ -11,7 +11,7 @@ Layouts (docs/benchmarks.md):
 - streams        (on request) StreamsAlexNet: every stream in rank 0's process on its device, one
                  after the other: the in-process two-stream layout, e.g. on one GPU.
 - mesh           (on request) W / --streams replicas of the --streams-stream split on a (replica, stream)
-                 mesh, DDP over the replica group (mesh.py); each replica its slice of the batch.
+                 mesh, DDP over the replica group (replicas.py); each replica its slice of the batch.
 - hybrid         (on request) the 2014 hybrid: conv data parallel, fc model parallel (hybrid.py).
                  scaling.py: every multi-process layout's bytes per step as a line in the batch, and
                  the batch range where each sends the fewest (printed; docs/scaling.md).

@@ -175,7 +175,7 @@ def bench_mesh(cfg, spec, ctx, make):
     import dataclasses
 
     from ..distributed import build_mesh
-    from ..mesh import wrap_replicas
+    from ..replicas import wrap_replicas
     sub = dataclasses.replace(ctx, streams=cfg.streams,
                               mesh=build_mesh(ctx.device.type, ctx.world // cfg.streams, cfg.streams))
     net_spec = Spec(streams=cfg.streams, image_size=spec.image_size, dtype_bytes=spec.dtype_bytes)
