@@ -190,7 +190,9 @@ def _reduce_scatter(grad, sizes, group, key, dim=1):
     return out
 
 
-def _own_slice(x, sizes, group, dim=1):
+def keep_own_slice(x, sizes, group, dim=1):
+    """This rank's slice of x along dim: the backward of a gather whose output feeds the same computation
+    on every rank (the logits' loss), where each rank's part of the gradient is already whole."""
     rank = dist.get_rank(group)
     return x.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
 
@@ -223,7 +225,7 @@ class _GatherForSameComputation(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.rule is not None:  # an exercise's rule (exercises.py), in place of keeping its own slice
             return _apply_rule(ctx.rule, grad, ctx.sizes, ctx.group, 1), None, None, None, None
-        return _own_slice(grad, ctx.sizes, ctx.group), None, None, None, None
+        return keep_own_slice(grad, ctx.sizes, ctx.group), None, None, None, None
 
 
 class RuleError(ValueError):

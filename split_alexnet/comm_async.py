@@ -21,8 +21,8 @@ from .comm import _gather_buffers, _scatter_buffers, _world, active_meter
 class Pending:
     """An exchange in flight: its work handle, the gathered parts, and (in backward) the reduced slice."""
 
-    def __init__(self, name, group, sizes, keep_slice):
-        self.name, self.group, self.sizes, self.keep_slice = name, group, sizes, keep_slice
+    def __init__(self, name, group, sizes, keep_own_slice):
+        self.name, self.group, self.sizes, self.keep_own_slice = name, group, sizes, keep_own_slice
         self.work, self.parts, self.reduced, self.chunks, self.value = None, None, None, None, None
 
     def wait(self, key):
@@ -44,7 +44,7 @@ class Pending:
         training with --micro-batches 2 grew by ~15 MB/s per rank)."""
         if self.value is not None:                  # one stream: nothing was exchanged (_done)
             return self.value
-        wait = _WaitGatherKeepSlice if self.keep_slice else _WaitGatherStartReduceScatter
+        wait = _WaitGatherKeepOwnSlice if self.keep_own_slice else _WaitGatherStartReduceScatter
         value, self.parts = wait.apply(self, *self.parts), None
         return value
 
@@ -96,7 +96,7 @@ class _WaitGatherStartReduceScatter(torch.autograd.Function):
         return (None, *p.chunks)
 
 
-class _StartGatherKeepSlice(torch.autograd.Function):
+class _StartGatherKeepOwnSlice(torch.autograd.Function):
     """forward: start all-gather, backward: keep own slice."""
 
     @staticmethod
@@ -109,7 +109,7 @@ class _StartGatherKeepSlice(torch.autograd.Function):
         return grads[dist.get_rank(ctx.pending.group)][:, :ctx.width].contiguous(), None
 
 
-class _WaitGatherKeepSlice(torch.autograd.Function):
+class _WaitGatherKeepOwnSlice(torch.autograd.Function):
     """forward: wait for all-gather, backward: split the gradient into the streams' (padded) parts."""
 
     @staticmethod
@@ -135,7 +135,7 @@ def start_gather_for_distinct_kernels(x, group=None, name="exchange", force=Fals
     force: run the Functions and their collectives with one stream too (comm.py)."""
     if _world(group) == 1 and not force:
         return _done(x, name)
-    p = Pending(name, group, [x.shape[1]] * _world(group), keep_slice=False)
+    p = Pending(name, group, [x.shape[1]] * _world(group), keep_own_slice=False)
     p.parts = _StartGatherWaitReduceScatter.apply(x, p)
     return p
 
@@ -145,6 +145,6 @@ def start_gather_for_same_computation(x, sizes, group=None, name="logits", force
     force: as start_gather_for_distinct_kernels'."""
     if _world(group) == 1 and not force:
         return _done(x, name)
-    p = Pending(name, group, list(sizes), keep_slice=True)
-    p.parts = _StartGatherKeepSlice.apply(x, p)
+    p = Pending(name, group, list(sizes), keep_own_slice=True)
+    p.parts = _StartGatherKeepOwnSlice.apply(x, p)
     return p

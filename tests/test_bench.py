@@ -303,7 +303,7 @@ def test_exposed_communication_is_the_compute_streams_wait():
         def wait(self):
             dev.now += 0.003
 
-    p = comm_async.Pending("fc6", None, [3, 3], keep_slice=False)
+    p = comm_async.Pending("fc6", None, [3, 3], keep_own_slice=False)
     p.work = Work()
     with comm.metered(comm.EventClock(dev.Event)) as meter:
         p.wait("fc6/fwd")
