@@ -9,7 +9,7 @@ import shutil
 import torch
 
 from . import layouts
-from .cli import UsageError
+from .errors import UsageError
 from .outlock import pid_alive
 
 FORMAT = 1

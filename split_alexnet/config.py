@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from . import flags, layouts
-from .cli import DefaultsHelp, Parser, UsageError, env
+from .cli import DefaultsHelp, Parser, env
 from .config_file import load_config_file
 from .data import DATASETS
+from .errors import UsageError
 from .loader import default_workers
 from .optim import UPDATES, parse_dexp
 from .spec import default_streams

@@ -5,7 +5,7 @@ import os
 import torch
 
 from .checkpoint_files import _optimizer_of, atomic_save, save_files, save_meta, shard_names, single_files, spec_dict
-from .cli import UsageError
+from .errors import UsageError
 from .model import join_state_dicts, shard_state_dict
 from .spec import Spec
 from .untrusted import _open_in, _torch_load, load_files, read_meta, spec_of

@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
-from .cli import UsageError
+from .errors import UsageError
 from .idx import (  # noqa: F401  (data.py's names: where they live)
     IDX_FILES,
     TV_CLASS,

@@ -35,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from . import outlock
-from .cli import EXIT_PEER, UsageError, attempt_prefix, rendezvous, stop_all_on_error  # EXIT_PEER: a peer stopped answering
+from .cli import EXIT_PEER, attempt_prefix, rendezvous, stop_all_on_error  # EXIT_PEER: a peer stopped answering
+from .errors import UsageError
 
 # ---- where this rank is (for the watchdog's message) -----------------------------------------------
 

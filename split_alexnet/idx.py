@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch.utils.data import Dataset
 
-from .cli import UsageError
+from .errors import UsageError
 
 # ---- MNIST and Fashion-MNIST: the IDX files ----------------------------------------------------
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 from . import checkpoint as ckpt
 from . import guard, layouts, precision
 from .augment import build_uint8_path
-from .cli import UsageError, log, stop_all_on_error
+from .cli import log, stop_all_on_error
 from .config import Config
 from .data import (
     Seeded,
@@ -24,6 +24,7 @@ from .data import (
     mean_image_path,
     paper_side,
 )
+from .errors import UsageError
 from .layouts import Place
 from .loader import encoded_view, share_plan
 from .meanimage import counted_path, run_mean_image

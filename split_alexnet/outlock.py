@@ -18,7 +18,8 @@ import os
 import socket
 import sys
 
-from .cli import UsageError, env, rendezvous
+from .cli import env, rendezvous
+from .errors import UsageError
 
 LOCK = ".split_alexnet.lock"
 

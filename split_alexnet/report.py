@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import layouts
-from .cli import UsageError, log
+from .cli import log
+from .errors import UsageError
 from .job import in_place
 from .plots import plot_curves
 from .resume import diverged

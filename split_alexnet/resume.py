@@ -11,10 +11,11 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import guard
-from .cli import UsageError, stop_all_on_error
+from .cli import stop_all_on_error
 from .data import (
     fingerprint,
 )
+from .errors import UsageError
 from .model import check_dropout_state
 from .optim import check_resume_update
 

@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import guard, layouts, precision
 from .allocator import apply_keep_freed_memory
-from .cli import UsageError, log, stop_all_on_error
+from .cli import log, stop_all_on_error
 from .config import parse_config
 from .data import paper_side
 from .distributed import setup, teardown
+from .errors import UsageError
 
 # the job's parts, where they live (train.build, train.resume, ... are what launch/train.py and the tests call)
 from .evaluate import evaluate, evaluate_and_log, evaluate_checkpoint  # noqa: F401

@@ -8,7 +8,8 @@ import zipfile
 import torch
 
 from .checkpoint_files import FORMAT, shard_names
-from .cli import UsageError, log
+from .cli import log
+from .errors import UsageError
 from .model import check_dropout_state
 from .untrusted_meta import (
     MAX_META_BYTES,

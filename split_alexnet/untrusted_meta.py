@@ -9,7 +9,7 @@ import torch
 
 from . import layouts
 from .checkpoint_files import SPEC_FIELDS, shard_names, single_files, spec_dict
-from .cli import UsageError
+from .errors import UsageError
 from .spec import Spec
 
 # ---- reading: a checkpoint is untrusted input -----------------------------------------------------

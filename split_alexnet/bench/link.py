@@ -234,8 +234,9 @@ def run_link(args, world):
     import json
     import os
 
-    from ..cli import UsageError, env, log
+    from ..cli import env, log
     from ..distributed import setup, teardown
+    from ..errors import UsageError
     from ..precision import dtype_bytes
     from ..spec import spec_or_usage_error
     result = None

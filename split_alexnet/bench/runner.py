@@ -7,8 +7,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from ..cli import UsageError, log
+from ..cli import log
 from ..comm import clock_for
+from ..errors import UsageError
 from ..spec import Spec
 from . import profile
 from .bound import bound_section
