@@ -51,9 +51,10 @@ from .labels import exchange_label
 from .model import Stream, _check_input, _Layers, shard_state_dict
 
 
-def fc_spec(spec, world):
-    """The spec whose streams are the W shares of the fc layers (the conv layers are not cut)."""
-    return dataclasses.replace(spec, streams=world)
+def share_spec(spec, shares):
+    """The net cut into the hybrid's `shares` fc shares: a Spec whose `streams` count the shares (the
+    cut Stream and shard_state_dict make), while `spec.streams` stays the conv layers' groups."""
+    return dataclasses.replace(spec, streams=shares)
 
 
 def conv_layers(spec):
@@ -62,14 +63,14 @@ def conv_layers(spec):
 
 class HybridAlexNet(nn.Module):
     """Share `share` of `world` (the rank in `group`, every process of the job by default): `conv` holds
-    conv1..conv5 whole, `fc` share `share` of fc6..fc8 (fc_spec: the fc layers cut `world` ways)."""
+    conv1..conv5 whole, `fc` share `share` of fc6..fc8 (share_spec: the fc layers cut `world` ways)."""
 
     def __init__(self, spec, share=0, world=1, group=None, *, dropout_seed=0, init="paper"):
         super().__init__()
         self.spec, self.share, self.world, self.group = spec, share, world, group
-        self.fc_spec = fc_spec(spec, world)
+        self.share_spec = share_spec(spec, world)
         self.conv = _Layers(dataclasses.replace(spec, layers=tuple(conv_layers(spec))), None, dropout_seed, init)
-        self.fc = Stream(self.fc_spec, share, dropout_seed, init)
+        self.fc = Stream(self.share_spec, share, dropout_seed, init)
         for layer in conv_layers(spec):              # the fc share's own (thin) conv layers: not used
             delattr(self.fc, layer.name)
 
@@ -91,7 +92,7 @@ class HybridAlexNet(nn.Module):
                     x = comm.gather_for_distinct_kernels(x, self.group, layer.name)
             with record_function(layer.name):
                 x = self.fc.layer_fn(layer, x)
-        sizes = self.fc_spec.out_sizes(self.spec.layers[-1])
+        sizes = self.share_spec.out_sizes(self.spec.layers[-1])
         with record_function(exchange_label("logits")):
             return comm.gather_for_same_computation(x, sizes, self.group, "logits")  # (B, classes), every rank
 
@@ -114,7 +115,7 @@ def fc_logits(net, feats):
             if layer.name != "fc6":
                 x = comm.gather_for_distinct_kernels(x, net.group, layer.name)
             x = net.fc.layer_fn(layer, x)
-    sizes = net.fc_spec.out_sizes(net.spec.layers[-1])
+    sizes = net.share_spec.out_sizes(net.spec.layers[-1])
     return comm.gather_for_same_computation(x, sizes, net.group, "logits")
 
 
@@ -206,7 +207,7 @@ def hybrid_from_single(model, share, world, group=None, device="cpu", allreduce=
     state = model.state_dict()
     fc_names = [layer.name for layer in model.spec.layers if layer.kind == "fc"]
     net.conv.load_state_dict({k: v for k, v in state.items() if k.split(".")[0] not in fc_names})
-    mine = shard_state_dict(state, net.fc_spec)[share]
+    mine = shard_state_dict(state, net.share_spec)[share]
     net.fc.load_state_dict({k: v for k, v in mine.items() if k.split(".")[0] in fc_names})  # its fc share
     return sum_conv_grads(net, group) if allreduce else net
 
@@ -219,7 +220,7 @@ def bytes_per_step(spec, batch, world):
     d, b = spec.dtype_bytes, batch // world
     conv_params = sum(shapes[layer.name].params_total for layer in conv_layers(spec))
     pool5 = shapes["fc6"].in_channels                       # 256 * 6 * 6 features per image
-    fs = fc_spec(spec, world)
+    fs = share_spec(spec, world)
     out = {"conv-allreduce": 2 * (world - 1) * conv_params * 4 // world,  # fp32 gradients
            "fc6": 2 * (world - 1) * b * pool5 * d}                      # all-gather + reduce-scatter
     for prev, layer in zip(spec.layers, spec.layers[1:]):
@@ -238,7 +239,7 @@ def _fc_names(spec):
 def _hybrid_params(net):
     """params(get, ref) for a HybridAlexNet: conv whole, fc this rank's share of the reference's."""
     def params(get, ref):
-        shard = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, net.fc_spec)[net.share]
+        shard = shard_state_dict({n: get(p) for n, p in ref.named_parameters()}, net.share_spec)[net.share]
         full = {n: get(p) for n, p in ref.named_parameters()}
         conv = dict(net.conv.named_parameters())
         own = {n: get(p) for n, p in conv.items()}
@@ -268,7 +269,7 @@ def join_shares(conv, shares, spec):
 
 def cut_share(single, spec, share, world):
     """(conv state, fc state) of share `share` from a single-layout file's state: join_shares' inverse."""
-    fs, fc = fc_spec(spec, world), set(_fc_names(spec))
+    fs, fc = share_spec(spec, world), set(_fc_names(spec))
     sizes = {f"{layer.name}.{k}": fs.out_sizes(layer) for layer in spec.layers for k in ("weight", "bias")}
 
     def part(name, v):
