@@ -120,15 +120,17 @@ def build_scheduler(optimizer, cfg):
     return None
 
 
-def for_speed(cfg, model):
+def for_speed(cfg, model, parts=None):
     """--channels-last and --compile: the model the steps run; the parts stay the uncompiled modules
-    (checkpoints hold their plain state dicts). single, streams: the whole forward is one graph. split:
-    every layer of this rank's stream is compiled on its own and the exchanges run between the graphs
-    (comm.py's autograd Functions, their collectives, the overlap's waits: _Layers.compile_layers)."""
+    (checkpoints hold their plain state dicts). single, streams: the whole forward is one graph. split,
+    hybrid (layouts with compile_layers): every layer of this rank's parts is compiled on its own and the
+    exchanges run between the graphs (comm.py's autograd Functions, their collectives, the overlap's
+    waits: _Layers.compile_layers)."""
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile and layouts.get(cfg.layout).compile_layers:
-        unwrap(model).stream.compile_layers()       # in place: DDP and overlapped_forward keep the net
+        for part in (parts or {"net": unwrap(model).stream}).values():
+            part.compile_layers()                   # in place: DDP and overlapped_forward keep the net
     elif cfg.compile:
         model = torch.compile(model)
     return model
@@ -189,7 +191,7 @@ def build(cfg, ctx=None):
     check_precision(cfg.precision, device.type)
     precision.set_cudnn_benchmark(device.type, cfg.cudnn_benchmark)
     built = build_model(cfg, spec, rank, device, ctx)
-    model = for_speed(cfg, built.net)
+    model = for_speed(cfg, built.net, built.parts)
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg)
     out = run_folder(cfg, world)

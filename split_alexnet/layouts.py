@@ -245,6 +245,7 @@ register(Layout("mesh", "the split as --streams streams x world / streams replic
                 line=_mesh_line, mesh_dims=("replica", "stream"), bench=_bench("mesh"), bench_default=False))
 register(Layout("hybrid", "the 2014 hybrid: conv data parallel, fc6-fc8 model parallel over every process",
                 processes="world", build=_build_hybrid, files="single", line=_hybrid_line, mesh_dims=("stream",),
+                compile_layers=True,
                 schedules=("single", "2014"), bench=_bench("hybrid"), bench_default=False))
 # bench only: data parallelism, and the peer
 register(Layout("ddp", "data parallelism: the whole net on every process, gradients all-reduced (DDP)",

@@ -132,7 +132,7 @@ def run_info(job, resumed_from, state):
         python=platform.python_version(), torch=torch.__version__, torchvision=torchvision.__version__,
         cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         nccl=nccl, backend=dist.get_backend() if dist.is_initialized() else None, device=str(job.device),
-        layout=job.cfg.layout, world_size=job.world, replicas=job.replicas, streams=job.spec.streams,
+        layout=job.cfg.layout, world_size=job.world, replicas=job.replicas if job.replica_group is not None else 1, streams=job.spec.streams,
         host=hosts[0], hosts=hosts, started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         torchelastic_run_id=os.environ.get("TORCHELASTIC_RUN_ID"),
         torchelastic_restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),

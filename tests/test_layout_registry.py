@@ -189,3 +189,21 @@ def test_micro_batches_with_replicas_give_the_curve_without_them(tmp_path):
     with open(os.path.join(tmp_path / "m2", "run.json")) as f:
         assert json.load(f)["replicas"] == 2
     _close(curves[2], curves[1])
+
+
+def test_compile_per_layer_reaches_every_part_of_the_split_and_the_hybrid():
+    """--compile for a layout with compile_layers: each of this rank's parts compiles its own layers (the
+    exchanges stay eager between them); nothing is run here, only what for_speed hands torch.compile."""
+    from split_alexnet.hybrid import hybrid_from_single
+    from split_alexnet.job import for_speed
+    from split_alexnet.model import AlexNet, split_from_single
+    full = AlexNet(spec=Spec(image_size=67, num_classes=10))
+    cfg = dataclasses.replace(parse_config(TINY + ["--layout", "single"]), compile=True, layout="hybrid")
+    built = layouts.get("hybrid").build(full, layouts.Place())
+    for_speed(cfg, built.net, built.parts)
+    assert set(built.parts["conv"]._compiled) == {f"conv{i}" for i in range(1, 6)}
+    assert set(built.parts["fc"]._compiled) == {"fc6", "fc7", "fc8"}
+    split = split_from_single(full, 0)
+    for_speed(dataclasses.replace(cfg, layout="split"), split, {"stream0.pt": split.stream})
+    assert len(split.stream._compiled) == 8
+    assert hybrid_from_single(full, 0, 1).conv._compiled == {}        # built eager: only --compile compiles
