@@ -81,7 +81,7 @@ def _build(layout, spec, state, seed, device, devices, rank, ctx=None, allreduce
                          f"run it under torchrun --nproc_per_node=2")
     ref = AlexNet(spec=spec, dropout_seed=seed, **options.get("single", {})).to(device, state["conv1.weight"].dtype)
     ref.load_state_dict(state)
-    world = ctx.world if ctx is not None else 1
+    world = ctx.world if ctx is not None else dist.get_world_size() if dist.is_initialized() else 1
     place = Place(rank, world, ctx, torch.device(device), tuple(devices) if devices else None)
     return ref, entry.build(ref, place, allreduce, options)
 
