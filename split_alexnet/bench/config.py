@@ -2,9 +2,10 @@
 import os
 from dataclasses import dataclass
 
+from .. import precision
 from ..errors import UsageError
 from ..layouts import LAYOUTS as REGISTRY
-from ..precision import PRECISIONS, check_precision, compile_available
+from ..precision import check_precision, compile_available
 from ..spec import spec_or_usage_error
 
 # the registry's (split_alexnet/layouts.py): the default --layouts, those on request (streams: one process,
@@ -42,12 +43,12 @@ class BenchConfig:
 
     @property
     def autocast_dtype(self):
-        """The dtype autocast runs forward + loss in, or None for fp32 (no autocast)."""
-        return PRECISIONS.get(self.precision)
+        """The dtype autocast runs forward + loss in, or None for fp32 (no autocast): precision.py's."""
+        return precision.autocast_dtype(self.precision)
 
     @property
     def dtype_bytes(self):
-        return 4 if self.autocast_dtype is None else 2
+        return precision.dtype_bytes(self.precision)
 
 
 def streams_of(cfg, world):
