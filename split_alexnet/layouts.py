@@ -80,10 +80,6 @@ class Layout:
     def torchrun(self):
         return self.processes != "one"
 
-    def launch(self, world=2):
-        """The command that starts this layout's processes."""
-        return f"torchrun --nproc_per_node={world}" if self.torchrun else "python"
-
 
 LAYOUTS = {}
 
@@ -113,11 +109,10 @@ def get(name, flag="--layout"):
     return LAYOUTS[name]
 
 
-def names(trains=None, checked=None, bench=None):
-    """The registered layouts' names, those that train / are checked / are benched where asked."""
+def names(trains=None, checked=None):
+    """The registered layouts' names, those that train / that the check compares, where asked."""
     return [n for n, e in LAYOUTS.items() if (trains is None or e.trains == trains)
-            and (checked is None or (e.checked and e.trains) == checked)
-            and (bench is None or (e.bench is not None) == bench)]
+            and (checked is None or (e.checked and e.trains) == checked)]
 
 
 def batch_parts(layout, ctx):
