@@ -293,8 +293,7 @@ def hybrid_built(full, place, allreduce=True):
     layout read a hybrid checkpoint as it is)."""
     from . import checkpoint as ckpt
     from .layouts import Built
-    ctx = place.ctx
-    rank, world = (ctx.rank, ctx.world) if ctx is not None else (place.rank, place.world)
+    rank, world = place.rank, place.world            # the train's and the check's Place carry the ctx's
     net = hybrid_from_single(full, rank, world, None, place.device, allreduce)
     spec = full.spec
 
