@@ -164,7 +164,7 @@ def all_gather_rows(tensor, group, streams):
     return gather_rows(parts, streams)
 
 
-# ---- GPU JPEG decoding ----------------------------------------------------------------------------
+# ---- GPU JPEG decoding (the decoding itself: decode.decode_batch) ---------------------------------
 
 class EncodedItem:
     """Worker side for --decode gpu: the file's bytes (1-D uint8, as torchvision.io.read_file reads
@@ -193,24 +193,3 @@ def collate_encoded(batch):
 def split_encoded(flat, lengths):
     """collate_encoded's bytes back into one 1-D uint8 tensor per file (views of `flat`)."""
     return list(flat.split(lengths.tolist()))
-
-
-def decode_batch(blobs, side, device):
-    """Decode a list of encoded images (1-D uint8 tensors) on `device` (torchvision.io.decode_jpeg,
-    batched on CUDA), then the paper's base on the device: shorter side to `side`, the central square.
-    Non-JPEG files are decoded on the CPU (decode_image). Returns uint8 (B, 3, side, side)."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-    jpeg = [i for i, b in enumerate(blobs) if len(b) > 2 and b[0] == 0xFF and b[1] == 0xD8]
-    images = [None] * len(blobs)
-    if jpeg:
-        dev = device if torch.device(device).type == "cuda" else "cpu"
-        for i, img in zip(jpeg, decode_jpeg([blobs[i] for i in jpeg], mode=ImageReadMode.RGB, device=dev)):
-            images[i] = img
-    for i, b in enumerate(blobs):
-        if images[i] is None:
-            images[i] = decode_image(b, mode=ImageReadMode.RGB)
-    out = []
-    for img in images:
-        img = TF.resize(img.to(device), side, antialias=True)
-        out.append(TF.center_crop(img, side))
-    return torch.stack(out)

@@ -12,9 +12,10 @@ import time
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .augment import all_gather_rows, collate_encoded, decode_batch, split_encoded, stream_rows, to_device
+from .augment import all_gather_rows, collate_encoded, split_encoded, stream_rows, to_device
 from .cli import env
 from .data import EpochSampler
+from .decode import decode_batch
 from .errors import RankError, UsageError
 
 

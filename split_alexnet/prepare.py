@@ -20,6 +20,7 @@ import torch
 import torchvision
 from torchvision.transforms.v2 import functional as TF
 
+from .decode import decode_bytes, decode_file
 from .errors import UsageError
 from .loader import cores
 
@@ -28,10 +29,7 @@ PARTS = ("train", "val")
 
 def resized_jpeg(path, side, quality):
     """The image at `path`, RGB, shorter side to `side`, as JPEG bytes."""
-    from PIL import Image
-    with Image.open(path) as img:
-        x = TF.pil_to_tensor(img.convert("RGB"))
-    x = TF.resize(x, side, antialias=True)
+    x = TF.resize(decode_file(path), side, antialias=True)
     return torchvision.io.encode_jpeg(x, quality=quality).numpy().tobytes()
 
 
@@ -150,7 +148,7 @@ def prepare(src, dst, *, side=256, shards=0, workers=0, quality=95, bar=True):
 
 
 class Shards(torch.utils.data.Dataset):
-    """The shards of one part written by prepare (index.json): (PIL image, label) like ImageFolder, read
+    """The shards of one part written by prepare (index.json): (uint8 image, label) like the folders, read
     at each image's offset (no tar walk). encoded(): the same with the JPEG bytes (--decode gpu)."""
 
     def __init__(self, root, raw=False):
@@ -181,9 +179,7 @@ class Shards(torch.utils.data.Dataset):
         data, label = self._bytes(i), self.items[i][3]
         if self.raw:
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), label
-        from PIL import Image
-        with Image.open(io.BytesIO(data)) as img:
-            return img.convert("RGB"), label
+        return decode_bytes(data), label
 
     def __getstate__(self):                           # open files do not travel to the workers
         state = dict(self.__dict__)

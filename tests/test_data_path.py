@@ -281,8 +281,6 @@ def test_split_decoding_once_per_replica_trains_the_same(folder, tmp_path):
 # ---- prepare: the folder form and the shards, resumable --------------------------------------------
 
 def test_prepare_folder_and_shards_read_alike_and_resume(tmp_path):
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
     from split_alexnet.prepare import prepare
     src = jpeg_folder(str(tmp_path / "src"), train=3, val=1)
     flat, sharded = str(tmp_path / "flat"), str(tmp_path / "shards")
@@ -292,7 +290,7 @@ def test_prepare_folder_and_shards_read_alike_and_resume(tmp_path):
     assert a[2] == b[2] == ["a", "b"] and len(a[0]) == len(b[0]) == 6
     for i in range(6):
         (x, la), (y, lb) = a[0][i], b[0][i]
-        assert la == lb and min(x.size) == 256 and torch.equal(pil_to_tensor(x), pil_to_tensor(y))
+        assert la == lb and min(x.shape[1:]) == 256 and torch.equal(x, y)
     # resume: what is whole stays; a lost file, a shard without its sidecar, a temp file are redone
     kept = os.path.join(flat, "train", "a", "1.jpg")
     stamp = os.path.getmtime(kept)
@@ -332,16 +330,18 @@ def test_decode_on_the_device_matches_the_cpu_decoder(folder):
     IDCT and the chroma upsampling differently by a level, which is the bound asserted (max 1, mean
     0.01). On CUDA (nvjpeg, and the float resize of a CUDA uint8 image) expect a few levels: not
     measured this session (no GPU)."""
+    import torchvision
     from torchvision.io import read_file
     from torchvision.transforms import v2
 
-    from split_alexnet.augment import decode_batch
     from split_alexnet.data import _paper_base
+    from split_alexnet.decode import decode_batch
     train, _, _ = build_datasets("imagefolder", folder, seed=0)
+    pil = torchvision.datasets.ImageFolder(train.root)      # PIL's decoder, not the trainer's decode_file
     blobs = [read_file(p) for p, _ in train.samples[:6]]
     got = decode_batch(blobs, 76, "cpu")
     base = v2.Compose(_paper_base(76)[:-1])
-    want = torch.stack([base(train[i][0]) for i in range(6)])
+    want = torch.stack([base(pil[i][0]) for i in range(6)])
     diff = (got.int() - want.int()).abs()
     assert got.shape == want.shape and diff.max() <= 1 and diff.float().mean() <= 0.01, (diff.max(), diff.float().mean())
 

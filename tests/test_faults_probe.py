@@ -284,7 +284,7 @@ def test_decompression_bomb_is_a_bad_image(tmp_path, capsys):
     assert "\n" not in str(e.value)
     ds.bad_images = "skip"
     img, label = ds[0]                             # the next image that decodes
-    assert img.size == (32, 32)
+    assert tuple(img.shape) == (3, 32, 32)       # decode.decode_file: a uint8 tensor, PIL's pixels
     err = capsys.readouterr().err
     assert err.startswith(f"warning: skipped {bomb}, which cannot be decoded (more than PIL's limit of {limit}")
     assert err.count("\n") == 1

@@ -3,16 +3,16 @@ folder (DIR/train/<class>/*, or launch/prepare.py's output), side by side in one
 
 Stages, each in this process with one thread (cores 1), over the same images:
   read            the file's bytes (torchvision.io.read_file)
-  decode-pil      PIL open and convert to RGB (ImageFolder's loader)
-  decode-tv       torchvision.io.decode_jpeg on the CPU
-  item-float      today's training item: decode, resize, centre square, float, mean image, crop, flip, lighting
-  item-uint8      the uint8 path's item (augment.Uint8Train): decode, resize, square, crop; the draws
+  decode-pil      PIL open and convert to RGB, then to a tensor (ImageFolder's loader, and the trainer's before)
+  decode-tv       decode.decode_file: PIL's header, torchvision.io.decode_jpeg (the trainer's loader)
+  item-float      today's training item: PIL decode, resize, centre square, float, mean image, crop, flip, lighting
+  item-uint8      the uint8 path's item (augment.Uint8Train) on decode_file: decode, resize, square, crop; the draws
   collate-float   default_collate of a batch of float items (per image)
   collate-uint8   the same of uint8 crops
   device-augment  augment.DeviceAugment on the batch (float, mean, flip, lighting) on --device
   decode-gpu      (CUDA only) decode_batch on the GPU: batched decode_jpeg, resize, square
 Whole paths, DataLoader at --workers, batches onto --device, interleaved round by round:
-  today           the float path as train.py ran it before (every stream decodes the whole batch)
+  today           the float path as train.py ran it before (PIL's decoder; every stream decodes the whole batch)
   delivered       the uint8 path (loader.TrainLoader): uint8 workers, the float work on the device
   delivered-gpu-decode  (CUDA only) the same with --decode gpu
   torchvision-reference  ImageFolder, RandomResizedCrop(224), flip, ToTensor, Normalize: the peer
@@ -45,14 +45,16 @@ def _paths(root, images):
 
 def stage_rates(train, n, size, device, batch):
     """{stage: images/s} of the single-thread stages over the first n images."""
-    from torchvision.io import decode_jpeg, read_file
+    from torchvision.io import read_file
+    from torchvision.transforms.v2.functional import pil_to_tensor
 
-    from split_alexnet.augment import build_uint8_path, decode_batch
+    from split_alexnet.augment import build_uint8_path
     from split_alexnet.data import Seeded, build_paper_transforms, paper_side
+    from split_alexnet.decode import decode_batch, decode_file
     side = paper_side(size)
     mean = torch.full((3, side, side), 120.0)                  # the same arithmetic as the real one
     aug = dict(crop=True, flip=True, lighting=0.1)
-    old = Seeded(train, build_paper_transforms(size, 3, mean, train=True, **aug), 0)
+    old = Seeded(_pil(train), build_paper_transforms(size, 3, mean, train=True, **aug), 0)
     worker, augment = build_uint8_path(size, 3, "paper", mean_image=mean, **aug)
     new = Seeded(train, worker, 0)
     import torchvision
@@ -63,12 +65,15 @@ def stage_rates(train, n, size, device, batch):
         rates["read"] = _rate(lambda: blobs.extend(read_file(f) for f in files), n)
         from PIL import Image
 
+        pils, tvs = [], []
+
         def pil():
             for f in files:
                 with Image.open(f) as img:
-                    img.convert("RGB")
+                    pils.append(pil_to_tensor(img.convert("RGB")))
         rates["decode-pil"] = _rate(pil, n)
-        rates["decode-tv"] = _rate(lambda: [decode_jpeg(b) for b in blobs], n)
+        rates["decode-tv"] = _rate(lambda: tvs.extend(decode_file(f) for f in files), n)
+        same = sum(torch.equal(a, b) for a, b in zip(pils, tvs))
         if torch.device(device).type == "cuda":
             decode_batch(blobs[:batch], side, device)          # warm nvjpeg
             torch.cuda.synchronize()
@@ -94,7 +99,13 @@ def stage_rates(train, n, size, device, batch):
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
     rates["device-augment"] = _rate(dev, 5 * k)
-    return rates
+    return rates, (f"{same}/{n}" if files else None)
+
+
+def _pil(train):
+    """The same image folder read by PIL (ImageFolder's own loader): what the trainer read before."""
+    import torchvision
+    return torchvision.datasets.ImageFolder(train.root) if isinstance(train, torchvision.datasets.ImageFolder) else train
 
 
 def _reference(train):
@@ -127,7 +138,7 @@ def path_loaders(train, n, size, device, batch, workers, prefetch):
     device = torch.device(device)
     kw = dict(persistent_workers=True, prefetch_factor=prefetch) if workers else {}
     first = list(range(n))
-    old = DataLoader(Seeded(Subset(train, first), build_paper_transforms(size, 3, mean, train=True, **aug), 0), batch_size=batch,
+    old = DataLoader(Seeded(Subset(_pil(train), first), build_paper_transforms(size, 3, mean, train=True, **aug), 0), batch_size=batch,
                      shuffle=True, drop_last=True, num_workers=workers, pin_memory=device.type == "cuda", **kw)
     worker, augment = build_uint8_path(size, 3, "paper", mean_image=mean, **aug)
     new = TrainLoader(Seeded(Subset(train, first), worker, 0), batch_size=batch, seed=0, device=device, augment=augment,
@@ -182,7 +193,8 @@ def run_data_bench(root, *, size=227, batch=64, workers=1, rounds=3, batches=4, 
                          f"or more --data-images")
     machine = cores()
     rows = []
-    for stage, rate in stage_rates(train, min(n, 64), size, device, batch).items():
+    stages, same = stage_rates(train, min(n, 64), size, device, batch)
+    for stage, rate in stages.items():
         rows.append(dict(stage=stage, images_per_s=rate, cores=1, images_per_s_per_core=rate))
     paths = path_loaders(train, per, size, device, batch, workers, prefetch)
     timed = time_paths(paths, batches, rounds, device)
@@ -200,7 +212,7 @@ def run_data_bench(root, *, size=227, batch=64, workers=1, rounds=3, batches=4, 
         delivered_over_reference_per_core=by["delivered"]["images_per_s_per_core"] /
         by["torchvision-reference"]["images_per_s_per_core"])
     return dict(root=os.path.abspath(root), images=n, image_size=size, batch_size=batch, workers=workers,
-                streams=streams, device=str(device), machine_cores=machine, rounds=rounds, batches=batches,
+                streams=streams, device=str(device), machine_cores=machine, same_pixels=same, rounds=rounds, batches=batches,
                 load_average_before=load_before, load_average_after=os.getloadavg(), rows=rows, ratios=ratios)
 
 
@@ -213,6 +225,8 @@ def format_rows(result):
         extra = f"{r['images_per_s_per_core_per_replica']:>15.1f}" if "images_per_s_per_core_per_replica" in r else ""
         lines.append(f"{r['stage']:<24}{r['images_per_s']:>10.1f}{r['cores']:>7}{r['images_per_s_per_core']:>9.1f}"
                      + extra)
+    if result.get("same_pixels"):
+        lines.append(f"decode-tv's pixels equal PIL's on {result['same_pixels']} images")
     q = result["ratios"]
     lines.append(f"delivered / today per core per replica: {q['delivered_over_today_per_core_per_replica']:.2f}x; "
                  f"delivered / torchvision's reference per core: {q['delivered_over_reference_per_core']:.2f}x")
