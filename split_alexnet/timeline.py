@@ -147,7 +147,7 @@ def timeline(traces, layouts=("split", "split-overlap"), which=-1):
     return out
 
 
-COLOURS = {"forward": "#1f77b4", "backward": "#2ca02c", "optimizer": "#9467bd", "zero_grad": "#8c564b",
+COLOURS = {"forward": "#1f77b4", "backward": "#2ca02c", "optimizer": "#9467bd", "zero_grad": "#e377c2",
            "blocked": "#dddddd",
            "all-gather": "#ff7f0e", "reduce-scatter": "#8c564b", "wait": "#d62728"}
 

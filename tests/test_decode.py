@@ -18,7 +18,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 from split_alexnet.decode import decode_bytes, decode_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_data_path import photo  # noqa: E402
+from test_data_path import jpeg_folder, photo  # noqa: E402
 
 
 def _pil(path):
@@ -70,3 +70,20 @@ def test_decompression_bomb_guard_applies_before_decoding():
     blob[sof + 5:sof + 9] = (30000).to_bytes(2, "big") * 2
     with pytest.raises(Image.DecompressionBombError):
         decode_bytes(bytes(blob))
+
+
+def test_the_trainers_folder_items_are_pils(tmp_path):
+    """What training reads (build_datasets' image folder) against torchvision's ImageFolder with its PIL
+    loader, image by image: equal pixels and labels, so the augmented batches and the loss curves are
+    the ones PIL's decoder gave (the draws do not depend on the decoder)."""
+    import torchvision
+
+    from split_alexnet.data import build_datasets
+    root = jpeg_folder(str(tmp_path / "photos"), train=3, val=1)
+    train, val, _ = build_datasets("imagefolder", root, seed=0)
+    for ours in (train, val):
+        pil = torchvision.datasets.ImageFolder(ours.root)
+        assert len(ours) == len(pil) > 0
+        for i in range(len(ours)):
+            (x, a), (y, b) = ours[i], pil[i]
+            assert a == b and torch.equal(x, pil_to_tensor(y))
