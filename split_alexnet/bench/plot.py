@@ -77,12 +77,12 @@ def plot(result, path):
     ax.set_xticks(list(xs), labels, rotation=20)
     for tick, label in zip(ax.get_xticklabels(), labels):
         tick.set_color(colours[label])
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, 1.55 * max(max(hi, m) for (_, hi), m in zip(lo_hi, med)))   # room above for the legend
     ax.set_ylabel("seconds per step (median phases)")
     ax.set_title(f"batch {result['batch_size']}: seconds per step by phase", fontsize=10)
     handles = [Patch(facecolor="#888888", alpha=a, hatch=h, label=n) for n, _, a, h in PHASES]
     handles.append(ax.get_legend_handles_labels()[0][0])
-    ax.legend(handles=handles, fontsize=8, loc="upper left")
+    ax.legend(handles=handles, fontsize=8, loc="upper left", ncol=2)
     if ncols > 1:
         for ax, key, ylabel in ((axes[0][1], "images_per_s", "images/s (median, min–max)"),
                                 (axes[0][2], "peak_mem_bytes", "peak memory per device (MiB)")):
@@ -105,6 +105,6 @@ def plot(result, path):
             ax.legend(fontsize=8)
     title = wrap_title(describe(result), fig.get_figwidth(), fontsize=9)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.045 * (title.count("\n") + 1)))   # room for the title's lines
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.035 * (title.count("\n") + 1)))   # room for the title's lines
     fig.savefig(path, dpi=110)
     plt.close(fig)
