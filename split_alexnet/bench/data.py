@@ -1,7 +1,8 @@
 """python launch/bench.py --data DIR: the data path timed stage by stage and whole, on an ImageNet-format
 folder (DIR/train/<class>/*, or launch/prepare.py's output), side by side in one run.
 
-Stages, each in this process with one thread (cores 1), over the same images:
+Stages, each in this process with one thread (cores 1), over the same images (the median of 3 passes
+after a warm-up pass):
   read            the file's bytes (torchvision.io.read_file)
   decode-pil      PIL open and convert to RGB, then to a tensor (ImageFolder's loader, and the trainer's before)
   decode-tv       decode.decode_file: PIL's header, torchvision.io.decode_jpeg (the trainer's loader)
@@ -31,10 +32,16 @@ import torch
 from torch.utils.data import DataLoader, Subset, default_collate
 
 
-def _rate(fn, n):
-    t = time.perf_counter()
-    fn()
-    return n / (time.perf_counter() - t)
+def _rate(fn, n, repeats=1):
+    """(median images/s over `repeats` timed passes of fn, after one untimed warm-up pass; the last
+    pass's result). fn makes n images a pass."""
+    out = fn()
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        rates.append(n / (time.perf_counter() - t))
+    return statistics.median(rates), out
 
 
 def _paths(root, images):
@@ -43,8 +50,10 @@ def _paths(root, images):
     return train, min(images, len(train))
 
 
-def stage_rates(train, n, size, device, batch):
-    """{stage: images/s} of the single-thread stages over the first n images."""
+def stage_rates(train, n, size, device, batch, repeats=3):
+    """{stage: images/s} of the single-thread stages over the first n images (median of `repeats`
+    passes after a warm-up pass), and how many of them decode-tv gives PIL's pixels for ("k/n")."""
+    from PIL import Image
     from torchvision.io import read_file
     from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -59,47 +68,40 @@ def stage_rates(train, n, size, device, batch):
     new = Seeded(train, worker, 0)
     import torchvision
     files = [p for p, _ in train.samples[:n]] if isinstance(train, torchvision.datasets.ImageFolder) else None
-    rates = {}
+    rates, same = {}, None
+
+    def pil():
+        out = []
+        for f in files:
+            with Image.open(f) as img:
+                out.append(pil_to_tensor(img.convert("RGB")))
+        return out
     if files:
-        blobs = []
-        rates["read"] = _rate(lambda: blobs.extend(read_file(f) for f in files), n)
-        from PIL import Image
-
-        pils, tvs = [], []
-
-        def pil():
-            for f in files:
-                with Image.open(f) as img:
-                    pils.append(pil_to_tensor(img.convert("RGB")))
-        rates["decode-pil"] = _rate(pil, n)
-        rates["decode-tv"] = _rate(lambda: tvs.extend(decode_file(f) for f in files), n)
-        same = sum(torch.equal(a, b) for a, b in zip(pils, tvs))
+        rates["read"], blobs = _rate(lambda: [read_file(f) for f in files], n, repeats)
+        rates["decode-pil"], pils = _rate(pil, n, repeats)
+        rates["decode-tv"], tvs = _rate(lambda: [decode_file(f) for f in files], n, repeats)
+        same = f"{sum(torch.equal(a, b) for a, b in zip(pils, tvs))}/{n}"
         if torch.device(device).type == "cuda":
-            decode_batch(blobs[:batch], side, device)          # warm nvjpeg
-            torch.cuda.synchronize()
-
             def gpu():
                 for k in range(0, n, batch):
                     decode_batch(blobs[k:k + batch], side, device)
                 torch.cuda.synchronize()
-            rates["decode-gpu"] = _rate(gpu, n)
-    floats, uint8s = [], []
-    rates["item-float"] = _rate(lambda: floats.extend(old[(0, i)] for i in range(n)), n)
-    rates["item-uint8"] = _rate(lambda: uint8s.extend(new[(0, i)] for i in range(n)), n)
+            rates["decode-gpu"], _ = _rate(gpu, n, repeats)    # the warm-up pass warms nvjpeg
+    rates["item-float"], floats = _rate(lambda: [old[(0, i)] for i in range(n)], n, repeats)
+    rates["item-uint8"], uint8s = _rate(lambda: [new[(0, i)] for i in range(n)], n, repeats)
     k = min(batch, n)
-    rates["collate-float"] = _rate(lambda: default_collate(floats[:k]), k)
-    rates["collate-uint8"] = _rate(lambda: default_collate(uint8s[:k]), k)
+    rates["collate-float"], _ = _rate(lambda: default_collate(floats[:k]), k, repeats)
+    rates["collate-uint8"], _ = _rate(lambda: default_collate(uint8s[:k]), k, repeats)
     (crops, draws), _ = default_collate(uint8s[:k])
     crops, draws = crops.to(device), draws.to(device)
-    augment(crops, draws)
 
     def dev():
         for _ in range(5):
             augment(crops, draws)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
-    rates["device-augment"] = _rate(dev, 5 * k)
-    return rates, (f"{same}/{n}" if files else None)
+    rates["device-augment"], _ = _rate(dev, 5 * k, repeats)
+    return rates, same
 
 
 def _pil(train):
