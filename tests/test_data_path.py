@@ -366,6 +366,26 @@ def test_data_bench_writes_a_row_per_stage(folder, tmp_path):
         assert r["images_per_s"] > 0 and r["cores"] >= 1
         assert abs(r["images_per_s_per_core"] - r["images_per_s"] / r["cores"]) < 1e-9
     assert rows["delivered"]["cores"] == 2 and "delivered / today per core per replica" in proc.stdout
+    n = min(64, result["data"]["images"])                       # the stages' images
+    assert result["data"]["same_pixels"] == f"{n}/{n}"           # decode.py's pixels are PIL's, counted
+    assert f"decode-tv's pixels equal PIL's on {n}/{n} images" in proc.stdout
+
+
+@pytest.mark.slow
+def test_data_bench_reads_prepared_shards(folder, tmp_path):
+    """launch/prepare.py's shards through every path, torchvision's reference included (it decodes
+    the shards' bytes with PIL, as its ImageFolder would)."""
+    from split_alexnet.prepare import prepare
+    shards, out = str(tmp_path / "shards"), str(tmp_path / "bench")
+    prepare(folder, shards, shards=4, workers=1, bar=False)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--data", shards,
+                           "--image-size", "67", "--batch-size", "4", "--steps", "1", "--data-rounds", "1",
+                           "--workers", "0", "--out", out], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["stage"]: r for r in json.load(open(os.path.join(out, "bench.json")))["data"]["rows"]}
+    assert {"today", "delivered", "torchvision-reference"} <= set(rows)
+    assert all(rows[s]["images_per_s"] > 0 for s in ("today", "delivered", "torchvision-reference"))
 
 
 @pytest.mark.parametrize("subtract_mean,lighting_pca", [("cuda-convnet2", "cuda-convnet2"), ("caffe", "cuda-convnet2"),

@@ -122,8 +122,11 @@ def _reference(train):
                 return len(train)
 
             def __getitem__(self, i):
-                img, label = train[i]
-                return tf(img), label
+                import io
+
+                from PIL import Image
+                with Image.open(io.BytesIO(train._bytes(i))) as img:
+                    return tf(img.convert("RGB")), train.items[i][3]
         return _Tf()
     return torchvision.datasets.ImageFolder(train.root, transform=tf)
 
