@@ -24,7 +24,7 @@ from . import comm
 EXERCISES = ("keep-own-slice", "lrn-across-streams")
 
 
-# the rule of gather_for_same_computation (comm.keep_own_slice), which exercise 1 puts at the wrong place:
+# the rule of gather_for_same_computation (comm.keep_own_slice), which exercise 2 puts at the wrong place:
 # the gathers before conv3..fc8, whose gradients must be summed, not sliced
 keep_own_slice = comm.keep_own_slice
 

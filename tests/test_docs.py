@@ -307,3 +307,27 @@ def test_the_quoted_autograd_functions_are_comm_pys():
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert "class _GatherForDistinctKernels" in code and "class _GatherForSameComputation" in code
     assert code in (REPO / "split_alexnet" / "comm.py").read_text(), "concepts.md's quote is not comm.py's code"
+
+
+def test_the_readmes_fresh_clone_commands_install_the_cpu_wheels_on_a_cpu():
+    # README's set-up: on a CPU-only machine torch's CPU wheels first (5.6 GB of CUDA libraries otherwise),
+    # with GPUs the plain install; the CPU pin is the Install block's, and the versions are setup.cfg's floors
+    readme = (REPO / "README.md").read_text()
+    lines = [l for _, body in FENCE.findall(readme) for l in body.splitlines()]
+    pin = next(l for l in lines if l.startswith("pip install torch==") and "--index-url" in l)
+    assert pin.endswith("--index-url https://download.pytorch.org/whl/cpu")
+    setup = (REPO / "setup.cfg").read_text()
+    for package, version in re.findall(r"(torch|torchvision)==([\d.]+)", pin):
+        assert re.search(rf"^\s*{package}>={re.escape(version)}$", setup, re.M), (package, version)
+    venv = "python3 -m venv .venv && . .venv/bin/activate && "
+    install = "pip install -e '.[test]' && "
+    fresh = [l for l in lines if l.startswith(venv) and install in l]
+    cpu = {l.split(install)[1] for l in fresh if l == venv + pin + " && " + install + l.split(install)[1]}
+    gpu = {l.split(install)[1] for l in fresh if l == venv + install + l.split(install)[1]}
+    assert len(fresh) == len(cpu) + len(gpu), "a fresh-clone line that is neither the CPU nor the GPU form"
+    assert cpu == gpu == {"torchrun --nproc_per_node=2 launch/train.py", "pytest -q"}, (cpu, gpu)
+    # CI (.ci/run) runs the GPU form of the tests' line, a step a line, in order (pip quietly; ruff before pytest)
+    ci = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines()]
+    steps = [s.replace("pip install -e", "pip install -q -e") for s in (venv + install + "pytest -q").split(" && ")]
+    assert [l for l in ci if l in steps] == steps, (steps, ci)
+    assert ci.index("ruff check .") < ci.index("pytest -q")

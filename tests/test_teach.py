@@ -247,3 +247,221 @@ def test_the_readmes_first_measurement_runs_and_prints_what_it_explains(tmp_path
     assert set(rows) == {"split", "ddp"}
     for row in rows.values():   # MB sent/step (counted) equals spec MB, as the README says: the 3rd and 2nd last
         assert row[-3] == row[-2]
+
+
+# ---- the exercises ask first: their answers are computed here, in docs/solutions.md, and nowhere before ----
+
+DOCS = REPO / "docs"
+SOLUTIONS = (DOCS / "solutions.md").read_text()
+TUTORIAL = (DOCS / "tutorial.md").read_text()
+# what a learner reads before (and while) answering: the README, concepts.md and glossary.md, which the
+# tutorial sends them to first, and the tutorial itself, its exercises' own text included
+FIRST_READ = {name: (REPO / name).read_text() for name in
+              ("README.md", "docs/concepts.md", "docs/glossary.md", "docs/tutorial.md")}
+
+
+def _answer(number):
+    """Solution `number` of docs/solutions.md, its line breaks as spaces."""
+    import re
+    m = re.search(rf"^## {number}\. .*?(?=^## |\Z)", SOLUTIONS, re.M | re.S)
+    assert m, f"docs/solutions.md has no answer {number}"
+    return " ".join(m.group(0).split())
+
+
+def _exercises():
+    """{number: text} of the tutorial's numbered exercises."""
+    import re
+    section = TUTORIAL.split("\n## Exercises\n", 1)[1]
+    items = re.split(r"^(\d+)\. ", section, flags=re.M)
+    return {int(n): text for n, text in zip(items[1::2], items[2::2])}
+
+
+def _summary(argv):
+    import contextlib
+    import io
+    spec = importlib.util.spec_from_file_location("summary_launcher", REPO / "launch" / "summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert module.main(argv) == 0
+    return out.getvalue()
+
+
+def _launcher(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_launcher", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _answers_1():
+    # torchrun --nproc_per_node=4 launch/collectives.py: rank r holds 8r+1 .. 8r+8; W_r = [4r+1 .. 4r+4]; c = [1 .. 4]
+    collectives = _launcher("collectives")
+    w = 4
+    full = [torch.arange(1.0 + 2 * w * r, 1.0 + 2 * w * (r + 1)) for r in range(w)]
+    total = sum(full)
+    parts = [collectives.show(p) for p in total.split(2)]
+    part_bytes = 2 * 4
+    sent_rs = (w - 1) * part_bytes
+    assert collectives.ring_allreduce_bytes(full[0].numel() * 4, w) == 2 * sent_rs
+    rows = [torch.arange(1.0 + w * r, 1.0 + w * (r + 1)) for r in range(w)]
+    c = torch.arange(1.0, 1.0 + w)
+    r = 2
+    return [*parts, f"{sent_rs} B", f"{2 * sent_rs} B", collectives.show(rows[r]),
+            collectives.show(sum(rows)[r:r + 1]),                  # the reduce-scatter: entry r, summed over ranks
+            collectives.show(rows[r][r:r + 1]),                    # keep own slice, there: one term
+            collectives.show(c[r:r + 1]),                          # keep own slice of the same loss: right
+            collectives.show(w * c[r:r + 1])]                      # reduce-scatter of it: w times
+
+
+def _answers_3():
+    # the shapes the gather's backward receives and returns on rank 0, under the exercise's check
+    from split_alexnet.model import AlexNet, Stream
+    batch = _launcher("check").parse_args([]).batch_size
+    spec = Spec(image_size=67, num_classes=10)
+    assert [e.name for e in spec.exchanges][-2:] == ["fc8", "logits"]   # backward: fc8's is the gather's first call
+    net, stream = AlexNet(spec=spec).eval(), Stream(spec, 0)
+    seen = {}
+
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0].shape)
+        return hook
+
+    for name in ("conv3", "fc8"):
+        getattr(net, name).register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        net(torch.zeros(batch, 3, 67, 67))
+    conv3 = tuple(seen["conv3"])
+    assert conv3[1] == stream.conv3.in_channels and tuple(seen["fc8"]) == (batch, stream.fc8.in_features)
+    return [str(tuple(seen["fc8"])), str((batch, stream.fc7.out_features)),
+            str(conv3), str((batch, stream.conv2.out_channels, *conv3[2:]))]
+
+
+def _answers_4():
+    # a reduce-scatter at the logits: every gradient times the streams; only the logits and the loss agree
+    from split_alexnet.model import AlexNet
+    spec = Spec(image_size=67, num_classes=10)
+    params = len(list(AlexNet(spec=spec).named_parameters()))
+    per_mode = 2 + 2 * params                          # logits, loss, every gradient, every parameter after the steps
+    return [f"{2 * 2}/{2 * per_mode} tensors agree", f"{spec.streams - 1:.3e}"]
+
+
+def _answers_5():
+    paper, changed = Spec(streams=8), Spec(streams=8).with_reads(conv4="all")
+    sent = {e.name: e.bytes for e in changed.exchanges}["conv4"]
+    added = changed.params_total - paper.params_total
+    line = f"+{added:,} parameters, +{sent:,} B per image sent forward by each stream, +1 exchange(s)"
+    assert line in _summary(["--streams", "8", "--reads", "conv4=all"])
+    return [f"{sent:,}", f"{added:,}", line]
+
+
+def _answers_9():
+    out = []
+    for s in (4, 8):
+        crossover = f"{Spec(streams=s, dtype_bytes=2).crossover_batch():,.1f}"
+        assert f"the split sends less below a batch of {crossover} images" in _summary(
+            ["--streams", str(s), "--precision", "bf16"])
+        out.append(crossover)
+    return out
+
+
+def _answers_10():
+    p = Spec(image_size=67)
+    conv_macs = sum(r.macs for r in p.shapes if r.layer.kind == "conv")
+    conv_params = sum(r.params_total for r in p.shapes if r.layer.kind == "conv")
+    shares = [f"{100 * conv_macs / p.macs_per_image():.1f} %", f"{100 * conv_params / p.params_total:.1f} %"]
+    printed = _summary(["--image-size", "67"])
+    assert f"conv layers: {shares[0]} of the compute" in printed and f"{shares[1]} of the parameters" in printed
+    assert f"a training step is {p.flops_per_image_step():,} FLOPs per image" in printed
+    return [*shares, f"{p.flops_per_image_step():,}"]
+
+
+def _answers_11():
+    from split_alexnet.bench.stats import spec_bytes_per_step
+    spec = Spec(image_size=67)                          # the bench's net: 67 px, 1000 classes
+    sent = spec_bytes_per_step(spec, "split-overlap", 32, 2)
+    assert sent == spec_bytes_per_step(spec, "split", 32, 2) == 32 * spec.bytes_per_image_step()
+    return [f"{sent:,}"]
+
+
+ASKED_FIRST = {1: _answers_1, 3: _answers_3, 4: _answers_4, 5: _answers_5, 9: _answers_9, 10: _answers_10,
+               11: _answers_11}
+
+
+@pytest.mark.parametrize("number", sorted(ASKED_FIRST))
+def test_the_exercise_asks_what_the_reading_does_not_show(number):
+    import re
+    answers = ASKED_FIRST[number]()
+    assert answers
+    exercise = _exercises()[number]
+    assert re.search(r"\*(Predict|Compute by hand|Choose|Explain)\*", exercise), "the exercise asks first"
+    for words in answers:
+        assert words in _answer(number), f"solution {number} does not give {words!r}, which the code computes"
+        pattern = r"(?<![\d.,])" + re.escape(words) + r"(?![\d])"
+        for doc, text in FIRST_READ.items():
+            assert not re.search(pattern, text), f"{doc} shows {words!r}, exercise {number}'s answer, before it is asked"
+
+
+def test_every_exercise_has_its_solution():
+    import re
+    titles = re.findall(r"^## (\d+)\. ", SOLUTIONS, re.M)
+    assert [int(n) for n in titles] == sorted(_exercises()) == list(range(1, len(_exercises()) + 1))
+
+
+# a mention of "exercise N" and the exercise it means: (file, pattern, words of the tutorial's exercise N)
+EXERCISE_MENTIONS = [
+    ("split_alexnet/exercises.py", r"which exercise (\d+) puts at the wrong place", "--exercise keep-own-slice"),
+    ("docs/concepts.md", r"the bug of the tutorial's exercise (\d+)", "--exercise keep-own-slice"),
+    ("docs/solutions.md", r"is exercise (\d+)'s bug", "--exercise keep-own-slice"),
+    ("docs/solutions.md", r"but not like exercise (\d+)", "--exercise keep-own-slice"),
+    ("docs/glossary.md", r"the tutorial's exercise (\d+)", "--exercise lrn-across-streams"),
+    ("docs/tutorial.md", r"your\s+reduce-scatter of exercise (\d+)", "--gather-backward"),
+    ("docs/solutions.md", r"Graded with exercise (\d+)'s", "--gather-backward"),
+]
+
+
+def test_every_mention_of_an_exercise_names_the_right_one():
+    import re
+    exercises = _exercises()
+    files = [REPO / "README.md", *DOCS.rglob("*.md"), *(REPO / "split_alexnet").rglob("*.py"),
+             *(REPO / "launch").glob("*.py"), *(REPO / "exercises").glob("*.py")]
+    listed = {(f, p) for f, p, _ in EXERCISE_MENTIONS}
+    for path in files:
+        text = path.read_text()
+        rel = str(path.relative_to(REPO))
+        for m in re.finditer(r"exercises?\s+(\d+)", text, re.I):
+            assert any(f == rel and re.search(p, text[max(0, m.start() - 60):m.end() + 40]) for f, p in listed), \
+                f"{rel}: {m.group(0)!r} is not in EXERCISE_MENTIONS: add it, with the exercise it means"
+        for m in re.finditer(r"\b(first|second|third|fourth|fifth|last) exercise", text, re.I):
+            assert "d2l's" in text[max(0, m.start() - 6):m.start()], f"{rel}: {m.group(0)!r}: say its number"
+    for rel, pattern, words in EXERCISE_MENTIONS:
+        m = re.search(pattern, (REPO / rel).read_text())
+        assert m, f"{rel} no longer says {pattern!r}: update EXERCISE_MENTIONS"
+        assert words in exercises[int(m.group(1))], f"{rel}: {m.group(0)!r}, but that exercise is not {words!r}'s"
+
+
+def test_the_logits_template_fails_until_written(tmp_path):
+    rule = load_rule(REPO / "exercises" / "logits_backward.py", "--logits-backward")
+    with pytest.raises(comm.RuleError, match="NotImplementedError: the body of backward is still to be written"):
+        rule(torch.zeros(1, 10), [5, 5], None, 1)
+
+
+def test_the_timeline_shows_what_the_overlap_answer_says():
+    # solution 11: in split no transfer runs while the rank computes; in split-overlap part of them do
+    def overlap(a, b):
+        return sum(max(0.0, min(a1, b1) - max(a0, b0)) for a0, a1, *_ in a for b0, b1, *_ in b)
+
+    lanes = timeline(load(TRACES))
+    for layout, ranks in lanes.items():
+        for lane in ranks:
+            busy = [c for c in lane.compute if c[2] in ("forward", "backward")]
+            hidden = overlap(lane.transfer, busy)
+            if layout == "split":
+                assert hidden == 0, (lane.rank, hidden)
+            else:
+                assert hidden > 0.1 * lane.total("transfer"), (lane.rank, hidden)
+    answer = _answer(11)
+    assert "no transfer runs while it computes" in answer
+    assert "part of the transfers run while the compute lane is busy with another micro-batch" in answer
