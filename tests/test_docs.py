@@ -309,9 +309,9 @@ def test_the_quoted_autograd_functions_are_comm_pys():
     assert code in (REPO / "split_alexnet" / "comm.py").read_text(), "concepts.md's quote is not comm.py's code"
 
 
-def test_the_readmes_fresh_clone_commands_install_the_cpu_wheels_on_a_cpu():
-    # README's set-up: on a CPU-only machine torch's CPU wheels first (5.6 GB of CUDA libraries otherwise),
-    # with GPUs the plain install; the CPU pin is the Install block's, and the versions are setup.cfg's floors
+def test_the_readmes_set_up_commands_are_cis_and_the_cpu_pin_is_setup_cfgs():
+    # README's two set-up commands (train, test) are one form each, the one CI runs; the Install block's
+    # CPU-wheel line (to run before `pip install -e` on a CPU-only machine) pins setup.cfg's versions
     readme = (REPO / "README.md").read_text()
     lines = [l for _, body in FENCE.findall(readme) for l in body.splitlines()]
     pin = next(l for l in lines if l.startswith("pip install torch==") and "--index-url" in l)
@@ -321,12 +321,9 @@ def test_the_readmes_fresh_clone_commands_install_the_cpu_wheels_on_a_cpu():
         assert re.search(rf"^\s*{package}>={re.escape(version)}$", setup, re.M), (package, version)
     venv = "python3 -m venv .venv && . .venv/bin/activate && "
     install = "pip install -e '.[test]' && "
-    fresh = [l for l in lines if l.startswith(venv) and install in l]
-    cpu = {l.split(install)[1] for l in fresh if l == venv + pin + " && " + install + l.split(install)[1]}
-    gpu = {l.split(install)[1] for l in fresh if l == venv + install + l.split(install)[1]}
-    assert len(fresh) == len(cpu) + len(gpu), "a fresh-clone line that is neither the CPU nor the GPU form"
-    assert cpu == gpu == {"torchrun --nproc_per_node=2 launch/train.py", "pytest -q"}, (cpu, gpu)
-    # CI (.ci/run) runs the GPU form of the tests' line, a step a line, in order (pip quietly; ruff before pytest)
+    fresh = [l for l in lines if l.startswith(venv)]
+    assert fresh == [venv + install + "torchrun --nproc_per_node=2 launch/train.py", venv + install + "pytest -q"], fresh
+    # CI (.ci/run) runs the tests' line, a step a line, in order (pip quietly; ruff before pytest)
     ci = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines()]
     steps = [s.replace("pip install -e", "pip install -q -e") for s in (venv + install + "pytest -q").split(" && ")]
     assert [l for l in ci if l in steps] == steps, (steps, ci)
