@@ -272,6 +272,7 @@ def test_split_resume_and_bad_shard(tmp_path):
     assert f"checkpoint file {shard} is" in proc.stderr and "truncated" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_trainer_runs_as_a_module_and_as_a_console_script():
     """python -m split_alexnet.train is the trainer (as launch/train.py), and pip install gives the command."""
     from importlib.metadata import entry_points
