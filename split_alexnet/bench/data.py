@@ -116,17 +116,20 @@ def _reference(train):
     from torchvision import transforms as T
     tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    if hasattr(train, "items"):                                # shards: the same images, PIL
+    if hasattr(train, "encoded"):                              # shards: their JPEG bytes, decoded by PIL
+        raw = train.encoded()
+
         class _Tf(torch.utils.data.Dataset):
             def __len__(self):
-                return len(train)
+                return len(raw)
 
             def __getitem__(self, i):
                 import io
 
                 from PIL import Image
-                with Image.open(io.BytesIO(train._bytes(i))) as img:
-                    return tf(img.convert("RGB")), train.items[i][3]
+                data, label = raw[i]
+                with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                    return tf(img.convert("RGB")), label
         return _Tf()
     return torchvision.datasets.ImageFolder(train.root, transform=tf)
 
