@@ -104,34 +104,40 @@ def stage_rates(train, n, size, device, batch, repeats=3):
     return rates, same
 
 
-def _pil(train):
-    """The same image folder read by PIL (ImageFolder's own loader): what the trainer read before."""
+class _PilShards(torch.utils.data.Dataset):
+    """prepare.py's shards with their JPEG bytes decoded by PIL (then `transform`), as ImageFolder's
+    own loader would decode the files."""
+
+    def __init__(self, shards, transform=None):
+        self.raw, self.transform = shards.encoded(), transform
+
+    def __len__(self):
+        return len(self.raw)
+
+    def __getitem__(self, i):
+        import io
+
+        from PIL import Image
+        data, label = self.raw[i]
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+            img = img.convert("RGB")
+        return (self.transform(img) if self.transform else img), label
+
+
+def _pil(train, transform=None):
+    """The same images read by PIL (ImageFolder's own loader), then `transform`: what the trainer read
+    before, and what torchvision's reference reads."""
     import torchvision
-    return torchvision.datasets.ImageFolder(train.root) if isinstance(train, torchvision.datasets.ImageFolder) else train
+    if isinstance(train, torchvision.datasets.ImageFolder):
+        return torchvision.datasets.ImageFolder(train.root, transform=transform)
+    return _PilShards(train, transform)
 
 
 def _reference(train):
     """torchvision's reference ImageNet training loader on the same files."""
-    import torchvision
     from torchvision import transforms as T
-    tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
-                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    if hasattr(train, "encoded"):                              # shards: their JPEG bytes, decoded by PIL
-        raw = train.encoded()
-
-        class _Tf(torch.utils.data.Dataset):
-            def __len__(self):
-                return len(raw)
-
-            def __getitem__(self, i):
-                import io
-
-                from PIL import Image
-                data, label = raw[i]
-                with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
-                    return tf(img.convert("RGB")), label
-        return _Tf()
-    return torchvision.datasets.ImageFolder(train.root, transform=tf)
+    return _pil(train, T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                                  T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]))
 
 
 def path_loaders(train, n, size, device, batch, workers, prefetch):
